@@ -1,0 +1,341 @@
+"""One typed configuration for every command: dataclasses, TOML recipes, CLI overrides.
+
+Precedence, lowest first: field defaults -> built-in preset (only for the built-in synthetic
+run) -> `--config recipe.toml` -> command-line flags. Flags are flat (`--lr`, not
+`--optim.lr`); TOML files use one table per dataclass (`[optim] lr = 1e-3`). Unknown TOML keys
+and unknown flags are errors that name the key. The resolved config is written to
+`RUN/config.toml` so a run can be reproduced with `--config RUN/config.toml`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import tomli_w
+import tyro
+
+Arch = Literal["unet", "unetplusplus", "deeplabv3", "deeplabv3plus", "fpn", "unet-classic"]
+
+
+class ConfigError(ValueError):
+    """A recipe or flag that cannot be used; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they reach the model."""
+
+    path: Annotated[Optional[Path], tyro.conf.arg(name="data")] = None
+    """Packed shard directory (from `tumorseg_dist.pack`). None: the built-in synthetic set,
+    packed once under `shards/synthetic-*`."""
+    loader: Literal["torch", "dali"] = "torch"
+    """`torch`: webdataset + torch DataLoader. `dali`: NVIDIA DALI pipeline."""
+    size: int = 640
+    """Training/eval side length in pixels; images are resized in the loader."""
+    in_channels: int = 3
+    """Channels the model sees; grey images are repeated to this many."""
+    num_workers: int = 2
+    """Loader worker processes per rank."""
+    synthetic_samples: int = 400
+    """Built-in set only: number of phantom images to generate."""
+    synthetic_size: int = 256
+    """Built-in set only: side length of the generated phantoms."""
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation, applied identically to image and mask. Never on val/test."""
+
+    augment: Literal["none", "light", "standard", "strong"] = "standard"
+    """Preset: `none` disables augmentation; the others set probabilities and ranges below."""
+    flip_p: float = -1.0
+    """Probability of each of horizontal and vertical flip (-1: the preset's value)."""
+    rotate_deg: float = -1.0
+    """Max absolute rotation in degrees (-1: the preset's value)."""
+    scale: float = -1.0
+    """Max relative zoom, e.g. 0.1 = [0.9, 1.1] (-1: the preset's value)."""
+    translate: float = -1.0
+    """Max translation as a fraction of the side (-1: the preset's value)."""
+    brightness: float = -1.0
+    """Max relative brightness change (-1: the preset's value)."""
+    contrast: float = -1.0
+    """Max relative contrast change (-1: the preset's value)."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and initial weights."""
+
+    arch: Arch = "unet"
+    """segmentation-models-pytorch architecture, or `unet-classic` (the seeds' own U-Net)."""
+    encoder: str = "resnet34"
+    """smp encoder name (ignored by unet-classic)."""
+    encoder_weights: str = "imagenet"
+    """`imagenet` (must be in the local torch hub cache: nothing is downloaded), `none`, or
+    a path to a state dict for the encoder."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    """Peak learning rate (after warm-up)."""
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    """SGD only."""
+    scheduler: Literal["cosine", "plateau", "none"] = "cosine"
+    """`cosine` decays per step to 0 after warm-up; `plateau` is ReduceLROnPlateau on --monitor."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to --lr (cosine and none)."""
+    plateau_factor: float = 0.1
+    plateau_patience: int = 3
+
+
+@dataclass
+class LossConfig:
+    """Training loss; the reference implementation is the spec for the fused kernel."""
+
+    loss: Literal["dice_bce", "bce", "dice"] = "dice_bce"
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    dice_reduction: Literal["batch", "image"] = "batch"
+    """`batch`: one Dice over the whole batch (smp DiceLoss semantics); `image`: mean of
+    per-image Dice losses (MONAI style)."""
+    fused_loss: Literal["auto", "on", "off"] = "auto"
+    """`auto`: the Triton kernel on CUDA, the PyTorch reference elsewhere."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, precision, early stopping, resume."""
+
+    batch_size: int = 16
+    """GLOBAL batch size; each rank gets batch_size / world_size."""
+    epochs: int = 50
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps in total (None: run all epochs)."""
+    amp: Literal["bf16", "fp16", "off"] = "bf16"
+    """Autocast dtype on CUDA; on CPU bf16 autocast is used only if explicitly requested."""
+    channels_last: bool = True
+    compile: bool = False
+    patience: int = 10
+    """Early stopping: epochs without improvement of --monitor (0 disables)."""
+    min_delta: float = 0.0
+    monitor: Literal["val_loss", "val_dice"] = "val_dice"
+    threshold: float = 0.5
+    """Probability threshold for metrics and predictions."""
+    resume: str = "auto"
+    """`auto`: continue from RUN/checkpoints/last.pt if present; `never`; or a checkpoint path."""
+    seed: int = 0
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    log_every: int = 10
+    """Steps between loss/lr log lines (and the only CPU-GPU syncs in the loop)."""
+
+
+@dataclass
+class EngineConfig:
+    """How the model is distributed and tracked."""
+
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0, 1 or 2)."""
+    deepspeed_config: Optional[Path] = None
+    """Expert DeepSpeed JSON merged with (and checked against) the generated one."""
+    grad_accum: int = 1
+    clip_grad: float = 0.0
+    """Max gradient norm (0: no clipping)."""
+    ema_decay: float = 0.0
+    """EMA of weights, evaluated and checkpointed (0: off)."""
+    max_bad_steps: int = 20
+    """Stop after this many consecutive non-finite losses."""
+    wandb: Literal["auto", "online", "offline", "disabled"] = "disabled"
+
+
+@dataclass
+class RunConfig:
+    """Where the run writes."""
+
+    out: Optional[Path] = None
+    """Run directory (default: runs/<name>)."""
+    name: Optional[str] = None
+    """Run name (default: derived from data and arch)."""
+
+
+@dataclass
+class Config:
+    """Everything a training run needs. Flags are flat: `--lr 3e-4 --arch fpn`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# The built-in default run: with no --data, a preset sized for the machine. Applied under the
+# user's recipe and flags, so anything the user sets still wins.
+SYNTHETIC_PRESET_CPU: dict[str, dict[str, Any]] = {
+    "data": {"size": 96, "in_channels": 1, "synthetic_samples": 160, "synthetic_size": 128,
+             "num_workers": 1},
+    "model": {"arch": "unet", "encoder": "resnet18", "encoder_weights": "none"},
+    "optim": {"lr": 3e-3, "warmup_steps": 5},
+    "train": {"batch_size": 8, "epochs": 4, "amp": "off", "channels_last": False,
+              "patience": 0, "log_every": 5},
+}
+SYNTHETIC_PRESET_CUDA: dict[str, dict[str, Any]] = {
+    "data": {"size": 640, "in_channels": 1, "synthetic_samples": 2000, "synthetic_size": 640},
+    "model": {"arch": "unet", "encoder": "resnet34", "encoder_weights": "none"},
+    "train": {"batch_size": 32, "epochs": 20},
+}
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Annotated/Optional wrappers: the runtime type a TOML value must coerce to."""
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _unwrap(args[0])
+    return tp
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    tp = _unwrap(tp)
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where} = {value!r}: must be one of {', '.join(map(str, choices))}")
+        return value
+    if tp is Path:
+        return Path(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r}: must be true or false")
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where} = {value!r}: expected {getattr(tp, '__name__', tp)}")
+
+
+def apply_overrides(cfg: Config, table: dict[str, Any], source: str) -> Config:
+    """Return a copy of cfg with a {section: {key: value}} table applied; unknown keys are errors."""
+    cfg = dataclasses.replace(cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name))
+                                      for f in dataclasses.fields(cfg)})
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for section, values in table.items():
+        if section not in sections:
+            raise ConfigError(f"{source}: unknown section [{section}]; known: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of keys")
+        group = getattr(cfg, section)
+        hints = typing.get_type_hints(type(group), include_extras=True)
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown key {section}.{key}; known keys in "
+                                  f"[{section}]: {', '.join(hints)}")
+            setattr(group, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
+    return cfg
+
+
+def load_toml(path: Path, base: Config | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (see recipes/ for examples)")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    return apply_overrides(base or Config(), table, str(path))
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Plain TOML-able dict; None fields are left out (they are the defaults for those keys)."""
+    out: dict[str, dict[str, Any]] = {}
+    for section, values in dataclasses.asdict(cfg).items():
+        out[section] = {k: (str(v) if isinstance(v, Path) else v)
+                        for k, v in values.items() if v is not None}
+    return out
+
+
+def save_toml(cfg: Config, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("# resolved configuration of this run; reuse with --config\n"
+                   + tomli_w.dumps(to_dict(cfg)))
+    tmp.replace(path)
+
+
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _cli(default: Config, args: list[str], prog: str) -> Config:
+    return tyro.cli(Config, default=default, args=args, prog=prog,
+                    config=(tyro.conf.OmitArgPrefixes,))
+
+
+def parse(argv: list[str] | None = None, prog: str = "python -m tumorseg_dist.train") -> tuple[Config, str | None]:
+    """Parse `--config FILE` + flags. Returns the config and, for the built-in run, the name of
+    the preset that was applied (for the first log line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=None)
+    known, rest = pre.parse_known_args(argv)
+
+    def layered(preset: dict | None) -> Config:
+        cfg = Config()
+        if preset:
+            cfg = apply_overrides(cfg, preset, "built-in preset")
+        if known.config is not None:
+            cfg = load_toml(known.config, cfg)
+        return _cli(cfg, rest, prog)
+
+    cfg = layered(None)
+    preset_name = None
+    if cfg.data.path is None:
+        on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and cuda_available())
+        preset_name = "synthetic-cuda" if on_cuda else "synthetic-cpu"
+        cfg = layered(SYNTHETIC_PRESET_CUDA if on_cuda else SYNTHETIC_PRESET_CPU)
+    validate(cfg)
+    return cfg, preset_name
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    t = cfg.train
+    if t.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {t.batch_size}")
+    if t.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {t.epochs}")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {t.max_steps}")
+    if cfg.data.size < 32 or cfg.data.size % 32:
+        raise ConfigError(f"--size must be a multiple of 32 (encoders downsample 5 times), got {cfg.data.size}")
+    if cfg.data.in_channels not in (1, 3):
+        raise ConfigError(f"--in-channels must be 1 or 3, got {cfg.data.in_channels}")
+    if cfg.engine.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"--zero-stage must be 0, 1 or 2, got {cfg.engine.zero_stage}")
+    if cfg.engine.grad_accum < 1:
+        raise ConfigError(f"--grad-accum must be >= 1, got {cfg.engine.grad_accum}")
+    if t.resume not in ("auto", "never") and not Path(t.resume).is_file():
+        raise ConfigError(f"--resume {t.resume}: no such checkpoint file (use auto, never, or a path to a .pt file)")

@@ -1,0 +1,1 @@
+"""Data: importers for each on-disk format, phantoms, the shard writer and the loaders."""

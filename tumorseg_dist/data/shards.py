@@ -1,0 +1,374 @@
+"""The shard contract (DESIGN.md): tar shards + DALI `.idx` + `manifest.json`, written atomically.
+
+Every importer produces `Sample`s; `write_dataset` turns an iterable of them into
+`OUT/{split}-{index:06d}.tar` (+ `.idx`) and `OUT/manifest.json`. Output goes to a temporary
+sibling directory that is renamed into place only when complete, so an interrupted pack never
+leaves half a dataset, and an existing complete output is never damaged.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+SPLITS = ("train", "val", "test")
+CODECS = ("png", "jp2", "raw", "jpeg")
+IMAGE_EXT = {"png": "image.png", "jp2": "image.jp2", "raw": "image.npy", "jpeg": "image.jpg"}
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+_KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class ShardError(RuntimeError):
+    """A shard directory that cannot be written or read; the message names the file and the fix."""
+
+
+@dataclass
+class Sample:
+    """One image/mask pair ready to be written. `image` keeps its dtype and channels."""
+
+    key: str
+    image: np.ndarray           # H×W or H×W×C, uint8 or uint16
+    mask: np.ndarray            # H×W, any dtype; non-zero = tumour
+    source: str                 # image path relative to the input root
+    mask_sources: list[str] = field(default_factory=list)
+    group: str | None = None    # patient / case id for splitting
+    dataset: str = ""
+    split: str | None = None    # given split (COCO); None = assigned by group
+
+
+def safe_key(text: str) -> str:
+    """A `__key__` that webdataset and DALI both accept: ASCII, no spaces, no dots."""
+    key = re.sub(r"[^A-Za-z0-9_\-]+", "_", text).strip("_")
+    return key or "sample"
+
+
+def encode_image(image: np.ndarray, codec: str, jpeg_quality: int = 95) -> bytes:
+    if codec == "raw":
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(image), allow_pickle=False)
+        return buf.getvalue()
+    pil = _to_pil(image)
+    buf = io.BytesIO()
+    if codec == "png":
+        pil.save(buf, format="PNG", compress_level=6)
+    elif codec == "jp2":
+        pil.save(buf, format="JPEG2000", irreversible=False)
+    elif codec == "jpeg":
+        if image.dtype != np.uint8:
+            raise ShardError("--codec jpeg needs 8-bit images; use png, jp2 or raw for 16-bit data")
+        pil.save(buf, format="JPEG", quality=jpeg_quality)
+    else:
+        raise ShardError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    return buf.getvalue()
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.dtype == np.uint16:
+        if image.ndim != 2:
+            raise ShardError("16-bit multi-channel images can only be stored with --codec raw")
+        return Image.fromarray(image, mode="I;16")
+    if image.dtype != np.uint8:
+        raise ShardError(f"images must be uint8 or uint16, got {image.dtype}; use --codec raw")
+    return Image.fromarray(image)
+
+
+def binarize_mask(mask: np.ndarray) -> np.ndarray:
+    """Any non-zero pixel (in any channel) is tumour -> uint8 {0,255}, one channel."""
+    mask = np.asarray(mask)
+    if mask.ndim == 3:
+        mask = mask.any(axis=2)
+    return np.where(mask != 0, 255, 0).astype(np.uint8)
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(binarize_mask(mask), mode="L").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def sample_members(s: Sample, codec: str, jpeg_quality: int = 95) -> list[tuple[str, bytes]]:
+    """The three tar members of one sample, in a fixed order."""
+    if not _KEY_OK.match(s.key):
+        raise ShardError(f"sample key {s.key!r} from {s.source} is not safe ASCII; use safe_key()")
+    img_hw = s.image.shape[:2]
+    if tuple(s.mask.shape[:2]) != tuple(img_hw):
+        raise ShardError(f"mask {', '.join(s.mask_sources) or '?'} is {s.mask.shape[1]}×{s.mask.shape[0]} "
+                         f"but image {s.source} is {img_hw[1]}×{img_hw[0]}: fix or remove this pair")
+    meta = {"source": s.source, "mask_sources": list(s.mask_sources), "group": s.group,
+            "height": int(img_hw[0]), "width": int(img_hw[1]),
+            "channels": 1 if s.image.ndim == 2 else int(s.image.shape[2]), "dataset": s.dataset}
+    return [(f"{s.key}.{IMAGE_EXT[codec]}", encode_image(s.image, codec, jpeg_quality)),
+            (f"{s.key}.mask.png", encode_mask(s.mask)),
+            (f"{s.key}.json", json.dumps(meta, sort_keys=True).encode())]
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # Fixed metadata so that the same input gives byte-identical shards.
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mode, ti.mtime, ti.uid, ti.gid = size, 0o644, 0, 0, 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def write_dali_index(tar_path: Path) -> Path:
+    """Write DALI's webdataset index next to the tar: format v1.2, the same bytes as DALI's own
+    `wds2idx` tool (a test compares them), without shelling out to `tar` twice per shard."""
+    samples: list[list[tuple[str, int, int, str]]] = []
+    last_key = None
+    with tarfile.open(tar_path) as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            base = Path(m.name).name
+            key, _, ext = base.partition(".")
+            if key != last_key:
+                samples.append([])
+                last_key = key
+            samples[-1].append((ext, m.offset_data, m.size, m.name))
+    lines = [f"v1.2 {len(samples)}"]
+    lines += [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in comps) for comps in samples]
+    idx = tar_path.with_suffix(".idx")
+    idx.write_text("\n".join(lines) + "\n")
+    return idx
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Rolls `{split}-{index:06d}.tar` files of about `shard_size` bytes each."""
+
+    def __init__(self, out_dir: Path, split: str, shard_size: int):
+        self.out_dir, self.split, self.shard_size = Path(out_dir), split, shard_size
+        self.shards: list[dict] = []
+        self._tar: tarfile.TarFile | None = None
+        self._path: Path | None = None
+        self._bytes = 0
+        self._count = 0
+
+    def _open(self) -> None:
+        self._path = self.out_dir / f"{self.split}-{len(self.shards):06d}.tar"
+        self._tar = tarfile.open(self._path, "w", format=tarfile.USTAR_FORMAT)
+        self._bytes = self._count = 0
+
+    def write(self, members: list[tuple[str, bytes]]) -> None:
+        size = sum(len(b) for _, b in members)
+        if self._tar is not None and self._count and self._bytes + size > self.shard_size:
+            self._finish()
+        if self._tar is None:
+            self._open()
+        for name, data in members:
+            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        self._bytes += size
+        self._count += 1
+
+    def _finish(self) -> None:
+        assert self._tar is not None and self._path is not None
+        self._tar.close()
+        with open(self._path, "rb+") as f:
+            os.fsync(f.fileno())
+        write_dali_index(self._path)
+        self.shards.append({"name": self._path.name, "samples": self._count,
+                            "sha256": sha256_file(self._path)})
+        self._tar = None
+
+    def close(self) -> list[dict]:
+        if self._tar is not None:
+            self._finish()
+        return self.shards
+
+
+def assign_splits(groups: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """Map each group to train/val/test so that no group spans two splits.
+
+    Groups are shuffled with `seed` and cut by cumulative sample count, which keeps every
+    split within one group of the requested fraction; deterministic for a given input."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ShardError(f"--split must be three non-negative fractions summing to 1, got {fractions}")
+    counts: dict[str, int] = {}
+    for g in groups:
+        counts[g] = counts.get(g, 0) + 1
+    order = sorted(counts)
+    rng = np.random.default_rng(seed)
+    rng.shuffle(order)
+    total = sum(counts.values())
+    bounds = np.cumsum(fractions) * total
+    out, seen = {}, 0
+    for g in order:
+        centre = seen + counts[g] / 2
+        out[g] = SPLITS[min(int(np.searchsorted(bounds, centre, side="right")), 2)]
+        seen += counts[g]
+    return out
+
+
+@dataclass
+class SplitStats:
+    samples: int = 0
+    positive_samples: int = 0
+    pixel_sum: np.ndarray | None = None
+    pixel_sq: np.ndarray | None = None
+    pixels: int = 0
+
+    def add(self, s: Sample, is_train: bool) -> None:
+        self.samples += 1
+        self.positive_samples += int(np.any(s.mask))
+        if not is_train:
+            return
+        img = s.image.astype(np.float64)
+        img = img[:, :, None] if img.ndim == 2 else img
+        scale = 65535.0 if s.image.dtype == np.uint16 else 255.0
+        img = img / scale
+        ps, pq = img.sum(axis=(0, 1)), (img ** 2).sum(axis=(0, 1))
+        if self.pixel_sum is None or self.pixel_sum.shape != ps.shape:
+            if self.pixel_sum is not None:  # mixed channel counts: reduce to one grey channel
+                ps, pq = ps.mean(keepdims=True), pq.mean(keepdims=True)
+                self.pixel_sum = self.pixel_sum.mean(keepdims=True)
+                self.pixel_sq = self.pixel_sq.mean(keepdims=True)
+            else:
+                self.pixel_sum, self.pixel_sq = np.zeros_like(ps), np.zeros_like(pq)
+        self.pixel_sum += ps
+        self.pixel_sq += pq
+        self.pixels += img.shape[0] * img.shape[1]
+
+
+def _staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp-{os.getpid()}"
+
+
+def output_is_complete(out: Path) -> bool:
+    return (Path(out) / MANIFEST).is_file()
+
+
+def write_dataset(samples: Iterable[Sample], out: Path, *, fmt: str, input_root: str,
+                  codec: str = "png", shard_size: int = 256 << 20, fingerprint: str = "",
+                  extra: dict | None = None, skipped: list[dict] | None = None,
+                  jpeg_quality: int = 95, overwrite: bool = False,
+                  progress=None) -> dict:
+    """Write samples (split already set on each) to `out` atomically and return the manifest.
+
+    `fingerprint` identifies the inputs and options; a complete output with the same
+    fingerprint is left as it is (the manifest is returned), a different one needs
+    `overwrite=True`."""
+    out = Path(out)
+    if codec not in CODECS:
+        raise ShardError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    if output_is_complete(out):
+        old = read_manifest(out)
+        if old.get("fingerprint") == fingerprint and not overwrite:
+            return old
+        if not overwrite:
+            raise ShardError(f"{out} already holds a packed dataset made from other inputs or options; "
+                             f"pass --overwrite to replace it or choose another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise ShardError(f"{out} exists, is not empty and holds no {MANIFEST}; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise ShardError(f"cannot write to {out.parent}: choose a writable --out")
+    stage = _staging_dir(out)
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        writers = {sp: ShardWriter(stage, sp, shard_size) for sp in SPLITS}
+        stats = {sp: SplitStats() for sp in SPLITS}
+        sizes: dict[str, int] = {}
+        for s in samples:
+            if s.split not in SPLITS:
+                raise ShardError(f"sample {s.source} has no split (got {s.split!r})")
+            writers[s.split].write(sample_members(s, codec, jpeg_quality))
+            stats[s.split].add(s, s.split == "train")
+            hw = f"{s.image.shape[1]}x{s.image.shape[0]}"
+            sizes[hw] = sizes.get(hw, 0) + 1
+            if progress is not None:
+                progress(s)
+        splits = {}
+        for sp in SPLITS:
+            splits[sp] = {"samples": stats[sp].samples, "positive_samples": stats[sp].positive_samples,
+                          "shards": writers[sp].close()}
+        tr = stats["train"]
+        if tr.pixels:
+            mean = tr.pixel_sum / tr.pixels
+            std = np.sqrt(np.maximum(tr.pixel_sq / tr.pixels - mean ** 2, 1e-12))
+        else:
+            mean, std = np.array([0.5]), np.array([0.25])
+        from .. import __version__
+        manifest = {
+            "manifest_version": MANIFEST_VERSION, "format": fmt, "input_root": input_root,
+            "codec": codec, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "package_version": __version__, "fingerprint": fingerprint, "splits": splits,
+            "skipped": list(skipped or []),
+            "mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std],
+            "size_histogram": dict(sorted(sizes.items())), **(extra or {}),
+        }
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(trash)
+            stage.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            stage.rename(out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def read_manifest(shard_dir: Path) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path} not found: {shard_dir} is not a packed dataset. "
+                         f"Create it with `python -m tumorseg_dist.pack INPUT --out {shard_dir}`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path} is not valid JSON ({e}); re-run pack with --overwrite") from e
+
+
+def shard_paths(shard_dir: Path, split: str, manifest: dict | None = None) -> list[Path]:
+    """The split's tar files, checked to exist (a missing one names the fix)."""
+    manifest = manifest or read_manifest(shard_dir)
+    if split not in manifest["splits"]:
+        raise ShardError(f"{shard_dir}/{MANIFEST} has no split {split!r}")
+    paths = []
+    for sh in manifest["splits"][split]["shards"]:
+        p = Path(shard_dir) / sh["name"]
+        if not p.is_file():
+            raise ShardError(f"{p} is listed in {MANIFEST} but missing; re-run pack with --overwrite")
+        paths.append(p)
+    return paths
+
+
+def iter_tar_samples(path: Path) -> Iterator[dict[str, bytes]]:
+    """Group a shard's members by key using only `tarfile` (no webdataset): {ext: bytes, __key__}."""
+    cur: dict[str, bytes] = {}
+    with tarfile.open(path) as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key, _, ext = Path(m.name).name.partition(".")
+            if cur and cur["__key__"] != key.encode():
+                yield cur
+                cur = {}
+            cur["__key__"] = key.encode()
+            cur[ext] = tf.extractfile(m).read()
+    if cur:
+        yield cur
