@@ -11,6 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# Exit status of a run that saved a checkpoint because it was asked to stop (SIGTERM/SIGUSR1):
+# EX_TEMPFAIL. slurm/train.sh requeues the job on it; `--resume auto` then continues.
+REQUEUE_EXIT_CODE = 75
+
 
 @dataclass(frozen=True)
 class DistInfo:
