@@ -78,8 +78,8 @@ class ModelConfig:
     encoder: str = "resnet34"
     """smp encoder name (ignored by unet-classic)."""
     encoder_weights: str = "imagenet"
-    """`imagenet` (must be in the local torch hub cache: nothing is downloaded), `none`, or
-    a path to a state dict for the encoder."""
+    """`imagenet` (must be in the local Hugging Face cache: nothing is downloaded), `none`, or
+    a path to a state dict for the encoder. Ignored by unet-classic."""
 
 
 @dataclass
@@ -123,8 +123,9 @@ class TrainConfig:
     epochs: int = 50
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps in total (None: run all epochs)."""
-    amp: Literal["bf16", "fp16", "off"] = "bf16"
-    """Autocast dtype on CUDA; on CPU bf16 autocast is used only if explicitly requested."""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """Autocast dtype. `auto`: bf16 on GPUs that support it (else fp16 + GradScaler), off on
+    CPU. fp16 needs CUDA."""
     channels_last: bool = True
     compile: bool = False
     patience: int = 10
@@ -187,11 +188,11 @@ class Config:
 # The built-in default run: with no --data, a preset sized for the machine. Applied under the
 # user's recipe and flags, so anything the user sets still wins.
 SYNTHETIC_PRESET_CPU: dict[str, dict[str, Any]] = {
-    "data": {"size": 96, "in_channels": 1, "synthetic_samples": 160, "synthetic_size": 128,
+    "data": {"size": 128, "in_channels": 1, "synthetic_samples": 240, "synthetic_size": 128,
              "num_workers": 1},
     "model": {"arch": "unet", "encoder": "resnet18", "encoder_weights": "none"},
     "optim": {"lr": 3e-3, "warmup_steps": 5},
-    "train": {"batch_size": 8, "epochs": 4, "amp": "off", "channels_last": False,
+    "train": {"batch_size": 8, "epochs": 6, "amp": "off", "channels_last": False,
               "patience": 0, "log_every": 5},
 }
 SYNTHETIC_PRESET_CUDA: dict[str, dict[str, Any]] = {

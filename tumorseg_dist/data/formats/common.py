@@ -1,0 +1,236 @@
+"""What every format shares: the work item, the input error, the file walk, image/mask reading.
+
+A format's `scan()` only looks at names (cheap, main process) and returns `Item`s: the paths of
+one image and its mask source(s). Decoding happens later, in `load_item`, in worker processes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+
+from ..shards import safe_key
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+TIFF_EXTS = {".tif", ".tiff"}
+JPEG_EXTS = {".jpg", ".jpeg"}
+
+
+class PackInputError(ValueError):
+    """A problem with one input file or pair: names the file, says what is wrong and the fix."""
+
+    def __init__(self, source: str, reason: str, fix: str = ""):
+        self.source, self.reason, self.fix = source, reason, fix
+        super().__init__(f"{source}: {reason}" + (f"; {fix}" if fix else ""))
+
+
+class LayoutError(ValueError):
+    """The input as a whole does not fit the format (or no format): not skippable."""
+
+
+@dataclass
+class Problem:
+    """A scan-time problem (image without mask, ...): fatal with --on-error fail, else skipped."""
+
+    source: str
+    reason: str
+    fix: str = ""
+
+    def error(self) -> PackInputError:
+        return PackInputError(self.source, self.reason, self.fix)
+
+
+@dataclass
+class Item:
+    """One sample to pack, before decoding. Paths are POSIX, relative to the input root."""
+
+    key: str
+    source: str                          # the image
+    mask_sources: list[str]              # mask files (union / fused), or the COCO json
+    group: str | None = None
+    split: str | None = None             # given split (COCO) or assigned later
+    fusion: str = "any"                  # any | majority | reader:K (over mask_sources)
+    coco: dict | None = None             # {"height", "width", "segmentations": [...]}
+
+
+@dataclass
+class Scan:
+    """What a format found: items, problems, files it ignored, and the reason for each choice."""
+
+    items: list[Item]
+    problems: list[Problem] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)     # non-image files, left out
+    notes: list[str] = field(default_factory=list)       # printed: how pairs/groups were decided
+    given_splits: bool = False
+    extra_files: list[str] = field(default_factory=list)  # inputs that are not images (COCO json)
+
+
+def rel(path: Path, root: Path) -> str:
+    return PurePosixPath(Path(path).relative_to(root)).as_posix()
+
+
+def walk(root: Path) -> list[str]:
+    """Every regular file under root (hidden files and folders left out), sorted, relative."""
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        base = Path(d)
+        for f in files:
+            if not f.startswith("."):
+                out.append(rel(base / f, root))
+    return sorted(out)
+
+
+def is_image_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_EXTS
+
+
+def assign_keys(items: list[Item]) -> None:
+    """Keys from the source path (safe ASCII); names that collide after cleaning (`a b.png`,
+    `a_b.png`, `x.png`+`x.tif`) each get a short hash of their full path, so keys stay unique
+    and do not depend on the order of the items."""
+    base = [safe_key(str(PurePosixPath(it.source).with_suffix(""))) for it in items]
+    count: dict[str, int] = {}
+    for b in base:
+        count[b] = count.get(b, 0) + 1
+    for it, b in zip(items, base):
+        it.key = b if count[b] == 1 else f"{b}-{hashlib.sha1(it.source.encode()).hexdigest()[:8]}"
+    items.sort(key=lambda it: it.key)
+
+
+# ---------------------------------------------------------------- decoding
+
+def _png_is_16bit_colour(data: bytes) -> bool:
+    # IHDR: bit depth at byte 24, colour type at byte 25 (2 = RGB, 6 = RGBA, 4 = grey+alpha).
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 26 and data[24] == 16 and data[25] in (2, 4, 6)
+
+
+def read_array(path: Path, source: str, *, as_mask: bool = False) -> np.ndarray:
+    """Decode an image file to H×W or H×W×C, keeping dtype and channels.
+
+    TIFF goes through tifffile (uncompressed, LZW, deflate, ... via imagecodecs), 16-bit colour
+    PNG through imagecodecs (Pillow would drop it to 8 bit), everything else through Pillow.
+    For masks, palette images keep their indices and alpha channels are dropped."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise PackInputError(source, f"cannot be read ({e.strerror})", "check the path and permissions") from e
+    if size == 0:
+        raise PackInputError(source, "is an empty (0-byte) file", "re-copy it from the original data or remove it")
+    ext = path.suffix.lower()
+    try:
+        data = path.read_bytes()
+        if ext in TIFF_EXTS:
+            import tifffile
+            with tifffile.TiffFile(io.BytesIO(data)) as tf:
+                arr = tf.pages[0].asarray()
+        elif ext == ".png" and _png_is_16bit_colour(data):
+            import imagecodecs
+            arr = imagecodecs.png_decode(data)
+        else:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                arr = _pil_to_array(im, as_mask)
+    except PackInputError:
+        raise
+    except Exception as e:  # PIL/tifffile raise many types for corrupt data
+        raise PackInputError(source, f"cannot be decoded as an image ({type(e).__name__}: {e}); "
+                                     f"it is truncated, corrupt or not an image",
+                             "re-export or re-copy it, or remove it") from e
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise PackInputError(source, f"has shape {arr.shape}, not a 2D image", "export one 2D slice per file")
+    if as_mask and arr.ndim == 3 and arr.shape[2] in (2, 4):
+        arr = arr[:, :, :-1]   # drop alpha: LA -> L, RGBA -> RGB
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    return arr
+
+
+def _pil_to_array(im: Image.Image, as_mask: bool) -> np.ndarray:
+    mode = im.mode
+    if mode == "P" and as_mask:
+        return np.asarray(im)                  # label indices: non-zero = tumour
+    if mode in ("P", "PA"):
+        im = im.convert("RGBA" if "transparency" in im.info or mode == "PA" else "RGB")
+    elif mode == "1":
+        im = im.convert("L")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        im = im.convert("RGB")
+    elif mode == "I":
+        arr = np.asarray(im)
+        if arr.min() >= 0 and arr.max() <= 65535:
+            return arr.astype(np.uint16)
+        return arr
+    return np.asarray(im)
+
+
+def read_mask(path: Path, source: str) -> tuple[np.ndarray, bool]:
+    """A mask file -> (bool H×W, values were already binary). Any non-zero pixel in any colour
+    channel is tumour: 1-bit, L, RGB, 0/1, 0/255 and 16-bit masks all work. A mask with more
+    than two values (or two values without 0) is binarised the same way; the caller reports it."""
+    arr = read_array(path, source, as_mask=True)
+    hi = arr.max()
+    binary = bool(np.all((arr == 0) | (arr == hi)))
+    return (arr.any(axis=2) if arr.ndim == 3 else arr != 0), binary
+
+
+def fuse(masks: list[np.ndarray], rule: str) -> np.ndarray:
+    """Combine several masks of one image: `any` (union: BUSI `_mask_1`, any LIDC reader) or
+    `majority` (marked by more than half of the masks: 3 of 4 LIDC readers, 2 of 3)."""
+    if rule == "majority":
+        return np.sum(masks, axis=0) * 2 > len(masks)
+    return np.logical_or.reduce(masks)
+
+
+def load_item(item: Item, root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode one item: (image, bool mask, mask sources that were not binary)."""
+    image = read_array(root / item.source, item.source)
+    h, w = image.shape[:2]
+    nonbinary = []
+    if item.coco is not None:
+        from .coco import rasterize
+        ch, cw = item.coco["height"], item.coco["width"]
+        if (ch, cw) != (h, w):
+            raise PackInputError(item.source, f"is {w}×{h} but {item.mask_sources[0]} says {cw}×{ch}",
+                                 "fix width/height in the annotation file or re-export the image")
+        mask = rasterize(item.coco["segmentations"], h, w, item.source)
+    else:
+        masks = []
+        for ms in item.mask_sources:
+            m, binary = read_mask(root / ms, ms)
+            if m.shape != (h, w):
+                raise PackInputError(ms, f"is {m.shape[1]}×{m.shape[0]} but image {item.source} is {w}×{h}",
+                                     "fix or remove this pair")
+            if not binary:
+                nonbinary.append(ms)
+            masks.append(m)
+        mask = fuse(masks, item.fusion)
+    return image, mask, nonbinary
+
+
+@dataclass
+class Options:
+    """The layout options of the CLI that formats read (see `python -m tumorseg_dist.pack -h`)."""
+
+    images_dir: str | None = None
+    masks_dir: str | None = None
+    mask_suffix: str = "_mask"
+    mask_fusion: str = "any"
+    categories: str | None = None
+
+
+SPLIT_NAMES = {"train": "train", "training": "train", "valid": "val", "val": "val",
+               "validation": "val", "test": "test", "testing": "test"}
+
+
+def stem_and_dir(name: str) -> tuple[str, str]:
+    p = PurePosixPath(name)
+    return p.stem, p.parent.as_posix()

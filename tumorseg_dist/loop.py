@@ -1,0 +1,182 @@
+"""The training loop as plain functions: `train_step`, `evaluate`, `fit`.
+
+CPU-GPU syncs happen only at log intervals and epoch ends. Every rank runs the same number of
+steps (the loaders guarantee equal batch counts), so collectives never wait on a missing rank.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import Config, to_dict
+from .data.loader import Batch, Loader
+from .dist import DistInfo, all_reduce_sum
+from .log import RunLog, epoch_line, plot_curves
+from .metrics import MetricAccumulator
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0            # completed epochs
+    step: int = 0             # optimizer steps taken
+    batch_in_epoch: int = 0   # batches of epoch `epoch` already trained (mid-epoch resume)
+    best: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    last_record: dict = field(default_factory=dict)
+
+
+class StopRequest:
+    """SIGTERM/SIGUSR1 set a flag; ranks agree on it at the next check (one small all-reduce)."""
+
+    def __init__(self, dist: DistInfo):
+        self.dist, self.flag = dist, False
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. in a notebook helper)
+                pass
+
+    def _handler(self, signum, frame) -> None:
+        self.flag = True
+
+    def agreed(self) -> bool:
+        t = torch.tensor([1.0 if self.flag else 0.0], device=self.dist.device)
+        return bool(all_reduce_sum(t).item() > 0)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train_step(engine, batch: Batch) -> torch.Tensor:
+    return engine.train_step(batch.image, batch.mask)
+
+
+@torch.no_grad()
+def evaluate(engine, loader: Loader, loss_fn, threshold: float, log: RunLog | None = None,
+             desc: str = "val", keep_first: bool = False):
+    """Dataset-level metrics over every real sample of the split, counted once across ranks.
+
+    With keep_first, also returns this rank's first batch and its probabilities (for figures)."""
+    engine.eval()
+    acc = MetricAccumulator(engine.device)
+    first = None
+    it = loader if log is None else log.progress(loader, len(loader), desc)
+    for batch in it:
+        logits = engine.eval_logits(batch.image)
+        loss = None
+        if batch.valid.any():
+            v = batch.valid
+            loss = loss_fn(logits[v], batch.mask[v])
+        acc.update(logits, batch.mask, batch.valid, threshold, loss)
+        if keep_first and first is None:
+            first = (batch.image[batch.valid], batch.mask[batch.valid], torch.sigmoid(logits[batch.valid]))
+    metrics = acc.compute()
+    return (metrics, first) if keep_first else metrics
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def checkpoint_state(cfg: Config, engine, state: TrainState) -> dict:
+    return {"format_version": checkpoint.FORMAT_VERSION, **engine.state_dict(),
+            "train_state": asdict(state), "rng": checkpoint.rng_state(), "config": to_dict(cfg)}
+
+
+def save(cfg: Config, engine, state: TrainState, path: Path, dist: DistInfo) -> None:
+    if dist.is_main:
+        checkpoint.atomic_save(checkpoint_state(cfg, engine, state), path)
+
+
+def restore(engine, ckpt: dict) -> TrainState:
+    engine.load_state_dict(ckpt)
+    checkpoint.set_rng_state(ckpt["rng"])
+    return TrainState(**ckpt["train_state"])
+
+
+def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, state: TrainState,
+        run_dir: Path, dist: DistInfo, log: RunLog) -> tuple[TrainState, str]:
+    """Train until epochs, --max-steps, early stopping or a stop signal.
+
+    Returns the state and why it ended: "done", "early_stop", "max_steps" or "preempted"."""
+    t = cfg.train
+    ckpt_dir = run_dir / "checkpoints"
+    mode = "max" if t.monitor == "val_dice" else "min"
+    steps_per_epoch = len(train_loader)
+    stop = StopRequest(dist)
+    reason = "done"
+    try:
+        for epoch in range(state.epoch, t.epochs):
+            train_loader.set_epoch(epoch)
+            engine.train()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+            seen, t0 = 0, time.perf_counter()
+            for i, batch in enumerate(log.progress(train_loader, steps_per_epoch, f"epoch {epoch + 1}")):
+                if i < state.batch_in_epoch:
+                    continue  # resumed mid-epoch: these batches were trained before the stop
+                loss = train_step(engine, batch)
+                loss_sum += loss.double()
+                seen += 1
+                state.step += 1
+                state.batch_in_epoch = i + 1
+                at_log = state.step % t.log_every == 0
+                if at_log and dist.is_main:
+                    log.info(f"  step {state.step} loss {loss.item():.4f} lr {engine.lr():.2e}")
+                if t.max_steps is not None and state.step >= t.max_steps:
+                    reason = "max_steps"
+                    break
+                if (at_log or i + 1 == steps_per_epoch) and stop.agreed():
+                    save(cfg, engine, state, ckpt_dir / "last.pt", dist)
+                    log.info(f"stop requested: saved {ckpt_dir / 'last.pt'} at step {state.step} "
+                             f"(epoch {epoch + 1}, batch {state.batch_in_epoch}); resume with --resume auto")
+                    return state, "preempted"
+            elapsed = time.perf_counter() - t0
+            totals = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(seen)]))
+            train_loss = (totals[0] / totals[1].clamp_min(1)).item()
+            val = evaluate(engine, val_loader, loss_fn, t.threshold, log)
+            state.epoch, state.batch_in_epoch = epoch + 1, 0
+            record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss,
+                      "val_loss": val["loss"], "val_dice": val["dice"], "val_iou": val["iou"],
+                      "val_precision": val["precision"], "val_recall": val["recall"],
+                      "val_accuracy": val["accuracy"], "val_mean_image_dice": val["mean_image_dice"],
+                      "val_mean_image_iou": val["mean_image_iou"], "val_samples": val["samples"],
+                      "lr": engine.lr(), "images_per_s": seen * t.batch_size / max(elapsed, 1e-9),
+                      "seconds": elapsed}
+            monitored = record[t.monitor]
+            if improved(monitored, state.best, mode, t.min_delta):
+                state.best, state.best_epoch, state.bad_epochs = monitored, state.epoch, 0
+                state.last_record = record
+                save(cfg, engine, state, ckpt_dir / "best.pt", dist)
+            else:
+                state.bad_epochs += 1
+            engine.end_epoch(monitored)
+            state.last_record = record
+            if t.patience and state.bad_epochs >= t.patience:
+                state.stopped_early, reason = True, "early_stop"
+            save(cfg, engine, state, ckpt_dir / "last.pt", dist)
+            log.append(record)
+            log.info(epoch_line(record))
+            if dist.is_main:
+                plot_curves(log.records(), run_dir / "curves.png")
+            if reason != "done":
+                if reason == "early_stop":
+                    log.info(f"early stopping: {t.monitor} has not improved for {t.patience} epochs "
+                             f"(best {state.best:.4f} at epoch {state.best_epoch})")
+                break
+    finally:
+        stop.restore()
+    return state, reason

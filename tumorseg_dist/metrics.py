@@ -1,0 +1,66 @@
+"""Segmentation metrics from confusion counts, exact across ranks.
+
+Each rank accumulates per-image TP/FP/FN/TN and per-image Dice/IoU sums for the samples it
+owns (padding excluded); one all-reduce of a float64 vector gives the dataset-level numbers.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dist import all_reduce_sum
+
+
+def confusion(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Per-image [TP, FP, FN, TN] as float64 [B, 4] (threshold on the probability)."""
+    pred = (torch.sigmoid(logits.float()) > threshold).flatten(1)
+    t = (target > 0.5).flatten(1)
+    tp = (pred & t).sum(1)
+    fp = (pred & ~t).sum(1)
+    fn = (~pred & t).sum(1)
+    tn = (~pred & ~t).sum(1)
+    return torch.stack([tp, fp, fn, tn], 1).double()
+
+
+def per_image_scores(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice and IoU per image; an image with empty target and empty prediction scores 1."""
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    dice_den, iou_den = 2 * tp + fp + fn, tp + fp + fn
+    dice = torch.where(dice_den > 0, 2 * tp / dice_den.clamp_min(1), torch.ones_like(tp))
+    iou = torch.where(iou_den > 0, tp / iou_den.clamp_min(1), torch.ones_like(tp))
+    return dice, iou
+
+
+class MetricAccumulator:
+    """Sums [TP, FP, FN, TN, Σdice_i, Σiou_i, n_images, Σloss·n, n_loss] on the device."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(9, dtype=torch.float64, device=device)
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+               threshold: float = 0.5, loss: torch.Tensor | None = None) -> None:
+        counts = confusion(logits, target, threshold)[valid]
+        dice, iou = per_image_scores(counts)
+        n = valid.sum().double()
+        self.sums[:4] += counts.sum(0)
+        self.sums[4] += dice.sum()
+        self.sums[5] += iou.sum()
+        self.sums[6] += n
+        if loss is not None:
+            self.sums[7] += loss.detach().double() * n
+            self.sums[8] += n
+
+    def compute(self, prefix: str = "") -> dict[str, float]:
+        s = all_reduce_sum(self.sums.clone()).tolist()
+        return {f"{prefix}{k}": v for k, v in summarize(s).items()}
+
+
+def summarize(s: list[float]) -> dict[str, float]:
+    tp, fp, fn, tn, dsum, isum, n, lsum, ln = s
+    def ratio(a: float, b: float, empty: float = 1.0) -> float:
+        return a / b if b > 0 else empty
+    return {
+        "dice": ratio(2 * tp, 2 * tp + fp + fn), "iou": ratio(tp, tp + fp + fn),
+        "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn),
+        "accuracy": ratio(tp + tn, tp + fp + fn + tn), "mean_image_dice": ratio(dsum, n),
+        "mean_image_iou": ratio(isum, n), "loss": ratio(lsum, ln, float("nan")), "samples": int(n),
+    }

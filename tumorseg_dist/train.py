@@ -1,0 +1,135 @@
+"""Train a segmentation model: `python -m tumorseg_dist.train [--config recipe.toml] [flags]`.
+
+Runs as one process or under torchrun / Slurm (one process per GPU, or N CPU processes).
+With no --data it packs the built-in synthetic set once and trains on it.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, dist as distmod
+from .config import Config, ConfigError, parse, save_toml
+from .data.loader import build_loader, norm_stats
+from .data.shards import ShardError, read_manifest
+from .data.synthetic import ensure_synthetic
+from .engine import build_engine, resolve_amp
+from .log import RunLog, plot_overlays
+from .loop import TrainState, evaluate, fit, restore
+from .losses import dice_bce_loss, loss_weights
+from .models import ModelError, build_model
+
+SHARDS_ROOT = Path("shards")
+
+
+def make_loss_fn(cfg: Config):
+    bce_w, dice_w = loss_weights(cfg.loss.loss, cfg.loss.bce_weight, cfg.loss.dice_weight)
+    return lambda logits, target: dice_bce_loss(
+        logits, target, bce_weight=bce_w, dice_weight=dice_w,
+        dice_reduction=cfg.loss.dice_reduction, fused=cfg.loss.fused_loss)
+
+
+def prepare_data(cfg: Config, dist: distmod.DistInfo) -> Path:
+    """The packed dataset to train on; the built-in set is packed by rank 0, once."""
+    if cfg.data.path is not None:
+        read_manifest(cfg.data.path)  # fail early, on every rank, with the pack command to run
+        return Path(cfg.data.path)
+    out = None
+    if dist.is_main:
+        out = ensure_synthetic(SHARDS_ROOT, cfg.data.synthetic_samples, cfg.data.synthetic_size, cfg.train.seed)
+    distmod.barrier()
+    return Path(distmod.broadcast_object(str(out) if out else None))
+
+
+def resolve_run_dir(cfg: Config, data_dir: Path) -> Path:
+    if cfg.run.out is not None:
+        return Path(cfg.run.out)
+    name = cfg.run.name or f"{data_dir.name}-{cfg.model.arch}-{cfg.model.encoder}"
+    return Path("runs") / name
+
+
+def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    r = cfg.train.resume
+    if r == "never":
+        return None
+    if r == "auto":
+        last = run_dir / "checkpoints" / "last.pt"
+        return last if last.is_file() else None
+    return Path(r)
+
+
+def run(cfg: Config, preset: str | None) -> int:
+    dist = distmod.init(cfg.train.device)
+    cfg.train.device = dist.device.type
+    cfg.train.amp = resolve_amp(cfg.train.amp, dist.device)
+    torch.manual_seed(cfg.train.seed)
+    data_dir = prepare_data(cfg, dist)
+    cfg.data.path = data_dir
+    run_dir = resolve_run_dir(cfg, data_dir)
+    log = RunLog(run_dir, dist.is_main)
+    if preset:
+        log.info(f"no --data: built-in synthetic set {data_dir} with the {preset} preset "
+                 f"(size {cfg.data.size}, {cfg.model.arch}/{cfg.model.encoder}, {cfg.train.epochs} epochs"
+                 f"{', CPU-sized: no CUDA device' if preset.endswith('cpu') else ''})")
+    log.info(f"run {run_dir}: world size {dist.world_size}, device {dist.device}, amp {cfg.train.amp}, "
+             f"channels_last {cfg.train.channels_last}, global batch {cfg.train.batch_size}")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_toml(cfg, run_dir / "config.toml")
+
+    train_loader = build_loader(cfg, data_dir, "train", dist, training=True)
+    val_loader = build_loader(cfg, data_dir, "val", dist, training=False)
+    steps = len(train_loader) * cfg.train.epochs
+    total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+    loss_fn = make_loss_fn(cfg)
+    engine = build_engine(cfg, build_model(cfg.model, cfg.data.in_channels), dist, loss_fn, total_steps)
+
+    state = TrainState()
+    ckpt_path = resume_checkpoint(cfg, run_dir)
+    if ckpt_path is not None:
+        state = restore(engine, checkpoint.load(ckpt_path, dist.device))
+        log.rewind(state.epoch, state.last_record)
+        log.info(f"resumed from {ckpt_path}: epoch {state.epoch}, step {state.step}"
+                 + (f", batch {state.batch_in_epoch} of the next epoch" if state.batch_in_epoch else ""))
+    elif dist.is_main and log.metrics_path.exists():
+        log.metrics_path.unlink()  # a fresh run (--resume never, or nothing to resume) starts a new log
+
+    if state.epoch >= cfg.train.epochs or state.stopped_early:
+        log.info("nothing left to train: the checkpoint already finished its epochs")
+        reason = "done"
+    else:
+        state, reason = fit(cfg, engine, train_loader, val_loader, loss_fn, state, run_dir, dist, log)
+    if reason == "preempted":
+        distmod.cleanup()
+        return distmod.REQUEUE_EXIT_CODE
+
+    best = run_dir / "checkpoints" / "best.pt"
+    if best.is_file():
+        distmod.barrier()
+        engine.load_weights(checkpoint.load(best, dist.device)["model"])
+    test_loader = build_loader(cfg, data_dir, "test", dist, training=False)
+    test, first = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep_first=True)
+    log.write_json("test_metrics.json", {"best_epoch": state.best_epoch, "stopped": reason, **test})
+    if dist.is_main and first is not None:
+        mean, std = norm_stats(read_manifest(data_dir), cfg.data.in_channels)
+        plot_overlays(*first, run_dir / "overlays.png", mean, std, cfg.train.threshold)
+    log.info(f"test ({test['samples']} images, best epoch {state.best_epoch}): dice {test['dice']:.4f} "
+             f"iou {test['iou']:.4f} precision {test['precision']:.4f} recall {test['recall']:.4f} "
+             f"-> {run_dir}")
+    distmod.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, preset = parse(argv)
+        return run(cfg, preset)
+    except (ConfigError, ShardError, ModelError, checkpoint.CheckpointError, ValueError, RuntimeError) as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
