@@ -47,26 +47,49 @@ class DataConfig:
     """Built-in set only: number of phantom images to generate."""
     synthetic_size: int = 256
     """Built-in set only: side length of the generated phantoms."""
+    mean: tuple[float, ...] = ()
+    """Input normalisation mean per model channel in [0, 1] units. Empty: the train split's
+    statistics from the dataset's manifest.json (recorded here in the run's config)."""
+    std: tuple[float, ...] = ()
+    """Input normalisation std per model channel (empty: from manifest.json)."""
 
 
 @dataclass
 class AugmentConfig:
-    """Training-time augmentation, applied identically to image and mask. Never on val/test."""
+    """Training-time augmentation, applied identically to image and mask. Never on val/test.
+
+    Each augmentation has a per-sample probability (`*_p`) and a range; -1 keeps the preset's
+    value. See docs/loader.md for the order and the exact formulas (same in both loaders)."""
 
     augment: Literal["none", "light", "standard", "strong"] = "standard"
     """Preset: `none` disables augmentation; the others set probabilities and ranges below."""
     flip_p: float = -1.0
     """Probability of each of horizontal and vertical flip (-1: the preset's value)."""
+    affine_p: float = -1.0
+    """Probability of the rotation + scale + translation affine (one transform) (-1: the preset's value)."""
     rotate_deg: float = -1.0
     """Max absolute rotation in degrees (-1: the preset's value)."""
     scale: float = -1.0
     """Max relative zoom, e.g. 0.1 = [0.9, 1.1] (-1: the preset's value)."""
     translate: float = -1.0
     """Max translation as a fraction of the side (-1: the preset's value)."""
+    brightness_p: float = -1.0
+    """Probability of the brightness change (-1: the preset's value)."""
     brightness: float = -1.0
     """Max relative brightness change (-1: the preset's value)."""
+    contrast_p: float = -1.0
+    """Probability of the contrast change (-1: the preset's value)."""
     contrast: float = -1.0
     """Max relative contrast change (-1: the preset's value)."""
+    gamma_p: float = -1.0
+    """Probability of the gamma change (-1: the preset's value)."""
+    gamma: float = -1.0
+    """Gamma exponent range, e.g. 0.2 = x**g with g in [0.8, 1.2] (-1: the preset's value)."""
+    noise_p: float = -1.0
+    """Probability of additive Gaussian noise (-1: the preset's value)."""
+    noise: float = -1.0
+    """Max noise standard deviation in [0, 1] image units; drawn uniformly in [0, noise] per
+    sample (-1: the preset's value)."""
 
 
 @dataclass
@@ -221,6 +244,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{where} = {value!r}: must be one of {', '.join(map(str, choices))}")
         return value
+    if typing.get_origin(tp) is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {value!r}: expected a list")
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item, where) for v in value)
     if tp is Path:
         return Path(value)
     if tp is bool:

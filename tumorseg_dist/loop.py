@@ -93,8 +93,11 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
 
 
 def checkpoint_state(cfg: Config, engine, state: TrainState) -> dict:
+    """Everything to resume, plus what evaluate/predict/export need without training flags:
+    the config (architecture, encoder, size, channels) and the input normalisation."""
     return {"format_version": checkpoint.FORMAT_VERSION, **engine.state_dict(),
-            "train_state": asdict(state), "rng": checkpoint.rng_state(), "config": to_dict(cfg)}
+            "train_state": asdict(state), "rng": checkpoint.rng_state(), "config": to_dict(cfg),
+            "normalization": {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}}
 
 
 def save(cfg: Config, engine, state: TrainState, path: Path, dist: DistInfo) -> None:

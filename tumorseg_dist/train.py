@@ -12,7 +12,7 @@ import torch
 
 from . import checkpoint, dist as distmod
 from .config import Config, ConfigError, parse, save_toml
-from .data.loader import build_loader, norm_stats
+from .data.loader import build_loader, resolve_norm
 from .data.shards import ShardError, read_manifest
 from .data.synthetic import ensure_synthetic
 from .engine import build_engine, resolve_amp
@@ -67,6 +67,7 @@ def run(cfg: Config, preset: str | None) -> int:
     torch.manual_seed(cfg.train.seed)
     data_dir = prepare_data(cfg, dist)
     cfg.data.path = data_dir
+    cfg.data.mean, cfg.data.std = resolve_norm(cfg, data_dir)  # recorded in config + checkpoints
     run_dir = resolve_run_dir(cfg, data_dir)
     log = RunLog(run_dir, dist.is_main)
     if preset:
@@ -113,8 +114,7 @@ def run(cfg: Config, preset: str | None) -> int:
     test, first = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep_first=True)
     log.write_json("test_metrics.json", {"best_epoch": state.best_epoch, "stopped": reason, **test})
     if dist.is_main and first is not None:
-        mean, std = norm_stats(read_manifest(data_dir), cfg.data.in_channels)
-        plot_overlays(*first, run_dir / "overlays.png", mean, std, cfg.train.threshold)
+        plot_overlays(*first, run_dir / "overlays.png", cfg.data.mean, cfg.data.std, cfg.train.threshold)
     log.info(f"test ({test['samples']} images, best epoch {state.best_epoch}): dice {test['dice']:.4f} "
              f"iou {test['iou']:.4f} precision {test['precision']:.4f} recall {test['recall']:.4f} "
              f"-> {run_dir}")

@@ -167,17 +167,23 @@ def batches_for(indices: list[int], batch_size: int, training: bool) -> list[lis
 # ---------------------------------------------------------------- the torch loader
 
 def _augment(img: torch.Tensor, mask: torch.Tensor, p: AugmentParams, g: torch.Generator):
-    """One set of random parameters per sample, applied to image (bilinear) and mask (nearest)."""
+    """One set of random parameters per sample, applied to image (bilinear) and mask (nearest).
+
+    Same order, ranges and formulas as the DALI pipeline (`dali.py`, docs/loader.md); the random
+    draws themselves differ between the loaders."""
     from torchvision.transforms.v2 import functional as TF
 
     def u(lo: float, hi: float) -> float:
         return lo + (hi - lo) * torch.rand((), generator=g).item()
 
-    if p.flip_p and u(0, 1) < p.flip_p:
+    def coin(prob: float) -> bool:
+        return prob > 0 and u(0, 1) < prob
+
+    if coin(p.flip_p):
         img, mask = img.flip(-1), mask.flip(-1)
-    if p.flip_p and u(0, 1) < p.flip_p:
+    if coin(p.flip_p):
         img, mask = img.flip(-2), mask.flip(-2)
-    if p.rotate_deg or p.scale or p.translate:
+    if (p.rotate_deg or p.scale or p.translate) and coin(p.affine_p):
         angle = u(-p.rotate_deg, p.rotate_deg)
         scale = u(1 - p.scale, 1 + p.scale)
         h, w = img.shape[-2:]
@@ -186,11 +192,15 @@ def _augment(img: torch.Tensor, mask: torch.Tensor, p: AugmentParams, g: torch.G
                         interpolation=TF.InterpolationMode.BILINEAR)
         mask = TF.affine(mask, angle=angle, translate=[tx, ty], scale=scale, shear=[0.0, 0.0],
                          interpolation=TF.InterpolationMode.NEAREST)
-    if p.brightness:
+    if p.brightness and coin(p.brightness_p):
         img = img * u(1 - p.brightness, 1 + p.brightness)
-    if p.contrast:
+    if p.contrast and coin(p.contrast_p):
         m = img.mean()
         img = (img - m) * u(1 - p.contrast, 1 + p.contrast) + m
+    if p.gamma and coin(p.gamma_p):
+        img = img.clamp(0, 1) ** u(1 - p.gamma, 1 + p.gamma)
+    if p.noise and coin(p.noise_p):
+        img = img + torch.randn(img.shape, generator=g) * u(0, p.noise)
     return img.clamp_(0, 1), mask
 
 
@@ -211,7 +221,8 @@ class _Collate:
             m = torch.from_numpy(mask)[None]
             t = F.interpolate(t[None], size=(spec.size, spec.size), mode="bilinear",
                               align_corners=False, antialias=True)[0]
-            m = F.interpolate(m[None], size=(spec.size, spec.size), mode="nearest")[0]
+            # nearest-exact = pixel-centre nearest neighbour, the same rule as DALI's INTERP_NN.
+            m = F.interpolate(m[None], size=(spec.size, spec.size), mode="nearest-exact")[0]
             if spec.training and spec.augment.enabled:
                 t, m = _augment(t, m, spec.augment, torch.Generator().manual_seed(seed))
             imgs.append(t)
@@ -224,13 +235,18 @@ class _Collate:
         return (img - mean) / std, torch.stack(masks), torch.tensor(valid), keys
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L") and DALI's GRAY output
+
+
 def to_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
-    """[C,H,W] -> [channels,H,W]: grey repeated, colour averaged to grey, alpha dropped."""
+    """[C,H,W] -> [channels,H,W]: grey repeated, colour to grey by BT.601 luma, alpha dropped."""
     if t.shape[0] == channels:
         return t
     if t.shape[0] == 4:
         t = t[:3]
     if channels == 1:
+        if t.shape[0] == 3:
+            return torch.tensordot(torch.tensor(LUMA, dtype=t.dtype), t, dims=1)[None]
         return t.mean(0, keepdim=True)
     if t.shape[0] == 1:
         return t.expand(channels, -1, -1).contiguous()
@@ -289,14 +305,26 @@ class TorchLoader:
                         valid=valid.to(dev, non_blocking=True), keys=keys)
 
 
+def resolve_norm(cfg, shard_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """--mean/--std if given (one value or one per channel), else the manifest's train stats."""
+    c = cfg.data.in_channels
+    if cfg.data.mean and cfg.data.std:
+        mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
+        if len(mean) == 1:
+            mean, std = mean * c, std * c
+        if len(mean) != c or len(std) != c:
+            raise ValueError(f"--mean/--std need 1 or {c} values (one per --in-channels), got {mean} / {std}")
+        return mean, std
+    return norm_stats(read_manifest(shard_dir), c)
+
+
 def build_loader(cfg, shard_dir: Path, split: str, dist: DistInfo, training: bool) -> Loader:
     """The configured loader (`--loader torch|dali`) for one split of a packed dataset."""
     from .augment import PRESETS, resolve
     if cfg.train.batch_size % dist.world_size:
         raise ValueError(f"--batch-size {cfg.train.batch_size} is the GLOBAL batch and must be divisible "
                          f"by the world size {dist.world_size}")
-    manifest = read_manifest(shard_dir)
-    mean, std = norm_stats(manifest, cfg.data.in_channels)
+    mean, std = resolve_norm(cfg, shard_dir)
     spec = LoaderSpec(
         shard_dir=Path(shard_dir), split=split, training=training, size=cfg.data.size,
         in_channels=cfg.data.in_channels, batch_size=cfg.train.batch_size // dist.world_size,
