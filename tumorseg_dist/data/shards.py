@@ -7,6 +7,7 @@ leaves half a dataset, and an existing complete output is never damaged.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -100,7 +101,8 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def sample_members(s: Sample, codec: str, jpeg_quality: int = 95) -> list[tuple[str, bytes]]:
+def sample_members(s: Sample, codec: str, jpeg_quality: int = 95,
+                   image_bytes: bytes | None = None) -> list[tuple[str, bytes]]:
     """The three tar members of one sample, in a fixed order."""
     if not _KEY_OK.match(s.key):
         raise ShardError(f"sample key {s.key!r} from {s.source} is not safe ASCII; use safe_key()")
@@ -111,7 +113,9 @@ def sample_members(s: Sample, codec: str, jpeg_quality: int = 95) -> list[tuple[
     meta = {"source": s.source, "mask_sources": list(s.mask_sources), "group": s.group,
             "height": int(img_hw[0]), "width": int(img_hw[1]),
             "channels": 1 if s.image.ndim == 2 else int(s.image.shape[2]), "dataset": s.dataset}
-    return [(f"{s.key}.{IMAGE_EXT[codec]}", encode_image(s.image, codec, jpeg_quality)),
+    if image_bytes is None:
+        image_bytes = encode_image(s.image, codec, jpeg_quality)
+    return [(f"{s.key}.{IMAGE_EXT[codec]}", image_bytes),
             (f"{s.key}.mask.png", encode_mask(s.mask)),
             (f"{s.key}.json", json.dumps(meta, sort_keys=True).encode())]
 
@@ -221,6 +225,40 @@ def assign_splits(groups: list[str], fractions: tuple[float, float, float], seed
 
 
 @dataclass
+class EncodedSample:
+    """A sample after encoding: its tar members plus what the manifest needs. Small and
+    picklable, so worker processes can encode and the writer only writes (see `encode_sample`)."""
+
+    key: str
+    split: str | None
+    source: str
+    members: list[tuple[str, bytes]]
+    height: int
+    width: int
+    positive: bool
+    pixel_sum: np.ndarray       # per channel, in [0, 1] units
+    pixel_sq: np.ndarray
+    extra: dict = field(default_factory=dict)   # importer notes (e.g. non-binary mask sources)
+
+
+def pixel_sums(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    img = image.astype(np.float64)
+    img = img[:, :, None] if img.ndim == 2 else img
+    img /= 65535.0 if image.dtype == np.uint16 else 255.0
+    return img.sum(axis=(0, 1)), (img * img).sum(axis=(0, 1))
+
+
+def encode_sample(s: Sample, codec: str, jpeg_quality: int = 95,
+                  image_bytes: bytes | None = None) -> EncodedSample:
+    """Encode one sample. `image_bytes` replaces the encoded image (a JPEG input kept as it is
+    under `--codec jpeg`)."""
+    members = sample_members(s, codec, jpeg_quality, image_bytes=image_bytes)
+    ps, pq = pixel_sums(s.image)
+    return EncodedSample(s.key, s.split, s.source, members, int(s.image.shape[0]), int(s.image.shape[1]),
+                         bool(np.any(s.mask)), ps, pq)
+
+
+@dataclass
 class SplitStats:
     samples: int = 0
     positive_samples: int = 0
@@ -228,49 +266,56 @@ class SplitStats:
     pixel_sq: np.ndarray | None = None
     pixels: int = 0
 
-    def add(self, s: Sample, is_train: bool) -> None:
+    def add(self, e: EncodedSample, is_train: bool) -> None:
         self.samples += 1
-        self.positive_samples += int(np.any(s.mask))
-        if not is_train:
-            return
-        img = s.image.astype(np.float64)
-        img = img[:, :, None] if img.ndim == 2 else img
-        scale = 65535.0 if s.image.dtype == np.uint16 else 255.0
-        img = img / scale
-        ps, pq = img.sum(axis=(0, 1)), (img ** 2).sum(axis=(0, 1))
-        if self.pixel_sum is None or self.pixel_sum.shape != ps.shape:
-            if self.pixel_sum is not None:  # mixed channel counts: reduce to one grey channel
-                ps, pq = ps.mean(keepdims=True), pq.mean(keepdims=True)
-                self.pixel_sum = self.pixel_sum.mean(keepdims=True)
-                self.pixel_sq = self.pixel_sq.mean(keepdims=True)
-            else:
-                self.pixel_sum, self.pixel_sq = np.zeros_like(ps), np.zeros_like(pq)
-        self.pixel_sum += ps
-        self.pixel_sq += pq
-        self.pixels += img.shape[0] * img.shape[1]
+        self.positive_samples += int(e.positive)
+        if is_train:
+            self.add_pixels(e.pixel_sum, e.pixel_sq, e.height * e.width)
+
+    def add_pixels(self, ps: np.ndarray, pq: np.ndarray, n: int) -> None:
+        ps, pq = np.asarray(ps, dtype=np.float64), np.asarray(pq, dtype=np.float64)
+        if self.pixel_sum is None:
+            self.pixel_sum, self.pixel_sq = np.zeros_like(ps), np.zeros_like(pq)
+        elif self.pixel_sum.shape != ps.shape:   # mixed channel counts: one grey channel
+            ps, pq = ps.mean(keepdims=True), pq.mean(keepdims=True)
+            self.pixel_sum = self.pixel_sum.mean(keepdims=True)
+            self.pixel_sq = self.pixel_sq.mean(keepdims=True)
+        self.pixel_sum = self.pixel_sum + ps
+        self.pixel_sq = self.pixel_sq + pq
+        self.pixels += n
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        if not self.pixels:
+            return [0.5], [0.25]
+        mean = self.pixel_sum / self.pixels
+        std = np.sqrt(np.maximum(self.pixel_sq / self.pixels - mean ** 2, 1e-12))
+        return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
 def _staging_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.tmp-{os.getpid()}"
 
 
+def _remove_stale_staging(out: Path) -> None:
+    """Staging dirs of runs that were killed (SIGKILL, power loss) and whose process is gone."""
+    for d in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int(d.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError, OSError):
+            continue
+
+
 def output_is_complete(out: Path) -> bool:
     return (Path(out) / MANIFEST).is_file()
 
 
-def write_dataset(samples: Iterable[Sample], out: Path, *, fmt: str, input_root: str,
-                  codec: str = "png", shard_size: int = 256 << 20, fingerprint: str = "",
-                  extra: dict | None = None, skipped: list[dict] | None = None,
-                  jpeg_quality: int = 95, overwrite: bool = False,
-                  progress=None) -> dict:
-    """Write samples (split already set on each) to `out` atomically and return the manifest.
-
-    `fingerprint` identifies the inputs and options; a complete output with the same
-    fingerprint is left as it is (the manifest is returned), a different one needs
-    `overwrite=True`."""
+def check_output(out: Path, fingerprint: str, overwrite: bool) -> dict | None:
+    """Before any work: the existing manifest if `out` is already complete with the same
+    fingerprint (nothing to do), None if we may write; an error naming the fix otherwise."""
     out = Path(out)
-    if codec not in CODECS:
-        raise ShardError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     if output_is_complete(out):
         old = read_manifest(out)
         if old.get("fingerprint") == fingerprint and not overwrite:
@@ -278,24 +323,77 @@ def write_dataset(samples: Iterable[Sample], out: Path, *, fmt: str, input_root:
         if not overwrite:
             raise ShardError(f"{out} already holds a packed dataset made from other inputs or options; "
                              f"pass --overwrite to replace it or choose another --out")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ShardError(f"{out} exists, is not empty and holds no {MANIFEST}; remove it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise ShardError(f"cannot write to {out.parent}: choose a writable --out")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ShardError(f"cannot write to {out.parent} ({parent} is not a writable folder): "
+                         f"choose a writable --out")
+    return None
+
+
+def publish(stage: Path, out: Path) -> None:
+    """Move a complete staging dir into place; an old output is replaced only after that works."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(trash)
+        try:
+            stage.rename(out)
+        except BaseException:
+            trash.rename(out)
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        stage.rename(out)
+
+
+def disk_error(e: OSError, where: Path) -> ShardError:
+    if e.errno == errno.ENOSPC:
+        return ShardError(f"disk full while writing {where}: free space or choose another --out "
+                          f"(nothing was left behind)")
+    return ShardError(f"cannot write {where} ({e.strerror or e}): choose a writable --out "
+                      f"(nothing was left behind)")
+
+
+def write_dataset(samples: Iterable[Sample | EncodedSample], out: Path, *, fmt: str, input_root: str,
+                  codec: str = "png", shard_size: int = 256 << 20, fingerprint: str = "",
+                  extra: dict | None = None, skipped: list[dict] | None = None,
+                  jpeg_quality: int = 95, overwrite: bool = False,
+                  progress=None) -> dict:
+    """Write samples (split already set on each) to `out` atomically and return the manifest.
+
+    `samples` may be `Sample`s (encoded here) or `EncodedSample`s (encoded by workers).
+    `fingerprint` identifies the inputs and options; a complete output with the same
+    fingerprint is left as it is (the manifest is returned), a different one needs
+    `overwrite=True`. `skipped` is read after the last sample, so an importer may append to it
+    while the samples are produced. Any exception (Ctrl-C included) removes the staging dir."""
+    out = Path(out)
+    if codec not in CODECS:
+        raise ShardError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    old = check_output(out, fingerprint, overwrite)
+    if old is not None:
+        return old
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, out.parent) from e
+    _remove_stale_staging(out)
     stage = _staging_dir(out)
     shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
     try:
+        stage.mkdir(parents=True)
         writers = {sp: ShardWriter(stage, sp, shard_size) for sp in SPLITS}
         stats = {sp: SplitStats() for sp in SPLITS}
         sizes: dict[str, int] = {}
         for s in samples:
             if s.split not in SPLITS:
                 raise ShardError(f"sample {s.source} has no split (got {s.split!r})")
-            writers[s.split].write(sample_members(s, codec, jpeg_quality))
-            stats[s.split].add(s, s.split == "train")
-            hw = f"{s.image.shape[1]}x{s.image.shape[0]}"
+            e = s if isinstance(s, EncodedSample) else encode_sample(s, codec, jpeg_quality)
+            writers[s.split].write(e.members)
+            stats[s.split].add(e, s.split == "train")
+            hw = f"{e.width}x{e.height}"
             sizes[hw] = sizes.get(hw, 0) + 1
             if progress is not None:
                 progress(s)
@@ -304,29 +402,24 @@ def write_dataset(samples: Iterable[Sample], out: Path, *, fmt: str, input_root:
             splits[sp] = {"samples": stats[sp].samples, "positive_samples": stats[sp].positive_samples,
                           "shards": writers[sp].close()}
         tr = stats["train"]
-        if tr.pixels:
-            mean = tr.pixel_sum / tr.pixels
-            std = np.sqrt(np.maximum(tr.pixel_sq / tr.pixels - mean ** 2, 1e-12))
-        else:
-            mean, std = np.array([0.5]), np.array([0.25])
+        mean, std = tr.mean_std()
         from .. import __version__
         manifest = {
             "manifest_version": MANIFEST_VERSION, "format": fmt, "input_root": input_root,
             "codec": codec, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "package_version": __version__, "fingerprint": fingerprint, "splits": splits,
-            "skipped": list(skipped or []),
-            "mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std],
+            "skipped": list(skipped or []), "mean": mean, "std": std,
+            "train_pixel_stats": {"pixels": tr.pixels,
+                                  "sum": [float(v) for v in (tr.pixel_sum if tr.pixels else [])],
+                                  "sum_sq": [float(v) for v in (tr.pixel_sq if tr.pixels else [])]},
             "size_histogram": dict(sorted(sizes.items())), **(extra or {}),
         }
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(trash)
-            stage.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            stage.rename(out)
+        publish(stage, out)
         return manifest
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise disk_error(e, out) from e
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
