@@ -56,10 +56,14 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: flo
                   pos_weight: float | None = None, fused: str = "auto") -> torch.Tensor:
     """Public entry point used by the loop, the benchmark and outside code.
 
-    fused: "off" = reference; "on" = Triton kernel (interpreter without CUDA); "auto" = the
-    kernel on CUDA tensors when Triton is importable, the reference elsewhere."""
+    fused: "off" = reference; "on" = Triton kernel (compiled on CUDA tensors; under the Triton
+    interpreter when TRITON_INTERPRET=1 is set, else a RuntimeError saying so); "auto" = the
+    kernel on CUDA tensors when Triton is importable, the reference elsewhere. Both paths give
+    the same value and gradient (tolerances in docs/loss.md)."""
     if fused not in ("auto", "on", "off"):
         raise ValueError(f"fused must be auto, on or off, got {fused!r}")
+    if dice_reduction not in ("batch", "image"):
+        raise ValueError(f"dice_reduction must be 'batch' or 'image', got {dice_reduction!r}")
     use_kernel = fused == "on" or (fused == "auto" and logits.is_cuda and _kernel_available())
     if use_kernel:
         from .kernels.dice_bce import fused_dice_bce

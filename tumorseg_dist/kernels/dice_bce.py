@@ -45,15 +45,23 @@ NUM_WARPS = 8
 INTERPRET_PROGRAMS_PER_IMAGE = 2   # small grid under the interpreter (each program is Python)
 
 
+# Kernels use only Triton builtins plus `tl.reduce` with the standard library's own sum combiner
+# (what `tl.sum` does). Standard-library helpers such as `tl.sum`/`tl.zeros` are themselves
+# @jit functions fixed at `import triton` time, so they would break the interpreter when
+# TRITON_INTERPRET=1 is set after Triton was imported (e.g. by a test's monkeypatch); builtins
+# and this combiner work in both flavours (the interpreter maps it to numpy.sum).
+_sum_combine = tl.standard._sum_combine
+
+
 def _dice_bce_fwd(x_ptr, t_ptr, part_ptr, M, P, pos_weight, BLOCK: tl.constexpr):
     n = tl.program_id(0)
     c = tl.program_id(1)
     base = n.to(tl.int64) * M
     offs = tl.arange(0, BLOCK)
-    acc_pt = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_p = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_t = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_bce = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_pt = tl.full([BLOCK], 0.0, tl.float32)
+    acc_p = tl.full([BLOCK], 0.0, tl.float32)
+    acc_t = tl.full([BLOCK], 0.0, tl.float32)
+    acc_bce = tl.full([BLOCK], 0.0, tl.float32)
     for start in range(c * BLOCK, M, P * BLOCK):
         idx = start + offs
         mask = idx < M
@@ -63,7 +71,7 @@ def _dice_bce_fwd(x_ptr, t_ptr, part_ptr, M, P, pos_weight, BLOCK: tl.constexpr)
         inv = 1.0 / (1.0 + e)
         p = tl.where(x >= 0, inv, e * inv)           # sigmoid(x), stable both sides
         u = 1.0 + e                                  # log1p(e), accurate for tiny e
-        log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+        log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
         softplus_neg = log1p_e + tl.maximum(-x, 0.0)
         bce = (1.0 - t) * x + (1.0 + (pos_weight - 1.0) * t) * softplus_neg
         acc_pt += tl.where(mask, p * t, 0.0)
@@ -71,10 +79,10 @@ def _dice_bce_fwd(x_ptr, t_ptr, part_ptr, M, P, pos_weight, BLOCK: tl.constexpr)
         acc_t += tl.where(mask, t, 0.0)
         acc_bce += tl.where(mask, bce, 0.0)
     out = part_ptr + (n * P + c) * 4
-    tl.store(out + 0, tl.sum(acc_pt, axis=0))
-    tl.store(out + 1, tl.sum(acc_p, axis=0))
-    tl.store(out + 2, tl.sum(acc_t, axis=0))
-    tl.store(out + 3, tl.sum(acc_bce, axis=0))
+    tl.store(out + 0, tl.reduce(acc_pt, 0, _sum_combine))
+    tl.store(out + 1, tl.reduce(acc_p, 0, _sum_combine))
+    tl.store(out + 2, tl.reduce(acc_t, 0, _sum_combine))
+    tl.store(out + 3, tl.reduce(acc_bce, 0, _sum_combine))
 
 
 def _dice_bce_bwd(x_ptr, t_ptr, coef_ptr, g_ptr, M, pos_weight, BLOCK: tl.constexpr):
