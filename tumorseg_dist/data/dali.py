@@ -1,0 +1,368 @@
+"""The NVIDIA DALI loader (`--loader dali`): read tar shards, decode, resize, augment, normalise.
+
+One pipeline definition (`seg_pipeline`) serves both devices: on a GPU the decoders run
+`device="mixed"` (nvJPEG / nvJPEG2000 where DALI accelerates the codec) and everything after
+them on the GPU; on CPU (`device_id=None`) the same operators run on the CPU. Only the device
+arguments differ.
+
+Sharding and epochs (see docs/loader.md):
+
+* `fn.readers.webdataset` reads the split's tars through their `.idx` files with
+  `num_shards` = world size and `shard_id` from the GLOBAL rank. DALI splits the concatenated
+  sample list into contiguous shards: shard i holds samples [i*N//W, (i+1)*N//W).
+* The pipeline is rebuilt at the start of every epoch with seeds derived only from
+  (seed, epoch, rank), so epoch e's order and augmentations are the same whether or not the run
+  was stopped and resumed before it. In training the shard a rank reads rotates with the epoch
+  (`(rank + epoch) % world`), so over several epochs every rank sees all the data, while within
+  one epoch the ranks stay disjoint; `stick_to_shard` keeps a rank inside its shard when it wraps.
+* Every rank runs the same number of batches (`len(loader)`), computed from the largest shard,
+  like the torch loader: training drops the ragged tail (short ranks wrap inside their shard),
+  evaluation pads (`pad_last_batch`) and marks the padding `valid=False`. Validity comes from
+  the reader's per-shard sizes (sample ordinal < shard size) and is cross-checked against the
+  sample keys DALI reports (`source_info`), so each val/test sample is counted exactly once.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..dist import DistInfo
+from .augment import AugmentParams
+from .loader import LUMA, Batch, LoaderSpec, read_index
+from .shards import IMAGE_EXT, ShardError, read_manifest, shard_paths
+
+SHUFFLE_BUFFER = 1024   # DALI reader shuffle buffer (samples, encoded) per rank
+PREFETCH = 2            # batches DALI prepares ahead
+
+
+@dataclass(frozen=True)
+class RawLayout:
+    """What every `.npy` image in a raw split looks like (DALI needs it uniform per batch)."""
+
+    dtype: str       # numpy dtype name, e.g. "uint8"
+    ndim: int        # 2 (H×W) or 3 (H×W×C)
+    channels: int
+
+    @property
+    def scale(self) -> float:
+        # Same rule as loader.decode_image: 16-bit scaled by 65535, everything else by 255.
+        return 65535.0 if self.dtype == "uint16" else 255.0
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """The split as DALI will see it: tars, indexes, keys in reader order, codec."""
+
+    tars: tuple[Path, ...]
+    indexes: tuple[Path, ...]
+    keys: tuple[str, ...]
+    image_ext: str
+    raw: RawLayout | None
+
+    def shard_range(self, shard_id: int, num_shards: int) -> tuple[int, int]:
+        """DALI's contiguous split of the concatenated samples (`start_index` in DALI's loader)."""
+        n = len(self.keys)
+        return n * shard_id // num_shards, n * (shard_id + 1) // num_shards
+
+
+def _npy_header(data: bytes, where: str) -> tuple[str, tuple[int, ...]]:
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a damaged member
+        raise ShardError(f"{where} is not a valid .npy member ({e}); re-run pack with --overwrite") from e
+    return np.dtype(dtype).name, tuple(shape)
+
+
+def inspect_split(shard_dir: Path, split: str) -> SplitLayout:
+    """Check the split's shards and indexes before DALI opens them (DALI would abort or hang on
+    a bad file) and collect what the pipeline needs. Every error names the file and the fix."""
+    manifest = read_manifest(shard_dir)
+    codec = manifest.get("codec", "png")
+    if codec not in IMAGE_EXT:
+        raise ShardError(f"{shard_dir}/manifest.json: unknown codec {codec!r}; re-run pack")
+    tars = shard_paths(shard_dir, split, manifest)
+    listed = {sh["name"]: sh["samples"] for sh in manifest["splits"][split]["shards"]}
+    keys: list[str] = []
+    raw_seen: set[tuple[str, int, int]] = set()
+    for tar in tars:
+        refs = read_index(tar)
+        if listed.get(tar.name, len(refs)) != len(refs):
+            raise ShardError(f"{tar.with_suffix('.idx')} lists {len(refs)} samples but manifest.json says "
+                             f"{listed[tar.name]}; rebuild it with `wds2idx {tar} {tar.with_suffix('.idx')}` "
+                             f"or re-run pack with --overwrite")
+        exts = [{e for e, _, _ in r.members} for r in refs]
+        for r, e in zip(refs, exts):
+            if IMAGE_EXT[codec] not in e or "mask.png" not in e:
+                raise ShardError(f"sample {r.key} in {tar} lacks {IMAGE_EXT[codec]} or mask.png; "
+                                 f"re-run pack with --overwrite")
+        keys += [r.key for r in refs]
+        if codec == "raw":
+            with open(tar, "rb") as f:
+                for r in refs:
+                    _, off, size = next(m for m in r.members if m[0] == "image.npy")
+                    f.seek(off)
+                    dtype, shape = _npy_header(f.read(min(size, 4096)), f"{tar}:{r.key}.image.npy")
+                    raw_seen.add((dtype, len(shape), shape[2] if len(shape) == 3 else 1))
+    raw = None
+    if codec == "raw":
+        if len(raw_seen) > 1:
+            raise ShardError(f"{shard_dir}: raw split {split!r} mixes image layouts {sorted(raw_seen)} "
+                             f"(dtype, ndim, channels); DALI needs one per batch. Re-pack with --codec png or jp2")
+        if raw_seen:
+            dtype, ndim, channels = raw_seen.pop()
+            if ndim not in (2, 3) or channels not in (1, 3, 4):
+                raise ShardError(f"{shard_dir}: raw images must be H×W or H×W×{{1,3,4}}, got ndim={ndim} "
+                                 f"channels={channels}; re-pack with --codec png")
+            raw = RawLayout(dtype, ndim, channels)
+    return SplitLayout(tuple(tars), tuple(t.with_suffix(".idx") for t in tars), tuple(keys),
+                       IMAGE_EXT[codec], raw)
+
+
+# ---------------------------------------------------------------- the pipeline definition
+
+def _uniform(lo: float, hi: float):
+    from nvidia.dali import fn
+    return fn.random.uniform(range=[lo, hi])
+
+
+def _gate(prob: float):
+    """Per-sample 0/1 (float) that is 1 with probability `prob`."""
+    from nvidia.dali import fn, types
+    return fn.cast(fn.random.coin_flip(probability=prob), dtype=types.FLOAT)
+
+
+def affine_matrix(p: AugmentParams, size: int):
+    """Per-sample 2×3 forward (source -> destination) matrix: scale and rotate about the image
+    centre, then translate; the identity for samples that lose the `affine_p` coin."""
+    from nvidia.dali import fn
+    on = _gate(p.affine_p)
+    c = [size / 2.0, size / 2.0]
+    s = 1.0 + on * _uniform(-p.scale, p.scale) if p.scale else 1.0 + 0.0 * on
+    m = fn.transforms.scale(scale=fn.stack(s, s), center=c)
+    if p.rotate_deg:
+        m = fn.transforms.rotation(m, angle=on * _uniform(-p.rotate_deg, p.rotate_deg), center=c)
+    if p.translate:
+        shift = fn.random.uniform(range=[-p.translate * size, p.translate * size], shape=[2])
+        m = fn.transforms.translation(m, offset=on * shift)
+    return m
+
+
+def augment(image, mask, p: AugmentParams, size: int, params: dict):
+    """One random parameter set per sample; geometry applied to image (linear) and mask (nearest)
+    alike. `params` receives the per-sample parameters (tests check them against OpenCV)."""
+    from nvidia.dali import fn, types
+    import nvidia.dali.math as dmath
+    if p.flip_p:
+        h = fn.random.coin_flip(probability=p.flip_p)
+        v = fn.random.coin_flip(probability=p.flip_p)
+        image, mask = fn.flip(image, horizontal=h, vertical=v), fn.flip(mask, horizontal=h, vertical=v)
+        params.update(flip_h=h, flip_v=v)
+    if p.affine_p and (p.rotate_deg or p.scale or p.translate):
+        m = affine_matrix(p, size)
+        image = fn.warp_affine(image, matrix=m, size=[size, size], fill_value=0.0, inverse_map=False,
+                               interp_type=types.INTERP_LINEAR)
+        mask = fn.warp_affine(mask, matrix=m, size=[size, size], fill_value=0, inverse_map=False,
+                              interp_type=types.INTERP_NN)
+        params.update(affine=m)
+    if p.brightness_p and p.brightness:
+        image = image * (1.0 + _gate(p.brightness_p) * _uniform(-p.brightness, p.brightness))
+    if p.contrast_p and p.contrast:
+        mean = fn.reductions.mean(image)
+        image = (image - mean) * (1.0 + _gate(p.contrast_p) * _uniform(-p.contrast, p.contrast)) + mean
+    if p.gamma_p and p.gamma:
+        image = dmath.pow(dmath.clamp(image, 0.0, 1.0),
+                          1.0 + _gate(p.gamma_p) * _uniform(-p.gamma, p.gamma))
+    if p.noise_p and p.noise:
+        image = fn.noise.gaussian(image, stddev=_gate(p.noise_p) * _uniform(0.0, p.noise))
+    return dmath.clamp(image, 0.0, 1.0), mask
+
+
+def _to_channels(image, layout: RawLayout, in_channels: int):
+    """Raw `.npy` images: H×W×C float -> H×W×in_channels (the decoders do this for codecs)."""
+    from nvidia.dali import fn
+    c = layout.channels
+    if c == in_channels:
+        return image
+    if in_channels == 1:   # colour -> BT.601 luma, alpha dropped
+        r, g, b = (fn.slice(image, start=[i], shape=[1], axes=[2]) for i in range(3))
+        return r * LUMA[0] + g * LUMA[1] + b * LUMA[2]
+    if c == 1:             # grey -> repeated
+        return fn.cat(*([image] * in_channels), axis=2)
+    return fn.slice(image, start=[0], shape=[in_channels], axes=[2])  # RGBA -> RGB
+
+
+def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: bool,
+                 aug: AugmentParams, mean, std, shard_id: int, num_shards: int, reader_seed: int,
+                 initial_fill: int, gpu: bool, nhwc: bool, with_params: bool = False):
+    """The graph (call inside a `Pipeline`). Outputs: image float (C,H,W or H,W,C, normalised),
+    mask float {0,1} (same layout), source_info bytes, then any augmentation parameters."""
+    from nvidia.dali import fn, types
+    encoded, encoded_mask = fn.readers.webdataset(
+        paths=[str(p) for p in layout.tars], index_paths=[str(p) for p in layout.indexes],
+        ext=[layout.image_ext, "mask.png"], missing_component_behavior="error",
+        shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
+        random_shuffle=training, initial_fill=initial_fill, seed=reader_seed,
+        name="reader")
+    info = fn.get_property(encoded, key="source_info")
+    decode_on = "mixed" if gpu else "cpu"
+    if layout.raw is not None:
+        image = fn.decoders.numpy(encoded)   # CPU-only in DALI: copied to the GPU right after
+        if gpu:
+            image = image.gpu()
+        if layout.raw.ndim == 2:
+            image = fn.expand_dims(image, axes=[2])
+        image = fn.cast(image, dtype=types.FLOAT) * (1.0 / layout.raw.scale)
+        image = fn.reshape(image, layout="HWC")
+        image = _to_channels(image, layout.raw, in_channels)
+    else:
+        # RGB: grey replicated, alpha dropped. GRAY: colour -> BT.601 luma. FLOAT: [0, 1], 16-bit
+        # scaled by 65535, exactly like loader.decode_image.
+        image = fn.decoders.image(encoded, device=decode_on, dtype=types.FLOAT,
+                                  output_type=types.RGB if in_channels == 3 else types.GRAY)
+    mask = fn.decoders.image(encoded_mask, device=decode_on, output_type=types.GRAY)
+    # Image: linear with antialiasing (= torch bilinear antialias=True); mask: nearest neighbour
+    # at pixel centres (= torch "nearest-exact"), so it stays exactly binary.
+    image = fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+    mask = fn.resize(mask, size=[size, size], interp_type=types.INTERP_NN)
+    params: dict = {}
+    if training and aug.enabled:
+        image, mask = augment(image, mask, aug, size, params)
+    layout_out = "HWC" if nhwc else "CHW"
+    image = fn.crop_mirror_normalize(image, mean=list(mean), std=list(std), dtype=types.FLOAT,
+                                     output_layout=layout_out)
+    mask = fn.cast(mask > 0, dtype=types.FLOAT)
+    if not nhwc:
+        mask = fn.transpose(mask, perm=[2, 0, 1])
+    outs = [image, mask, info]
+    if with_params:
+        outs += [params[k] for k in sorted(params)]
+    return tuple(outs)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _key(info) -> str:
+    """`source_info` of a webdataset sample: 'TAR:OFFSET:KEY.image.ext' -> KEY."""
+    s = bytes(np.asarray(info)).decode()
+    return s.rsplit(":", 1)[-1].partition(".")[0]
+
+
+# ---------------------------------------------------------------- the loader
+
+class DaliLoader:
+    """`Loader` over a DALI pipeline; see the module docstring for sharding and epochs."""
+
+    def __init__(self, spec: LoaderSpec, dist: DistInfo):
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError as e:
+            raise ImportError("--loader dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+                              "(or -cuda120), or use --loader torch") from e
+        self.spec, self.dist = spec, dist
+        self.layout = inspect_split(spec.shard_dir, spec.split)
+        n, w = len(self.layout.keys), dist.world_size
+        if n < w:
+            raise ShardError(f"{spec.shard_dir}: split {spec.split!r} has {n} samples, fewer than the "
+                             f"{w} ranks; every rank needs at least one. Use fewer processes or more data")
+        self.gpu = dist.device.type == "cuda"
+        self.epoch = 0
+        self.batches_per_epoch = self._batches()
+        self._pipe = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> int:
+        # Same formula as TorchLoader: from the largest shard, ceil(N / W).
+        per_rank = math.ceil(len(self.layout.keys) / self.dist.world_size)
+        b = self.spec.batch_size
+        return max(1, per_rank // b) if self.spec.training else math.ceil(per_rank / b)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def shard_id(self, epoch: int) -> int:
+        """The reader shard this rank reads in `epoch` (GLOBAL rank; rotates in training)."""
+        r, w = self.dist.rank, self.dist.world_size
+        return (r + epoch) % w if self.spec.training else r
+
+    def build_pipeline(self, epoch: int, with_params: bool = False):
+        """A fresh pipeline for one epoch; its seeds depend only on (seed, epoch, rank)."""
+        from nvidia.dali import Pipeline
+        s, sid = self.spec, self.shard_id(epoch)
+        lo, hi = self.layout.shard_range(sid, self.dist.world_size)
+        dev_id = None
+        if self.gpu:
+            dev_id = self.dist.device.index if self.dist.device.index is not None else torch.cuda.current_device()
+        pipe = Pipeline(batch_size=s.batch_size, num_threads=max(1, s.num_workers), device_id=dev_id,
+                        seed=_seed(s.seed, epoch, self.dist.rank, 1), prefetch_queue_depth=PREFETCH)
+        with pipe:
+            outs = seg_pipeline(
+                self.layout, size=s.size, in_channels=s.in_channels, training=s.training,
+                aug=s.augment, mean=s.mean, std=s.std, shard_id=sid,
+                num_shards=self.dist.world_size, reader_seed=_seed(s.seed, epoch, 2),
+                initial_fill=max(1, min(SHUFFLE_BUFFER, hi - lo)), gpu=self.gpu,
+                nhwc=s.channels_last, with_params=with_params)
+            pipe.set_outputs(*outs)
+        pipe.build()
+        return pipe, (lo, hi)
+
+    def _to_torch(self, tl) -> torch.Tensor:
+        if self.gpu:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+            t = tl.as_tensor()
+            out = torch.empty(t.shape(), dtype=torch.float32, device=self.dist.device)
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.dist.device))
+            return out
+        return torch.from_numpy(np.array(tl.as_tensor()))
+
+    def __iter__(self) -> Iterator[Batch]:
+        s = self.spec
+        self._pipe = None  # release the previous epoch's pipeline (threads, buffers) first
+        pipe, (lo, hi) = self.build_pipeline(self.epoch)
+        self._pipe = pipe
+        shard_keys = self.layout.keys[lo:hi]
+        per_rank = math.ceil(len(self.layout.keys) / self.dist.world_size)
+        try:
+            for b in range(self.batches_per_epoch):
+                try:
+                    image, mask, info = pipe.run()[:3]
+                except RuntimeError as e:
+                    raise ShardError(f"DALI failed reading {s.shard_dir} split {s.split!r} (shard {lo}..{hi} "
+                                     f"of {len(self.layout.keys)} samples): {e}\nIf a shard is damaged, re-run "
+                                     f"pack with --overwrite") from e
+                keys = [_key(info.at(i)) for i in range(len(info))]
+                if s.training:
+                    valid = [True] * len(keys)
+                else:
+                    ordinals = range(b * s.batch_size, b * s.batch_size + len(keys))
+                    valid = [k < len(shard_keys) for k in ordinals]
+                    for k, key, ok in zip(ordinals, keys, valid):
+                        if ok and key != shard_keys[k]:
+                            raise RuntimeError(f"DALI returned sample {key!r} where {shard_keys[k]!r} was "
+                                               f"expected (shard {lo}..{hi}); the evaluation could count "
+                                               f"samples twice, so stopping")
+                    keys = [k if ok else "" for k, ok in zip(keys, valid)]
+                img, msk = self._to_torch(image), self._to_torch(mask)
+                if not s.training:
+                    # Same batch shapes as the torch loader: the last one holds per_rank - b*B.
+                    take = min(len(keys), per_rank - b * s.batch_size)
+                    img, msk, keys, valid = img[:take], msk[:take], keys[:take], valid[:take]
+                if s.channels_last:   # NHWC memory seen as NCHW with channels_last strides
+                    img, msk = img.permute(0, 3, 1, 2), msk.permute(0, 3, 1, 2)
+                yield Batch(image=img, mask=msk,
+                            valid=torch.tensor(valid, device=self.dist.device), keys=keys)
+        finally:
+            self._pipe = None
+            del pipe
