@@ -1,0 +1,335 @@
+"""DALI loader on CPU (device_id=None): decoding, resizing, synchronised augmentation, sharding by
+global rank, padding/validity, resume-safe epochs, loader parity with --loader torch, errors."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali")
+
+from tumorseg_dist.config import AugmentConfig, ConfigError  # noqa: E402
+from tumorseg_dist.data.augment import PRESETS, AugmentParams, resolve  # noqa: E402
+from tumorseg_dist.data.dali import DaliLoader  # noqa: E402
+from tumorseg_dist.data.loader import (LUMA, LoaderSpec, TorchLoader, _augment,  # noqa: E402
+                                       decode_image, decode_mask)
+from tumorseg_dist.data.phantoms import _ellipse  # noqa: E402
+from tumorseg_dist.data.shards import Sample, ShardError, shard_paths, write_dataset  # noqa: E402
+from tumorseg_dist.dist import DistInfo  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def make_shards(out: Path, counts: dict[str, int], size=(72, 88), codec="png", rgb=False,
+                shard_size=256 << 20, seed=0) -> Path:
+    """Phantom-like samples with exact split sizes: a bright off-centre ellipse (the tumour, also
+    the mask) on a textured darker background. Non-square so resizing is exercised."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+
+    def gen():
+        i = 0
+        for split, n in counts.items():
+            for _ in range(n):
+                m = _ellipse(h, w, h * rng.uniform(0.3, 0.45), w * rng.uniform(0.3, 0.45),
+                             h * rng.uniform(0.15, 0.25), w * rng.uniform(0.12, 0.2), rng.uniform(0, np.pi))
+                img = rng.uniform(10, 60, (h, w)) + 150 * m
+                if rgb:
+                    img = np.stack([img, img * 0.7, rng.uniform(0, 255, (h, w))], axis=2)
+                yield Sample(key=f"s{i:04d}", image=np.clip(img, 0, 255).astype(np.uint8), mask=m,
+                             source=f"{i}.png", split=split)
+                i += 1
+    write_dataset(gen(), out, fmt="test", input_root="x", codec=codec, shard_size=shard_size)
+    return out
+
+
+def spec_for(shard_dir, split="val", training=False, size=64, channels=1, batch=4, aug=None,
+             mean=0.0, std=1.0, cl=False, seed=0) -> LoaderSpec:
+    return LoaderSpec(Path(shard_dir), split, training, size, channels, batch, (mean,) * channels,
+                      (std,) * channels, aug or PRESETS["none"], seed, 1, cl)
+
+
+def members(shard_dir: Path, split: str) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    for tar in shard_paths(shard_dir, split):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                key, _, ext = m.name.partition(".")
+                out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+def by_key(loader) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    out = {}
+    for b in loader:
+        for i, k in enumerate(b.keys):
+            if bool(b.valid[i]):
+                assert k not in out, f"{k} seen twice"
+                out[k] = (b.image[i], b.mask[i])
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dali")
+    return {c: make_shards(root / c, {"train": 13, "val": 11, "test": 3}, codec=c)
+            for c in ("png", "jp2", "raw", "jpeg")}
+
+
+# ---------------------------------------------------------------- decoding and resizing
+
+@pytest.mark.parametrize("codec", ["png", "jp2", "raw", "jpeg"])
+def test_resized_sample_equals_pil_decode_resized(shards, codec):
+    """No augmentation, mean 0 / std 1: DALI's 72×88 -> 72×72 output equals a PIL decode of the
+    shard member resized by torch (bilinear antialiased image, pixel-centre nearest mask)."""
+    got = by_key(DaliLoader(spec_for(shards[codec], size=72), DistInfo(0, 0, 1, CPU)))
+    ref = members(shards[codec], "val")
+    assert sorted(got) == sorted(ref)
+    tol = 2.5 / 255 if codec == "jpeg" else 1e-5
+    for key, (img, mask) in got.items():
+        ext = next(e for e in ref[key] if e.startswith("image."))
+        pil = torch.from_numpy(decode_image(ref[key][ext], ext)).permute(2, 0, 1)[None]
+        want = torch.nn.functional.interpolate(pil, size=(72, 72), mode="bilinear", antialias=True,
+                                               align_corners=False)[0]
+        # The resamplers differ only at the borders (antialias filter clipping): < 1/255 anywhere.
+        assert (img - want).abs().max() < tol + 1 / 255, key
+        assert (img - want).abs().mean() < tol + 2e-4, key
+        m = torch.from_numpy(decode_mask(ref[key]["mask.png"]))[None, None]
+        want_m = torch.nn.functional.interpolate(m, size=(72, 72), mode="nearest-exact")[0]
+        assert torch.equal(mask, want_m), key
+
+
+@pytest.mark.parametrize("codec,rgb,channels", [("png", False, 1), ("jp2", False, 3), ("raw", False, 1),
+                                                 ("jpeg", False, 1), ("png", True, 1), ("png", True, 3),
+                                                 ("raw", True, 1), ("raw", True, 3)])
+def test_native_size_is_exact_pil_decode(tmp_path, codec, rgb, channels):
+    """Square shards at the loader size: no resampling, so DALI must reproduce PIL pixel for pixel
+    (colour -> grey by BT.601 luma, grey -> repeated)."""
+    d = make_shards(tmp_path / "sq", {"train": 1, "val": 5, "test": 1}, size=(64, 64), codec=codec, rgb=rgb)
+    got = by_key(DaliLoader(spec_for(d, size=64, channels=channels, cl=True), DistInfo(0, 0, 1, CPU)))
+    ref = members(d, "val")
+    assert len(got) == 5
+    # DALI's GRAY conversion rounds to 8 bit before the float conversion; jpeg decoders may differ by 1.
+    tol = 2.5 / 255 if codec == "jpeg" or (rgb and channels == 1 and codec != "raw") else 1e-5
+    for key, (img, mask) in got.items():
+        ext = next(e for e in ref[key] if e.startswith("image."))
+        want = decode_image(ref[key][ext], ext)
+        if want.shape[2] == 3 and channels == 1:
+            want = want @ np.asarray(LUMA, np.float32)[:, None]
+        if want.shape[2] == 1 and channels == 3:
+            want = np.repeat(want, 3, axis=2)
+        assert img.shape == (channels, 64, 64)
+        assert np.abs(img.permute(1, 2, 0).numpy() - want).max() <= tol, key
+        assert np.array_equal(mask[0].numpy(), decode_mask(ref[key]["mask.png"])), key
+
+
+def test_layout_dtype_and_normalisation(shards):
+    s = spec_for(shards["png"], channels=3, mean=0.2, std=0.5, cl=True)
+    b = next(iter(DaliLoader(s, DistInfo(0, 0, 1, CPU))))
+    plain = next(iter(DaliLoader(replace(s, mean=(0.0,) * 3, std=(1.0,) * 3, channels_last=False),
+                                 DistInfo(0, 0, 1, CPU))))
+    assert b.image.dtype == torch.float32 and b.image.shape == (4, 3, 64, 64)
+    assert b.image.is_contiguous(memory_format=torch.channels_last) and not b.image.is_contiguous()
+    assert plain.image.is_contiguous()
+    assert torch.allclose(b.image, (plain.image - 0.2) / 0.5, atol=1e-5)
+    assert set(b.mask.unique().tolist()) <= {0.0, 1.0} and b.mask.shape == (4, 1, 64, 64)
+
+
+# ---------------------------------------------------------------- augmentation
+
+def _cv2_matrix(m: np.ndarray) -> np.ndarray:
+    """DALI's transforms use pixel centres at +0.5; OpenCV at integers."""
+    a, t = m[:, :2].astype(np.float64), m[:, 2].astype(np.float64)
+    return np.hstack([a, (t + a @ [0.5, 0.5] - 0.5)[:, None]])
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def test_augmentation_is_synchronised_with_the_mask(tmp_path):
+    """Every sample: the augmented mask matches the original mask pushed through the same flips +
+    affine in OpenCV (Dice >= 0.98), and the augmented image's bright object lines up with it."""
+    cv2 = pytest.importorskip("cv2")
+    d = make_shards(tmp_path / "ph", {"train": 16, "val": 1, "test": 1}, size=(96, 96))
+    aug = replace(PRESETS["strong"], noise_p=0.0, gamma_p=0.0)  # keep the image thresholdable
+    loader = DaliLoader(spec_for(d, "train", True, size=96, aug=aug, batch=8), DistInfo(0, 0, 1, CPU))
+    pipe, _ = loader.build_pipeline(epoch=0, with_params=True)
+    ref = members(d, "train")
+    moved = flipped = 0
+    for _ in range(2):
+        image, mask, info, affine, fh, fv = pipe.run()
+        for i in range(len(info)):
+            key = bytes(np.asarray(info.at(i))).decode().rsplit(":", 1)[-1].partition(".")[0]
+            src = decode_mask(ref[key]["mask.png"])                     # 96×96, no resize needed
+            h, v = int(np.asarray(fh.at(i))), int(np.asarray(fv.at(i)))
+            if h:
+                src = src[:, ::-1]
+            if v:
+                src = src[::-1, :]
+            m = np.asarray(affine.at(i))
+            want = cv2.warpAffine(np.ascontiguousarray(src), _cv2_matrix(m), (96, 96), flags=cv2.INTER_NEAREST)
+            got = np.asarray(mask.at(i))[0]
+            assert dice(got, want) >= 0.98, (key, dice(got, want), m, h, v)
+            img = np.asarray(image.at(i))[0]
+            assert dice(img > 0.45, got) >= 0.95, key   # object is ~0.7, background <= 0.35
+            moved += not np.allclose(m, [[1, 0, 0], [0, 1, 0]], atol=1e-3)
+            flipped += h or v
+            # Negative control: the same comparison without the flips/affine must fail, or the
+            # check above could not detect a desynchronised mask.
+            if h or v or not np.allclose(m, [[1, 0, 0], [0, 1, 0]], atol=0.05):
+                assert dice(got, decode_mask(ref[key]["mask.png"])) < 0.98
+    assert moved >= 10 and flipped >= 4
+
+
+def test_no_augmentation_on_eval_and_intensity_augmentations_run(shards):
+    dist = DistInfo(0, 0, 1, CPU)
+    strong = PRESETS["strong"]
+    plain = by_key(DaliLoader(spec_for(shards["png"], "val"), dist))
+    evald = by_key(DaliLoader(spec_for(shards["png"], "val", aug=strong), dist))  # spec says eval
+    assert all(torch.equal(plain[k][0], evald[k][0]) for k in plain)
+    only_intensity = AugmentParams(brightness_p=1, brightness=0.3, contrast_p=1, contrast=0.3,
+                                   gamma_p=1, gamma=0.3, noise_p=1, noise=0.05)
+    tr = spec_for(shards["png"], "train", True, aug=only_intensity, batch=13)
+    got = by_key(DaliLoader(tr, dist))
+    base = by_key(DaliLoader(replace(tr, augment=PRESETS["none"]), dist))
+    for k in got:
+        assert torch.equal(got[k][1], base[k][1])                 # geometry untouched
+        assert not torch.equal(got[k][0], base[k][0])             # intensities changed
+        assert got[k][0].min() >= 0 and got[k][0].max() <= 1      # clamped (mean 0, std 1)
+
+
+def test_torch_augment_has_the_same_parameters():
+    img, mask = torch.rand(1, 32, 32), (torch.rand(1, 32, 32) > 0.5).float()
+    out, m = _augment(img, mask, PRESETS["strong"], torch.Generator().manual_seed(0))
+    assert out.shape == img.shape and set(m.unique().tolist()) <= {0.0, 1.0}
+    assert 0 <= out.min() and out.max() <= 1
+    assert resolve(AugmentConfig(augment="light", gamma=0.25, gamma_p=1.0)).gamma == 0.25
+    with pytest.raises(ConfigError, match="--gamma-p"):
+        resolve(AugmentConfig(gamma_p=1.5))
+    with pytest.raises(ConfigError, match="--scale"):
+        resolve(AugmentConfig(scale=1.0))
+
+
+# ---------------------------------------------------------------- sharding, padding, epochs
+
+@pytest.mark.parametrize("n,world,batch", [(11, 2, 4), (11, 3, 2), (7, 4, 3), (9, 3, 3)])
+def test_eval_counts_every_sample_once_across_ranks(tmp_path, n, world, batch):
+    d = make_shards(tmp_path / "e", {"train": 1, "val": n, "test": 1}, size=(32, 32), shard_size=3000)
+    assert len(shard_paths(d, "val")) > 1      # several tars: DALI's split spans files
+    seen, lens = [], set()
+    for r in range(world):
+        loader = DaliLoader(spec_for(d, size=32, batch=batch), DistInfo(r, r, world, CPU))
+        batches = list(loader)
+        lens.add(len(batches))
+        assert len(batches) == len(loader)
+        for b in batches:
+            assert len(b.keys) == b.image.shape[0] == b.valid.shape[0]
+            seen += [k for k, v in zip(b.keys, b.valid.tolist()) if v]
+    assert len(lens) == 1
+    assert sorted(seen) == [f"s{i:04d}" for i in range(1, 1 + n)]
+
+
+def test_training_ranks_are_disjoint_and_equal_length(tmp_path):
+    d = make_shards(tmp_path / "t", {"train": 19, "val": 1, "test": 1}, size=(32, 32), shard_size=4000)
+    for epoch in (0, 1):
+        per_rank = []
+        for r in range(3):
+            loader = DaliLoader(spec_for(d, "train", True, size=32, batch=2, aug=PRESETS["light"]),
+                                DistInfo(r, r, 3, CPU))
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader) == 19 // 3 // 2
+            per_rank.append({k for b in batches for k in b.keys})
+        assert not (per_rank[0] & per_rank[1]) and not (per_rank[0] & per_rank[2]) and not (per_rank[1] & per_rank[2])
+    # The shard a rank reads rotates with the epoch (the global rank still decides which).
+    l0 = DaliLoader(spec_for(d, "train", True, size=32, batch=2), DistInfo(0, 0, 3, CPU))
+    assert [l0.shard_id(e) for e in range(4)] == [0, 1, 2, 0]
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch(shards):
+    s = spec_for(shards["png"], "train", True, batch=4, aug=PRESETS["standard"], seed=5)
+
+    def epoch_of(loader, e):
+        loader.set_epoch(e)
+        return [(b.keys, b.image) for b in loader]
+
+    a = DaliLoader(s, DistInfo(0, 0, 1, CPU))
+    run = [epoch_of(a, e) for e in range(3)]                       # an uninterrupted run
+    resumed = epoch_of(DaliLoader(s, DistInfo(0, 0, 1, CPU)), 2)   # a fresh process resuming at 2
+    assert [k for k, _ in run[2]] == [k for k, _ in resumed]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(run[2], resumed))
+    assert [k for k, _ in run[0]] != [k for k, _ in run[1]]
+    other = epoch_of(DaliLoader(replace(s, seed=6), DistInfo(0, 0, 1, CPU)), 2)
+    assert [k for k, _ in other] != [k for k, _ in run[2]]
+
+
+# ---------------------------------------------------------------- parity with --loader torch
+
+@pytest.mark.parametrize("codec", ["png", "raw"])
+def test_dali_and_torch_give_the_same_val_samples_and_metrics(shards, codec):
+    s = spec_for(shards[codec], size=64, channels=3, mean=0.3, std=0.2, batch=4)
+    metrics = {}
+    for name, cls in (("dali", DaliLoader), ("torch", TorchLoader)):
+        samples = by_key(cls(s, DistInfo(0, 0, 1, CPU)))
+        metrics[name] = samples
+    assert sorted(metrics["dali"]) == sorted(metrics["torch"])
+    for k in metrics["dali"]:
+        (di, dm), (ti, tm) = metrics["dali"][k], metrics["torch"][k]
+        diff = (di - ti).abs() * 0.2                 # back to [0, 1] image units
+        assert diff.max() < 1.5 / 255 and diff.mean() < 2e-4, k   # resamplers differ at borders only
+        assert torch.equal(dm, tm), k
+    # Same "weights" (a fixed threshold model) -> the same summed Dice on both loaders.
+    def summed_dice(samples):
+        tp = fp = fn = 0.0
+        for img, m in samples.values():
+            pred = (img[0] * 0.2 + 0.3 > 0.45).float()
+            tp += float((pred * m[0]).sum()); fp += float((pred * (1 - m[0])).sum())
+            fn += float(((1 - pred) * m[0]).sum())
+        return 2 * tp / (2 * tp + fp + fn)
+    assert abs(summed_dice(metrics["dali"]) - summed_dice(metrics["torch"])) < 1e-3
+
+
+# ---------------------------------------------------------------- errors
+
+def test_missing_or_truncated_shard_or_index_is_a_clear_error(tmp_path):
+    d = make_shards(tmp_path / "bad", {"train": 3, "val": 3, "test": 3}, size=(32, 32))
+    dist = DistInfo(0, 0, 1, CPU)
+    tar = d / "val-000000.tar"
+    idx = tar.with_suffix(".idx")
+    good_idx = idx.read_bytes()
+    idx.unlink()
+    with pytest.raises(ShardError, match=r"val-000000\.idx is missing.*wds2idx"):
+        DaliLoader(spec_for(d), dist)
+    idx.write_bytes(good_idx.splitlines(keepends=True)[0] + good_idx.splitlines(keepends=True)[1])
+    with pytest.raises(ShardError, match=r"val-000000\.idx.*re-run pack"):
+        DaliLoader(spec_for(d), dist)
+    idx.write_bytes(good_idx)
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match=r"val-000000\.tar is truncated.*re-run pack"):
+        DaliLoader(spec_for(d), dist)
+    tar.unlink()
+    with pytest.raises(ShardError, match=r"val-000000\.tar is listed in manifest.json but missing"):
+        DaliLoader(spec_for(d), dist)
+    with pytest.raises(ShardError, match="fewer than the 4 ranks"):
+        DaliLoader(spec_for(d, "test"), DistInfo(0, 0, 4, CPU))
+
+
+def test_build_loader_selects_dali(shards):
+    from tumorseg_dist.config import Config
+    from tumorseg_dist.data.loader import build_loader
+    cfg = Config()
+    cfg.data.loader, cfg.data.size, cfg.data.in_channels, cfg.train.batch_size = "dali", 64, 1, 4
+    loader = build_loader(cfg, shards["png"], "val", DistInfo(0, 0, 1, CPU), training=False)
+    assert isinstance(loader, DaliLoader) and len(loader) == 3
+    manifest = json.loads((shards["png"] / "manifest.json").read_text())
+    assert loader.spec.mean == pytest.approx(tuple(manifest["mean"]))
