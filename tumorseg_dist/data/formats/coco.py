@@ -1,0 +1,178 @@
+"""`coco`: COCO instance annotations, e.g. a Roboflow export `ROOT/{train,valid,test}/` with
+`_annotations.coco.json` beside the images.
+
+* `file_name` is relative to the JSON's folder; an absolute one or one with `..` is rejected,
+  so nothing outside INPUT is ever read.
+* Masks: the union of all of an image's annotations (of the `--categories` kept), rasterised
+  exactly as pycocotools' `COCO.annToMask` does (polygons, multi-polygons, uncompressed and
+  compressed RLE). An image without annotations gets an empty mask.
+* Splits come from the JSON's folder (`train`, `valid`/`val` -> `val`, `test`); `--split` is
+  ignored then. A single JSON outside such folders is split by `--split`.
+* `--categories`: comma-separated category names, or `id:N` for a category id (the names in
+  Roboflow exports are often "0"/"1", so ids and names are kept apart). Default: all.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+
+from .common import (Item, LayoutError, Options, PackInputError, Problem, Scan, SPLIT_NAMES,
+                     assign_keys, is_image_name)
+
+_NAME = re.compile(r"(_annotations\.coco|.*coco.*|instances.*|annotations.*)\.json", re.I)
+
+
+def annotation_files(files: list[str]) -> list[str]:
+    return [f for f in files if _NAME.fullmatch(PurePosixPath(f).name)]
+
+
+def detect(root: Path, files: list[str]) -> str | None:
+    js = annotation_files(files)
+    if not js:
+        return None
+    return f"COCO annotation file(s): {', '.join(js[:4])}{' ...' if len(js) > 4 else ''}"
+
+
+def _split_of(json_rel: str) -> str | None:
+    p = PurePosixPath(json_rel)
+    if p.parent.name.lower() in SPLIT_NAMES:
+        return SPLIT_NAMES[p.parent.name.lower()]
+    for tok in re.split(r"[^a-z]+", p.stem.lower()):
+        if tok in SPLIT_NAMES:
+            return SPLIT_NAMES[tok]
+    return None
+
+
+def _category_filter(cats: list[dict], spec: str | None, where: str) -> set:
+    ids = {c["id"] for c in cats}
+    if not spec:
+        return ids
+    keep = set()
+    for tok in (t.strip() for t in spec.split(",") if t.strip()):
+        if tok.startswith("id:"):
+            try:
+                cid = int(tok[3:])
+            except ValueError:
+                raise LayoutError(f"--categories {tok!r}: an id must be a number, e.g. id:1") from None
+            found = {cid} & ids
+        else:
+            found = {c["id"] for c in cats if str(c.get("name")) == tok}
+        if not found:
+            avail = ", ".join(f"id:{c['id']} name {c.get('name')!r}" for c in cats)
+            raise LayoutError(f"--categories {tok!r} matches no category in {where} (it has: {avail})")
+        keep |= found
+    return keep
+
+
+def _safe_file_name(name, json_rel: str, root: Path, base: Path) -> tuple[str | None, str]:
+    if not isinstance(name, str) or not name:
+        return None, "has no file_name"
+    if (name.startswith(("/", "\\")) or PureWindowsPath(name).drive or PurePosixPath(name).is_absolute()):
+        return None, f"file_name {name!r} is an absolute path (only paths inside INPUT are read)"
+    parts = re.split(r"[\\/]", name)
+    if ".." in parts:
+        return None, f"file_name {name!r} contains '..' (only paths inside INPUT are read)"
+    path = (base / name).resolve()
+    try:
+        return path.relative_to(root.resolve()).as_posix(), ""
+    except ValueError:
+        return None, f"file_name {name!r} points outside INPUT through a link"
+
+
+def scan(root: Path, files: list[str], opts: Options) -> Scan:
+    jsons = annotation_files(files)
+    if not jsons:
+        raise LayoutError(f"no COCO annotation file under {root} (looked for _annotations.coco.json, "
+                          f"instances*.json, annotations*.json, *coco*.json)")
+    splits = [_split_of(j) for j in jsons]
+    given = all(s is not None for s in splits)
+    if not given and len(jsons) > 1:
+        raise LayoutError("several COCO files whose split is not clear from their folder or name: "
+                          + ", ".join(jsons) + "; put each in a train/ valid/ test/ folder or pack them one by one")
+    items, problems, listed = [], [], set()
+    for jrel, split in zip(jsons, splits):
+        try:
+            data = json.loads((root / jrel).read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LayoutError(f"{jrel} is not valid JSON ({e}); re-export the annotations") from e
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise LayoutError(f"{jrel} has no 'images' list: not a COCO annotation file")
+        keep = _category_filter(data.get("categories") or [], opts.categories, jrel)
+        base = (root / jrel).parent
+        images: dict = {}
+        for im in data["images"]:
+            if im.get("id") in images:
+                raise LayoutError(f"{jrel}: image id {im.get('id')} is listed twice; fix the annotation file")
+            images[im.get("id")] = im
+        anns: dict = {}
+        for a in data.get("annotations") or []:
+            if a.get("image_id") not in images:
+                problems.append(Problem(f"{jrel}#annotation={a.get('id')}",
+                                        f"refers to image_id {a.get('image_id')}, which is not in 'images'",
+                                        "fix the image_id or remove the annotation"))
+                continue
+            if a.get("category_id") in keep:
+                anns.setdefault(a["image_id"], []).append(a)
+        for iid, im in images.items():
+            src, why = _safe_file_name(im.get("file_name"), jrel, root, base)
+            where = f"{jrel}#image_id={iid}"
+            if src is None:
+                problems.append(Problem(where, why, "fix file_name in the annotation file"))
+                continue
+            listed.add(src)
+            if not (root / src).is_file():
+                problems.append(Problem(src, f"is listed in {jrel} (image_id {iid}) but does not exist",
+                                        "add the image or remove it from the annotation file"))
+                continue
+            try:
+                h, w = int(im["height"]), int(im["width"])
+            except (KeyError, TypeError, ValueError):
+                problems.append(Problem(where, "has no valid height/width", "fix the annotation file"))
+                continue
+            its = sorted(anns.get(iid, []), key=lambda a: str(a.get("id")))
+            segs = [[a.get("id"), a.get("segmentation")] for a in its]
+            ms = [f"{jrel}#annotation={a.get('id')}" for a in its] or [jrel]
+            items.append(Item("", src, ms, split=split, coco={"height": h, "width": w, "segmentations": segs}))
+    json_dirs = {PurePosixPath(j).parent.as_posix() for j in jsons}
+    for f in files:
+        if is_image_name(f) and f not in listed and PurePosixPath(f).parent.as_posix() in json_dirs:
+            problems.append(Problem(f, "is an image beside a COCO file that does not list it",
+                                    "add it to the annotation file or remove it"))
+            listed.add(f)
+    assign_keys(items)
+    notes = ["masks: union of each image's annotations (pycocotools annToMask); no annotation = empty mask"]
+    if given:
+        notes.append("splits: given by the annotation files (" + ", ".join(
+            f"{j} -> {s}" for j, s in zip(jsons, splits)) + "); --split ignored")
+    return Scan(items, problems, [f for f in files if f not in listed and f not in jsons], notes,
+                given_splits=given, extra_files=list(jsons))
+
+
+def rasterize(segmentations: list, h: int, w: int, source: str) -> np.ndarray:
+    """Union of annotations as bool H×W, the same pixels as pycocotools `COCO.annToMask`."""
+    from pycocotools import mask as mask_utils
+    out = np.zeros((h, w), dtype=bool)
+    for ann_id, segm in segmentations:
+        try:
+            if isinstance(segm, list):
+                if not segm:
+                    raise ValueError("empty polygon list")
+                rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
+            elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+                rle = mask_utils.frPyObjects(segm, h, w)
+            elif isinstance(segm, dict) and isinstance(segm.get("counts"), (str, bytes)):
+                rle = dict(segm)
+                if isinstance(rle["counts"], str):
+                    rle["counts"] = rle["counts"].encode()
+            else:
+                raise ValueError(f"unknown segmentation type {type(segm).__name__}")
+            if list(rle.get("size", [h, w])) != [h, w]:
+                raise ValueError(f"RLE size {rle.get('size')} is not the image's {h}x{w}")
+            out |= mask_utils.decode(rle).astype(bool)
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise PackInputError(source, f"annotation {ann_id} cannot be rasterised ({e})",
+                                 "fix its segmentation in the annotation file") from e
+    return out

@@ -1,0 +1,347 @@
+"""Scan -> group -> split -> decode/encode in N processes -> write shards, in a fixed order.
+
+The main process only looks at names, assigns splits and writes tars; workers decode images and
+masks and encode the tar members. Results come back in input order through a bounded window of
+pending chunks, so the output is byte-identical for any `--workers` and memory stays bounded
+(a few chunks of encoded samples, never the whole dataset).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import multiprocessing as mp
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..shards import (CODECS, SPLITS, EncodedSample, Sample, ShardError, assign_splits, check_output,
+                      encode_sample, write_dataset)
+from . import FORMATS, detect
+from .common import JPEG_EXTS, Item, LayoutError, Options, PackInputError, Scan, load_item, walk
+
+CHUNK = 4   # items per worker task
+
+
+@dataclass
+class PackConfig:
+    """Everything `python -m tumorseg_dist.pack` was asked to do (see its --help)."""
+
+    input: Path
+    out: Path
+    format: str = "auto"
+    options: Options = field(default_factory=Options)
+    groups: str = "auto"                  # auto | none | FILE.csv
+    split: tuple[float, float, float] = (0.7, 0.2, 0.1)
+    seed: int = 0
+    codec: str = "png"
+    jpeg_quality: int = 95
+    shard_size: int = 256 << 20
+    workers: int = 1
+    on_error: str = "fail"                # fail | skip
+    dry_run: bool = False
+    overwrite: bool = False
+    task_index: int | None = None         # Slurm array: this task's slice of the input list
+    num_tasks: int | None = None
+    dataset: str | None = None            # "dataset" in each sample's json (default: --out's name)
+    progress: bool = True
+
+
+class PackAbort(RuntimeError):
+    """A bad input under --on-error fail; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------- planning (main process)
+
+@dataclass
+class Plan:
+    fmt: str
+    why: str
+    scan: Scan
+    items: list[Item]                      # this task's items, in output order
+    skipped: list[dict]
+    fingerprint: str
+    job_fingerprint: str
+    total_items: int
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _read_groups_csv(path: Path, items: list[Item]) -> None:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise LayoutError(f"--groups {path}: cannot read it ({e.strerror})") from e
+    if not rows or not {"source", "group"} <= set(rows[0]):
+        raise LayoutError(f"--groups {path}: needs a header with columns 'source' (image path relative to INPUT, "
+                          f"as in the manifest) and 'group'")
+    table = {r["source"].strip(): r["group"].strip() for r in rows}
+    missing = [it.source for it in items if it.source not in table]
+    if missing:
+        raise LayoutError(f"--groups {path}: {len(missing)} image(s) have no row, e.g. {missing[0]!r}; "
+                          f"add a row per image (source,group)")
+    for it in items:
+        it.group = table[it.source]
+
+
+def _file_stats(root: Path, names: Iterable[str]) -> list:
+    out = []
+    for n in sorted(set(names)):
+        try:
+            st = (root / n).stat()
+            out.append([n, st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([n, -1, -1])
+    return out
+
+
+def plan(cfg: PackConfig, log: Callable[[str], None] = _log) -> Plan:
+    root = Path(cfg.input)
+    if not root.is_dir():
+        raise LayoutError(f"INPUT {root} is not a folder; give the dataset root folder")
+    root = root.resolve()
+    files = walk(root)
+    if not files:
+        raise LayoutError(f"INPUT {root} is empty: no files to pack")
+    opts = cfg.options
+    if cfg.codec not in CODECS:
+        raise LayoutError(f"unknown codec {cfg.codec!r}; choose one of {', '.join(CODECS)}")
+    fmt = cfg.format
+    if fmt == "auto" and (opts.images_dir or opts.masks_dir):
+        fmt, why = "folders", "--images-dir/--masks-dir given"
+    elif fmt == "auto":
+        fmt, why = detect(root, files, opts)
+    else:
+        if fmt not in FORMATS:
+            raise LayoutError(f"unknown --format {fmt!r}; choose auto, {', '.join(FORMATS)} or synthetic")
+        why = "--format given"
+    log(f"format: {fmt} ({why})")
+    scan = FORMATS[fmt].scan(root, files, opts)
+    for n in scan.notes:
+        log(f"  {n}")
+    if scan.ignored:
+        shown = ", ".join(scan.ignored[:5]) + (f" and {len(scan.ignored) - 5} more" if len(scan.ignored) > 5 else "")
+        log(f"  ignored {len(scan.ignored)} file(s) that are not part of an image/mask pair: {shown}")
+    skipped = []
+    for p in scan.problems:
+        if cfg.on_error == "fail":
+            raise PackAbort(f"{p.error()} (or pass --on-error skip to leave such pairs out)")
+        skipped.append({"source": p.source, "reason": p.reason})
+    items = scan.items
+    if not items:
+        raise LayoutError(f"no image/mask pairs found in {root} as format {fmt}"
+                          + (f" ({len(skipped)} problem(s), first: {skipped[0]['source']}: {skipped[0]['reason']})"
+                             if skipped else ""))
+    groups_csv_hash = None
+    if cfg.groups == "none":
+        for it in items:
+            it.group = None
+    elif cfg.groups != "auto":
+        _read_groups_csv(Path(cfg.groups), items)
+        groups_csv_hash = hashlib.sha256(Path(cfg.groups).read_bytes()).hexdigest()
+        log(f"  groups: from {cfg.groups} ({len({it.group for it in items})} groups)")
+    if scan.given_splits:
+        for it in items:
+            it.split = it.split or "train"
+    else:
+        split_of = assign_splits([it.group or it.source for it in items], tuple(cfg.split), cfg.seed)
+        for it in items:
+            it.split = split_of[it.group or it.source]
+        log(f"  splits: --split {','.join(str(f) for f in cfg.split)} by group, --seed {cfg.seed}")
+    counts = {sp: sum(it.split == sp for it in items) for sp in SPLITS}
+    for sp, n in counts.items():
+        if n == 0:
+            log(f"  warning: split {sp} gets no samples (too few groups for --split); training needs train and val")
+    spec = {"format": fmt, "options": asdict(opts), "groups": cfg.groups if groups_csv_hash is None else groups_csv_hash,
+            "split": "given" if scan.given_splits else [list(cfg.split), cfg.seed], "codec": cfg.codec,
+            "jpeg_quality": cfg.jpeg_quality if cfg.codec == "jpeg" else None, "shard_size": cfg.shard_size,
+            "on_error": cfg.on_error, "dataset": cfg.dataset or Path(cfg.out).name,
+            "files": _file_stats(root, [n for it in items for n in [it.source, *it.mask_sources]
+                                        if "#" not in n] + scan.extra_files)}
+    job_fp = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    total = len(items)
+    fp = job_fp
+    if cfg.num_tasks is not None:
+        i, n = cfg.task_index, cfg.num_tasks
+        if n < 1 or i is None or not 0 <= i < n:
+            raise LayoutError(f"--task-index must be in 0..{n - 1} (got {i})")
+        items = items[i * total // n:(i + 1) * total // n]
+        skipped = skipped if i == 0 else []          # scan problems are recorded once, by task 0
+        fp = hashlib.sha256(f"{job_fp}:{i}/{n}".encode()).hexdigest()
+        log(f"  task {i} of {n}: items {i * total // n}..{(i + 1) * total // n - 1} of {total}")
+    return Plan(fmt, why, scan, items, skipped, fp, job_fp, total)
+
+
+# ---------------------------------------------------------------- work (worker processes)
+
+_W: dict = {}
+
+
+def _init_worker(state: dict, ignore_sigint: bool) -> None:
+    if ignore_sigint:   # the main process handles Ctrl-C and terminates the pool
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _W.clear()
+    _W.update(state)
+
+
+def _passthrough_jpeg(path: Path, image: np.ndarray) -> bytes | None:
+    """The original JPEG bytes, when --codec jpeg can keep them as they are (no second loss)."""
+    if path.suffix.lower() not in JPEG_EXTS or image.dtype != np.uint8:
+        return None
+    from PIL import Image
+    with Image.open(path) as im:
+        if im.format != "JPEG" or im.mode not in ("L", "RGB"):
+            return None
+    return path.read_bytes()
+
+
+def _work_one(item: Item):
+    root: Path = _W["root"]
+    try:
+        image, mask, nonbinary = load_item(item, root)
+        if _W["dry_run"]:
+            return ("ok", item.key, nonbinary, bool(mask.any()), None)
+        s = Sample(item.key, image, mask, item.source, list(item.mask_sources), item.group,
+                   _W["dataset"], item.split)
+        raw = _passthrough_jpeg(root / item.source, image) if _W["codec"] == "jpeg" else None
+        enc = encode_sample(s, _W["codec"], _W["jpeg_quality"], image_bytes=raw)
+        return ("ok", item.key, nonbinary, enc.positive, enc)
+    except PackInputError as e:
+        return ("bad", e.source, e.reason, e.fix)
+    except ShardError as e:
+        return ("bad", item.source, str(e), "")
+
+
+def _work_chunk(chunk: list[Item]) -> list:
+    return [_work_one(it) for it in chunk]
+
+
+def ordered_map(fn, items: list, workers: int, state: dict, window: int | None = None) -> Iterator:
+    """fn over items in chunks, results in input order; at most `window` chunks in flight."""
+    chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
+    if workers <= 1:
+        _init_worker(state, ignore_sigint=False)
+        for c in chunks:
+            yield from fn(c)
+        return
+    window = window or 2 * workers
+    ctx = mp.get_context("forkserver")
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(state, True))
+    try:
+        pending: deque = deque()
+        for c in chunks:
+            pending.append(pool.apply_async(fn, (c,)))
+            if len(pending) >= window:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
+    """Plan, then pack (or only check, with dry_run). Returns the manifest (or a dry-run report)."""
+    p = plan(cfg, log)
+    out = Path(cfg.out)
+    if cfg.num_tasks is not None:
+        from .merge import part_dir
+        out = part_dir(out, cfg.task_index, cfg.num_tasks)
+    if not cfg.dry_run:
+        old = check_output(out, p.fingerprint, cfg.overwrite)
+        if old is not None:
+            log(f"{out} is up to date (same inputs and options); nothing to do. Pass --overwrite to repack")
+            return old
+    state = {"root": Path(cfg.input).resolve(), "codec": cfg.codec, "jpeg_quality": cfg.jpeg_quality,
+             "dry_run": cfg.dry_run, "dataset": cfg.dataset or Path(cfg.out).name}
+    skipped = list(p.skipped)
+    nonbinary: list[str] = []
+    report = {"samples": {sp: 0 for sp in SPLITS}, "positive": 0}
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(p.items), unit="img", file=sys.stderr, disable=not cfg.progress or None,
+               desc="check" if cfg.dry_run else "pack", dynamic_ncols=True, smoothing=0.1)
+
+    def results() -> Iterator[EncodedSample]:
+        for r in ordered_map(_work_chunk, p.items, cfg.workers, state):
+            bar.update(1)
+            if r[0] == "bad":
+                _, source, reason, fix = r
+                if cfg.on_error == "fail":
+                    raise PackAbort(f"{source}: {reason}" + (f"; {fix}" if fix else "")
+                                    + " (or pass --on-error skip to leave such pairs out)")
+                skipped.append({"source": source, "reason": reason})
+                continue
+            _, key, nb, positive, enc = r
+            nonbinary.extend(nb)
+            report["positive"] += int(positive)
+            if enc is not None:
+                report["samples"][enc.split] += 1
+                yield enc
+
+    extra = {"mask_fusion": cfg.options.mask_fusion if p.fmt == "lidc" else "any",
+             "detected": p.why, "groups": cfg.groups, "job_fingerprint": p.job_fingerprint,
+             "split_request": "given" if p.scan.given_splits else {"fractions": list(cfg.split), "seed": cfg.seed},
+             "nonbinary_masks": {"count": 0, "examples": []}}
+    if cfg.num_tasks is not None:
+        extra["task"] = {"index": cfg.task_index, "count": cfg.num_tasks, "total_items": p.total_items}
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if _is_main_thread() else None
+    t0 = time.perf_counter()
+    gen = results()
+    try:
+        if cfg.dry_run:
+            for _ in gen:
+                pass
+            manifest = {"dry_run": True, "format": p.fmt, "items": len(p.items), "skipped": skipped,
+                        "splits": {sp: sum(it.split == sp for it in p.items) for sp in SPLITS}}
+        else:
+            # `extra` is filled after the last sample with the non-binary masks the workers saw.
+            manifest = write_dataset(_with_final(gen, lambda: extra["nonbinary_masks"].update(
+                count=len(nonbinary), examples=nonbinary[:50])), out, fmt=p.fmt, input_root=str(state["root"]),
+                codec=cfg.codec, shard_size=cfg.shard_size, fingerprint=p.fingerprint, extra=extra,
+                skipped=skipped, jpeg_quality=cfg.jpeg_quality, overwrite=cfg.overwrite)
+    finally:
+        gen.close()
+        bar.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    dt = time.perf_counter() - t0
+    if nonbinary:
+        log(f"  note: {len(nonbinary)} mask(s) had values other than 0 and one other value (e.g. {nonbinary[0]}); "
+            f"binarised as any non-zero pixel = tumour")
+    done = len(p.items)
+    rate = done / dt if dt > 0 else float("inf")
+    if cfg.dry_run:
+        log(f"dry run: {done - len(skipped) + len(p.skipped)} pairs OK of {done} "
+            f"({', '.join(f'{k} {v}' for k, v in manifest['splits'].items())}), "
+            f"{len(skipped)} problem(s); nothing written ({rate:.1f} images/s)")
+    else:
+        counts = ", ".join(f"{k} {v['samples']}" for k, v in manifest["splits"].items())
+        log(f"packed {p.fmt} -> {out} ({counts}; skipped {len(manifest['skipped'])}; codec {cfg.codec}; "
+            f"{done} images in {dt:.1f} s, {rate:.1f} images/s)")
+    return manifest
+
+
+def _with_final(gen: Iterator, final: Callable[[], None]) -> Iterator:
+    yield from gen
+    final()
+
+
+def _is_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
