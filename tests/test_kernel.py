@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from tumorseg_dist.kernels import dice_bce as kmod
 from tumorseg_dist.kernels.dice_bce import fused_dice_bce, fused_sums
@@ -260,3 +261,24 @@ def test_under_cpu_autocast_returns_fp32():
     torch.testing.assert_close(logit_grads[0], logit_grads[1], rtol=2 ** -7, atol=1e-7)
     # conv backward multiplies by w in bf16: a second rounding, so up to two bf16 ulps
     torch.testing.assert_close(grads[0], grads[1], rtol=2 ** -6, atol=1e-6)
+
+
+@pytest.mark.parametrize("xdt,tdt", [("bf16", "u8"), ("fp32", "fp32")])
+def test_gpu_flavour_compiles_for_sm90_without_a_gpu(xdt, tdt):
+    """The compiled (non-interpreter) kernels lower all the way to an sm_90 cubin on this CPU box."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fwd, bwd = kmod._kernels(interpret=False)
+    common = {"x_ptr": "*" + xdt, "t_ptr": "*" + tdt, "M": "i32", "pos_weight": "fp32",
+              "BLOCK": "constexpr"}
+    sources = [
+        ASTSource(fn=fwd, signature={**common, "part_ptr": "*fp32", "P": "i32"},
+                  constexprs={"BLOCK": kmod.FWD_BLOCK}),
+        ASTSource(fn=bwd, signature={**common, "coef_ptr": "*fp32", "g_ptr": "*" + xdt},
+                  constexprs={"BLOCK": kmod.BWD_BLOCK}),
+    ]
+    for src in sources:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": kmod.NUM_WARPS})
+        assert len(compiled.asm["cubin"]) > 0
