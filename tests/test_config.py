@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+
+from tumorseg_dist.config import Config, ConfigError, load_toml, parse, save_toml
+
+
+def test_defaults_and_flag_overrides():
+    cfg, preset = parse(["--data", "/x", "--lr", "0.01", "--arch", "fpn", "--no-channels-last",
+                         "--batch-size", "64", "--max-steps", "5"])
+    assert preset is None
+    assert cfg.data.path == Path("/x")
+    assert cfg.optim.lr == 0.01 and cfg.model.arch == "fpn"
+    assert cfg.train.channels_last is False and cfg.train.batch_size == 64 and cfg.train.max_steps == 5
+
+
+def test_builtin_preset_applies_only_without_data_and_flags_still_win():
+    cfg, preset = parse(["--device", "cpu", "--epochs", "2"])
+    assert preset == "synthetic-cpu"
+    assert cfg.model.encoder == "resnet18" and cfg.data.size == 128
+    assert cfg.train.epochs == 2  # the flag beats the preset
+
+
+def test_toml_recipe_then_flags(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\narch = "unetplusplus"\n[optim]\nlr = 0.5\n[train]\nepochs = 7\n')
+    cfg, _ = parse(["--config", str(recipe), "--data", "/d", "--epochs", "9"])
+    assert cfg.model.arch == "unetplusplus" and cfg.optim.lr == 0.5 and cfg.train.epochs == 9
+
+
+def test_unknown_toml_key_is_named(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[optim]\nlearning_rate = 0.1\n")
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_toml(recipe)
+    recipe.write_text("[optimiser]\nlr = 0.1\n")
+    with pytest.raises(ConfigError, match=r"\[optimiser\]"):
+        load_toml(recipe)
+
+
+def test_bad_toml_value_is_named(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\narch = "resnet"\n')
+    with pytest.raises(ConfigError, match="model.arch"):
+        load_toml(recipe)
+    recipe.write_text('[train]\nepochs = "ten"\n')
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_toml(recipe)
+
+
+def test_unknown_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(["--data", "/d", "--learning-rate", "3"])
+    assert e.value.code != 0
+    assert "learning-rate" in capsys.readouterr().err
+
+
+def test_missing_resume_path_is_an_error():
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        parse(["--data", "/d", "--resume", "/nonexistent/last.pt"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg, _ = parse(["--data", "/d", "--lr", "0.02", "--mean", "0.3", "--std", "0.2"])
+    save_toml(cfg, tmp_path / "config.toml")
+    again = load_toml(tmp_path / "config.toml")
+    assert again == cfg
+
+
+def test_validation_messages():
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        parse(["--data", "/d", "--size", "100"])
+    with pytest.raises(ConfigError, match="batch-size"):
+        parse(["--data", "/d", "--batch-size", "0"])

@@ -1,0 +1,121 @@
+"""End-to-end training on CPU: one process, two torchrun ranks, kill + resume, the README command."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import PY, TINY, TORCHRUN, run_cli
+from tumorseg_dist.data.shards import read_manifest
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_single_process_writes_the_run_directory(tmp_path, synthetic_shards):
+    run = tmp_path / "run"
+    p = run_cli([PY, "-m", "tumorseg_dist.train", *TINY, "--data", str(synthetic_shards),
+                 "--out", str(run), "--epochs", "2", "--batch-size", "4"], cwd=tmp_path)
+    for name in ("config.toml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "test_metrics.json", "curves.png", "overlays.png"):
+        assert (run / name).is_file(), name
+    recs = records(run)
+    assert [r["epoch"] for r in recs] == [1, 2]
+    for key in ("epoch", "step", "train_loss", "val_loss", "val_dice", "val_iou", "val_precision",
+                "val_recall", "val_accuracy", "lr", "images_per_s", "seconds"):
+        assert key in recs[0], key
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert test["samples"] == read_manifest(synthetic_shards)["splits"]["test"]["samples"]
+    assert "test (" in p.stdout
+
+
+def test_bad_data_dir_is_a_clear_error(tmp_path):
+    p = run_cli([PY, "-m", "tumorseg_dist.train", *TINY, "--data", str(tmp_path), "--out",
+                 str(tmp_path / "r")], cwd=tmp_path, check=False)
+    assert p.returncode == 2
+    assert "manifest.json not found" in p.stderr and "tumorseg_dist.pack" in p.stderr
+
+
+LOADER_PROBE = """
+import json, sys, torch
+from tumorseg_dist import dist as d
+from tumorseg_dist.config import Config
+from tumorseg_dist.data.loader import build_loader
+info = d.init("cpu")
+cfg = Config(); cfg.data.size, cfg.data.in_channels, cfg.data.num_workers = 64, 1, 0
+cfg.train.batch_size = 4
+out = {}
+for split, training in (("train", True), ("val", False)):
+    ld = build_loader(cfg, sys.argv[1], split, info, training)
+    ld.set_epoch(0)
+    out[split] = [k for b in ld for k, v in zip(b.keys, b.valid.tolist()) if v]
+    out[split + "_batches"] = len(ld)
+json.dump(out, open(f"{sys.argv[2]}/rank{info.rank}.json", "w"))
+d.cleanup()
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_disjoint_samples_and_exact_eval(tmp_path, synthetic_shards):
+    probe = tmp_path / "probe.py"
+    probe.write_text(LOADER_PROBE)
+    run_cli([TORCHRUN, "--nproc_per_node=2", "--master_port=29611", str(probe),
+             str(synthetic_shards), str(tmp_path)], cwd=tmp_path)
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    m = read_manifest(synthetic_shards)["splits"]
+    assert not set(r0["train"]) & set(r1["train"])                 # disjoint training samples
+    assert r0["train_batches"] == r1["train_batches"]
+    assert r0["val_batches"] == r1["val_batches"]
+    val = r0["val"] + r1["val"]
+    assert len(val) == len(set(val)) == m["val"]["samples"]        # each val sample exactly once
+
+    run = tmp_path / "run"
+    run_cli([TORCHRUN, "--nproc_per_node=2", "--master_port=29612", "-m", "tumorseg_dist.train",
+             *TINY, "--data", str(synthetic_shards), "--out", str(run), "--epochs", "3",
+             "--batch-size", "4"], cwd=tmp_path)
+    recs = records(run)
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
+    assert all(r["val_samples"] == m["val"]["samples"] for r in recs)
+    assert recs[-1]["train_loss"] < recs[0]["train_loss"]
+    assert json.loads((run / "test_metrics.json").read_text())["samples"] == m["test"]["samples"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_requested_epochs(tmp_path, synthetic_shards):
+    run = tmp_path / "run"
+    cmd = [PY, "-m", "tumorseg_dist.train", *TINY, "--data", str(synthetic_shards), "--out",
+           str(run), "--epochs", "3", "--batch-size", "4", "--resume", "auto"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip():
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = records(run)
+    assert 1 <= len(first) < 3
+    p = run_cli(cmd, cwd=tmp_path)
+    assert "resumed from" in p.stdout
+    recs = records(run)
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
+    steps = [r["step"] for r in recs]
+    assert steps == sorted(steps) and steps[1] - steps[0] == steps[2] - steps[1]
+
+
+def test_readme_main_command(tmp_path):
+    """`make run` = `python -m tumorseg_dist.train` on the built-in set (fewer steps here)."""
+    p = run_cli([PY, "-m", "tumorseg_dist.train", "--max-steps", "3", "--out", str(tmp_path / "run")],
+                cwd=tmp_path)
+    first = p.stdout.splitlines()[0]
+    assert "built-in synthetic set" in first and ("CPU-sized" in first or "cuda" in first)
+    assert (tmp_path / "shards").is_dir()
+    assert (tmp_path / "run" / "test_metrics.json").is_file()
