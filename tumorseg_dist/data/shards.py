@@ -81,7 +81,7 @@ def _to_pil(image: np.ndarray) -> Image.Image:
     if image.dtype == np.uint16:
         if image.ndim != 2:
             raise ShardError("16-bit multi-channel images can only be stored with --codec raw")
-        return Image.fromarray(image, mode="I;16")
+        return Image.fromarray(np.ascontiguousarray(image))   # mode I;16 (Pillow >= 10 infers it)
     if image.dtype != np.uint8:
         raise ShardError(f"images must be uint8 or uint16, got {image.dtype}; use --codec raw")
     return Image.fromarray(image)

@@ -90,6 +90,28 @@ def is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_EXTS
 
 
+def claim_masks(images: list[str], masks: dict[str, list[str]], base_of) -> list[tuple[str, list[str]]]:
+    """Pair images with the masks filed under their base name (popped from `masks`). When two
+    images share a base (`x.png`, `x.tif`), each takes only the masks with its own extension."""
+    by_base: dict[str, list[str]] = {}
+    for img in images:
+        by_base.setdefault(base_of(img), []).append(img)
+    out = []
+    for base, imgs in by_base.items():
+        found = masks.pop(base, [])
+        if len(imgs) > 1:
+            for img in imgs:
+                ext = PurePosixPath(img).suffix.lower()
+                mine = [m for m in found if PurePosixPath(m).suffix.lower() == ext]
+                out.append((img, mine))
+            left = [m for m in found if not any(m in ms for _, ms in out[-len(imgs):])]
+            if left:
+                masks[base] = left
+        else:
+            out.append((imgs[0], found))
+    return [(img, sorted(ms, key=lambda m: (len(m), m))) for img, ms in out]
+
+
 def assign_keys(items: list[Item]) -> None:
     """Keys from the source path (safe ASCII); names that collide after cleaning (`a b.png`,
     `a_b.png`, `x.png`+`x.tif`) each get a short hash of their full path, so keys stay unique

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
-from .common import (Item, LayoutError, Options, Problem, Scan, SPLIT_NAMES, assign_keys,
+from .common import (Item, LayoutError, Options, Problem, Scan, SPLIT_NAMES, assign_keys, claim_masks,
                      is_image_name)
 
 IMAGE_DIRS = {"image", "images", "img", "imgs", "data", "input", "inputs", "x", "scans", "slices"}
@@ -96,10 +96,9 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
         for m in _under(files, mdir):
             p = PurePosixPath(m)
             masks.setdefault((p.parent / _mask_base(p.stem, opts.mask_suffix)).as_posix(), []).append(m)
-        for img in _under(files, idir):
-            p = PurePosixPath(img)
-            base = (p.parent / p.stem).as_posix()
-            found = sorted(masks.pop(base, []))
+        for img, found in claim_masks(_under(files, idir), masks,
+                                      lambda i: PurePosixPath(i).with_suffix("").as_posix()):
+            base = PurePosixPath(img).with_suffix("").as_posix()
             src = f"{idir}/{img}"
             used.add(src)
             if not found:

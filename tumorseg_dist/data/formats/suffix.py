@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
-from .common import Item, LayoutError, Options, Problem, Scan, assign_keys, is_image_name
+from .common import Item, LayoutError, Options, Problem, Scan, assign_keys, claim_masks, is_image_name
 
 
 def _split_names(files: list[str], suffix: str):
@@ -44,9 +44,8 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
         raise LayoutError("--mask-suffix must not be empty for --format suffix (e.g. _mask)")
     images, masks = _split_names(files, opts.mask_suffix)
     items, problems, used = [], [], set()
-    for img in images:
+    for img, found in claim_masks(images, masks, lambda i: PurePosixPath(i).with_suffix("").as_posix()):
         base = PurePosixPath(img).with_suffix("").as_posix()
-        found = sorted(masks.pop(base, []), key=lambda m: (len(m), m))   # X_mask before X_mask_1
         used.add(img)
         if not found:
             problems.append(Problem(img, f"has no mask (looked for {base}{opts.mask_suffix}.* beside it)",
