@@ -167,21 +167,34 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    """How the model is distributed and tracked."""
+    """How the model is distributed, updated and tracked (docs/engine.md)."""
 
     engine: Literal["ddp", "deepspeed"] = "ddp"
+    """`ddp`: torch DistributedDataParallel (or one process). `deepspeed`: DeepSpeed with ZeRO
+    --zero-stage; on CPU it runs with DS_ACCELERATOR=cpu on gloo."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage (0, 1 or 2)."""
+    """DeepSpeed ZeRO stage: 0 (replicated, like DDP), 1 (optimizer state sharded), 2 (optimizer
+    state and gradients sharded). DeepSpeed only."""
     deepspeed_config: Optional[Path] = None
-    """Expert DeepSpeed JSON merged with (and checked against) the generated one."""
+    """Expert DeepSpeed JSON merged with the generated one (RUN/deepspeed_config.json); a key
+    that our flags also set must agree, or the run stops naming both values."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step; the effective batch is --batch-size x --grad-accum.
+    `step` in logs and --max-steps count micro-batches."""
     clip_grad: float = 0.0
-    """Max gradient norm (0: no clipping)."""
+    """Max global gradient L2 norm (0: no clipping)."""
     ema_decay: float = 0.0
-    """EMA of weights, evaluated and checkpointed (0: off)."""
+    """EMA of the weights, e.g. 0.999 (0: off). When on, validation, best.pt selection and the
+    test evaluation use the EMA weights; checkpoints hold both."""
     max_bad_steps: int = 20
-    """Stop after this many consecutive non-finite losses."""
+    """Stop with an error after this many consecutive optimizer steps with a non-finite loss or
+    gradient (each is skipped); checked at log intervals, so no per-step host sync."""
     wandb: Literal["auto", "online", "offline", "disabled"] = "disabled"
+    """Weights & Biases tracking on rank 0: `auto` is online when an API key is configured
+    (WANDB_API_KEY or ~/.netrc) and offline otherwise; offline runs are written to RUN/wandb/
+    for `wandb sync`. metrics.jsonl is written in every mode."""
+    wandb_project: str = "tumorseg_dist"
+    """W&B project; runs are grouped by the run name."""
 
 
 @dataclass
@@ -362,9 +375,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--size must be a multiple of 32 (encoders downsample 5 times), got {cfg.data.size}")
     if cfg.data.in_channels not in (1, 3):
         raise ConfigError(f"--in-channels must be 1 or 3, got {cfg.data.in_channels}")
-    if cfg.engine.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"--zero-stage must be 0, 1 or 2, got {cfg.engine.zero_stage}")
-    if cfg.engine.grad_accum < 1:
-        raise ConfigError(f"--grad-accum must be >= 1, got {cfg.engine.grad_accum}")
+    e = cfg.engine
+    if e.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"--zero-stage must be 0, 1 or 2, got {e.zero_stage}")
+    if e.zero_stage and e.engine != "deepspeed":
+        raise ConfigError(f"--zero-stage {e.zero_stage} needs --engine deepspeed (DDP has no ZeRO)")
+    if e.deepspeed_config is not None and e.engine != "deepspeed":
+        raise ConfigError("--deepspeed-config needs --engine deepspeed")
+    if e.deepspeed_config is not None and not Path(e.deepspeed_config).is_file():
+        raise ConfigError(f"--deepspeed-config {e.deepspeed_config}: no such file "
+                          f"(see launch/deepspeed/ for examples)")
+    if e.grad_accum < 1:
+        raise ConfigError(f"--grad-accum must be >= 1, got {e.grad_accum}")
+    if e.clip_grad < 0:
+        raise ConfigError(f"--clip-grad must be >= 0 (0 disables clipping), got {e.clip_grad}")
+    if not 0 <= e.ema_decay < 1:
+        raise ConfigError(f"--ema-decay must be in [0, 1) (0 disables the EMA), got {e.ema_decay}")
+    if e.max_bad_steps < 1:
+        raise ConfigError(f"--max-bad-steps must be >= 1, got {e.max_bad_steps}")
     if t.resume not in ("auto", "never") and not Path(t.resume).is_file():
         raise ConfigError(f"--resume {t.resume}: no such checkpoint file (use auto, never, or a path to a .pt file)")
