@@ -333,3 +333,17 @@ def test_build_loader_selects_dali(shards):
     assert isinstance(loader, DaliLoader) and len(loader) == 3
     manifest = json.loads((shards["png"] / "manifest.json").read_text())
     assert loader.spec.mean == pytest.approx(tuple(manifest["mean"]))
+
+
+def test_throughput_data_stage_reports_rows_with_provenance(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("throughput", Path(__file__).parents[1] / "benchmarks" / "throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc = mod.main(["--stage", "data", "--loader", "dali,torch,naive", "--codec", "raw", "--size", "32",
+                    "--source-size", "32", "--samples", "12", "--batches", "2", "--warmup", "1",
+                    "--batch-size", "4", "--workers", "0", "--device", "cpu", "--data-dir", str(tmp_path)])
+    assert {"device", "date", "git_commit", "command", "versions"} <= set(doc)
+    assert [(r["loader"], r["codec"]) for r in doc["results"]] == [("dali", "raw"), ("torch", "raw"),
+                                                                     ("naive", "png-files")]
+    assert all(r["images"] == 8 and r["images_per_s"] > 0 for r in doc["results"])
