@@ -1,0 +1,118 @@
+"""Pack throughput: images/s for --workers 1 vs N, per codec, and shard bytes per image.
+
+    python benchmarks/pack.py --images 96 --size 640 --workers 1,2 --codec png,jp2,raw,jpeg
+
+Generates a `folders` dataset of phantom images (640×640 grey by default, `--channels 3` for
+RGB) once under a temp dir, then times the real CLI path (`tumorseg_dist.pack` scan -> workers
+-> tar writer) for every (codec, workers) pair, best of `--repeat`. Prints one JSON document with
+the machine, date, commit and command. On a 2-core machine only the ratios within one run mean
+anything (other processes share the cores).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tumorseg_dist.data.formats import Options  # noqa: E402
+from tumorseg_dist.data.formats.pipeline import PackConfig, run  # noqa: E402
+from tumorseg_dist.data.phantoms import phantom  # noqa: E402
+
+
+def provenance(argv: list[str]) -> dict:
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], text=True,
+                                capture_output=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                    text=True, capture_output=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    import PIL
+    return {"machine": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "cpu_count": os.cpu_count(), "load_average_1min_at_start": load,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "git_commit": commit, "git_dirty": dirty,
+            "command": " ".join(["python", "benchmarks/pack.py", *argv]),
+            "versions": {"python": platform.python_version(), "numpy": np.__version__, "pillow": PIL.__version__}}
+
+
+def make_dataset(root: Path, n: int, size: int, channels: int) -> None:
+    for i in range(n):
+        img, mask = phantom(i, size, seed=0)
+        if channels == 3:
+            img = np.stack([img, np.roll(img, 3, axis=0), np.roll(img, 3, axis=1)], axis=2)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"{i}.png")
+
+
+def time_pack(root: Path, out: Path, codec: str, workers: int, repeat: int) -> tuple[float, int]:
+    best = float("inf")
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = PackConfig(root, out, format="folders", options=Options(), codec=codec, workers=workers,
+                         progress=False)
+        t0 = time.perf_counter()
+        run(cfg, log=lambda m: None)
+        best = min(best, time.perf_counter() - t0)
+    size = sum(p.stat().st_size for p in out.glob("*.tar"))
+    return best, size
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--size", type=int, default=640)
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1)
+    p.add_argument("--workers", default=f"1,{os.cpu_count() or 1}")
+    p.add_argument("--codec", default="png,jp2,raw,jpeg")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--json", type=Path, help="also write the JSON here")
+    a = p.parse_args(argv)
+    workers = sorted({int(w) for w in a.workers.split(",")})
+    doc = {**provenance(argv), "images": a.images, "size": a.size, "channels": a.channels, "rows": []}
+    with tempfile.TemporaryDirectory(prefix="pack-bench-") as tmp:
+        root = Path(tmp) / "data"
+        make_dataset(root, a.images, a.size, a.channels)
+        src_bytes = sum(f.stat().st_size for f in (root / "images").iterdir())
+        doc["source_png_bytes_per_image"] = round(src_bytes / a.images)
+        for codec in a.codec.split(","):
+            base = None
+            for w in workers:
+                dt, size = time_pack(root, Path(tmp) / f"out-{codec}-{w}", codec, w, a.repeat)
+                ips = a.images / dt
+                base = base or ips
+                row = {"codec": codec, "workers": w, "seconds": round(dt, 3), "images_per_s": round(ips, 2),
+                       "speedup_vs_1_worker": round(ips / base, 2),
+                       "shard_bytes_per_image": round(size / a.images)}
+                doc["rows"].append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if a.json:
+        a.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
