@@ -1,0 +1,284 @@
+"""Evaluate a checkpoint on a packed split: `python -m tumorseg_dist.evaluate --checkpoint CKPT --data shards/NAME`.
+
+Writes to --out (default RUN/eval-<split>[-tta]/ next to the checkpoint's run):
+
+  metrics.json    dataset-level Dice, IoU, precision, recall, accuracy (from summed TP/FP/FN/TN),
+                  mean per-image Dice/IoU, mean/median Hausdorff-95 over the images where both
+                  masks are non-empty, and what was evaluated (checkpoint, data, split, TTA, ...)
+  per_image.csv   key, source, group, dice, iou, target/prediction area, hd95 per image
+  cases.png       the worst and the best images by Dice, with ground truth (green) and
+                  prediction (red) contours
+
+By default the prediction is resized back to each image's ORIGINAL size and compared with the
+original mask (areas and HD95 are in original pixels). `--resolution model` instead compares at
+the training size, exactly as training's test_metrics.json does.
+
+Under torchrun each rank evaluates a disjoint slice of the split (global rank, world size), and
+the counts are summed, so every sample is counted exactly once.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import dist as distmod
+from .checkpoint import CheckpointError
+from .data.loader import IndexedShards, decode_image, decode_mask, rank_indices
+from .data.shards import ShardError, read_manifest, shard_paths
+from .inference import InferenceModel, load_model, preprocess, resolve_threshold, to_original_size
+from .metrics import per_image_scores, summarize
+
+CSV_FIELDS = ["key", "source", "group", "dice", "iou", "target_area", "prediction_area", "hd95"]
+
+
+# ---------------------------------------------------------------- Hausdorff-95
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+    return mask & ~ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
+
+
+def hausdorff95(pred: np.ndarray, target: np.ndarray) -> float:
+    """Symmetric 95th-percentile Hausdorff distance in pixels between the two masks' boundaries
+    (MONAI's definition: the max of the two directed 95th percentiles). NaN if either is empty."""
+    from scipy import ndimage
+    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+    if not pred.any() or not target.any():
+        return float("nan")
+    sp, st = _surface(pred), _surface(target)
+    to_target = ndimage.distance_transform_edt(~st)[sp]
+    to_pred = ndimage.distance_transform_edt(~sp)[st]
+    return float(max(np.percentile(to_target, 95), np.percentile(to_pred, 95)))
+
+
+# ---------------------------------------------------------------- data
+
+class EvalSamples(torch.utils.data.Dataset):
+    """Sample i of a split -> model input, original mask and its metadata."""
+
+    def __init__(self, shards: IndexedShards, model: InferenceModel, indices: list[int]):
+        self.shards, self.indices = shards, indices
+        self.pre = (model.in_channels, model.size, model.mean, model.std)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, i: int) -> dict:
+        members = self.shards.read_member(i)
+        img_ext = next((e for e in members if e.startswith("image.")), None)
+        if img_ext is None or "mask.png" not in members:
+            raise ShardError(f"sample {self.shards.refs[i].key} lacks image or mask; re-run pack with --overwrite")
+        meta = json.loads(members["json"]) if "json" in members else {}
+        image = decode_image(members[img_ext], img_ext)
+        return {"index": i, "key": self.shards.refs[i].key, "meta": meta, "image": image,
+                "mask": decode_mask(members["mask.png"]) > 0}
+
+    def __getitem__(self, j: int) -> dict:
+        s = self.load(self.indices[j])
+        s["tensor"] = preprocess(s["image"], *self.pre)
+        del s["image"]  # not needed for metrics; the figure re-reads its few cases
+        return s
+
+
+def _collate(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+def model_size_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """The loader's mask resize (nearest-exact) to the training size."""
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return (F.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0] > 0.5).numpy()
+
+
+def score(prob: torch.Tensor, mask: np.ndarray, threshold: float, resolution: str, size: int):
+    """One image: (prediction, target) at the chosen resolution and its [TP, FP, FN, TN]."""
+    if resolution == "original":
+        pred = (to_original_size(prob, *mask.shape) > threshold).numpy()
+        target = mask
+    else:
+        pred = (prob.float().cpu()[0] > threshold).numpy()
+        target = model_size_mask(mask, size)
+    tp = int(np.count_nonzero(pred & target))
+    fp = int(np.count_nonzero(pred & ~target))
+    fn = int(np.count_nonzero(~pred & target))
+    tn = pred.size - tp - fp - fn
+    return pred, target, (tp, fp, fn, tn)
+
+
+# ---------------------------------------------------------------- figure
+
+def plot_cases(rows: list[dict], samples: EvalSamples, model: InferenceModel, path: Path,
+               threshold: float, tta: bool, per_side: int = 4) -> None:
+    """Worst `per_side` images by Dice (top row) and best ones with a non-empty target (bottom)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .predict import overlay_image
+
+    if not rows:
+        return
+    by_dice = sorted(rows, key=lambda r: (r["dice"], r["key"]))
+    worst = by_dice[:per_side]
+    positive = [r for r in reversed(by_dice) if r["target_area"] > 0 and r not in worst]
+    best = (positive or [r for r in reversed(by_dice) if r not in worst])[:per_side]
+    panels = [("worst", worst), ("best", best)]
+    cols = max(len(worst), len(best), 1)
+    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 7.4), squeeze=False)
+    for r_i, (label, chosen) in enumerate(panels):
+        for c in range(cols):
+            ax = axes[r_i, c]
+            ax.axis("off")
+            if c >= len(chosen):
+                continue
+            row = chosen[c]
+            s = samples.load(row["_index"])
+            prob = model.probabilities(preprocess(s["image"], *samples.pre)[None], tta=tta)[0]
+            pred = (to_original_size(prob, *s["mask"].shape) > threshold).numpy()
+            ax.imshow(overlay_image(s["image"], pred, s["mask"]))
+            ax.set_title(f"{label}: {row['key'][:28]}\nDice {row['dice']:.3f}", fontsize=8)
+    fig.suptitle("green: ground truth, red: prediction (original size)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97), h_pad=2.0)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tumorseg_dist.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/best.pt")
+    p.add_argument("--data", type=Path, default=None,
+                   help="packed shard directory (default: the one the checkpoint was trained on)")
+    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--tta", action="store_true", help="average probabilities over 4 flips")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold (default: the one the model was trained with)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default RUN/eval-SPLIT[-tta] beside RUN/checkpoints)")
+    p.add_argument("--resolution", choices=["original", "model"], default="original",
+                   help="compare at each image's original size (default) or at the training size")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass, per rank")
+    p.add_argument("--workers", type=int, default=2, help="decoding worker processes per rank")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--cases", type=int, default=4, help="worst and best images in cases.png")
+    return p
+
+
+def default_out(ckpt: Path, split: str, tta: bool) -> Path:
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return run_dir / f"eval-{split}{'-tta' if tta else ''}"
+
+
+def _finite(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def gather_rows(rows: list[dict]) -> list[dict]:
+    import torch.distributed as tdist
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return rows
+    out: list[list[dict] | None] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, rows)
+    return [r for part in out for r in part]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    d = distmod.init(args.device)
+    model = load_model(args.checkpoint, d.device)
+    threshold = resolve_threshold(args.threshold, model)
+    data = args.data or model.config.get("data", {}).get("path")
+    if data is None:
+        raise ValueError(f"{args.checkpoint} does not record its data; pass --data shards/NAME")
+    data = Path(data)
+    manifest = read_manifest(data)
+    shards = IndexedShards(shard_paths(data, args.split, manifest))
+    n = len(shards)
+    if n == 0:
+        raise ShardError(f"{data}: split {args.split!r} has no samples")
+    mine = [i for i in rank_indices(n, d.rank, d.world_size, False, 0, 0) if i >= 0]
+    samples = EvalSamples(shards, model, mine)
+    out = args.out or default_out(args.checkpoint, args.split, args.tta)
+    if d.is_main:
+        print(f"evaluate: {args.checkpoint} ({model.arch}/{model.encoder}, {model.size}px) on {data} "
+              f"split {args.split}: {n} images, {d.world_size} rank(s), threshold {threshold}, "
+              f"{args.resolution} resolution{', flip-TTA' if args.tta else ''}", flush=True)
+    loader = torch.utils.data.DataLoader(samples, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.workers, collate_fn=_collate)
+    rows: list[dict] = []
+    counts = []
+    for batch in loader:
+        probs = model.probabilities(torch.stack([s["tensor"] for s in batch]), tta=args.tta)
+        for s, prob in zip(batch, probs):
+            pred, target, c = score(prob, s["mask"], threshold, args.resolution, model.size)
+            counts.append(c)
+            rows.append({"key": s["key"], "source": s["meta"].get("source", ""),
+                         "group": s["meta"].get("group") or "", "target_area": int(target.sum()),
+                         "prediction_area": int(pred.sum()), "hd95": hausdorff95(pred, target),
+                         "_index": s["index"]})
+    c = torch.tensor(counts, dtype=torch.float64).view(-1, 4)
+    dice, iou = per_image_scores(c)
+    for r, di, ii in zip(rows, dice.tolist(), iou.tolist()):
+        r["dice"], r["iou"] = di, ii
+    totals = torch.cat([c.sum(0), torch.stack([dice.sum(), iou.sum(), c.new_tensor(len(rows))]),
+                        c.new_zeros(2)]).to(d.device)
+    totals = distmod.all_reduce_sum(totals).tolist()
+    rows = gather_rows(rows)  # every rank gets all rows, so every rank can check (and fail) alike
+    keys = [r["key"] for r in rows]
+    if len(keys) != n or len(set(keys)) != n or totals[6] != n:  # the contract this command promises
+        raise RuntimeError(f"evaluated {len(keys)} rows ({len(set(keys))} distinct) for {n} samples")
+    if d.is_main:
+        metrics = {k: v for k, v in summarize(totals).items() if k != "loss"}
+        hd = np.array([r["hd95"] for r in rows if math.isfinite(r["hd95"])])
+        metrics.update({
+            "hd95_mean": float(hd.mean()) if hd.size else None,
+            "hd95_median": float(np.median(hd)) if hd.size else None,
+            "hd95_images": int(hd.size),
+            "hd95_unit": "pixels of the original image" if args.resolution == "original"
+            else f"pixels at the model size {model.size}",
+            "checkpoint": str(args.checkpoint), "data": str(data), "split": args.split,
+            "tta": args.tta, "threshold": threshold, "resolution": args.resolution,
+            "world_size": d.world_size, "arch": model.arch, "encoder": model.encoder, "size": model.size})
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({k: _finite(v) for k, v in metrics.items()},
+                                                     indent=2) + "\n")
+        rows.sort(key=lambda r: r["key"])
+        with open(out / "per_image.csv", "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            wr.writeheader()
+            for r in rows:
+                wr.writerow({**r, "dice": f"{r['dice']:.6f}", "iou": f"{r['iou']:.6f}",
+                             "hd95": "" if not math.isfinite(r["hd95"]) else f"{r['hd95']:.3f}"})
+        if args.cases > 0:
+            plot_cases(rows, EvalSamples(shards, model, []), model, out / "cases.png", threshold,
+                       args.tta, args.cases)
+        hd_txt = f"{metrics['hd95_mean']:.2f}" if metrics["hd95_mean"] is not None else "n/a"
+        print(f"evaluate: dice {metrics['dice']:.4f} iou {metrics['iou']:.4f} precision "
+              f"{metrics['precision']:.4f} recall {metrics['recall']:.4f} mean image dice "
+              f"{metrics['mean_image_dice']:.4f} hd95 {hd_txt} ({metrics['samples']} images) -> {out}")
+    distmod.barrier()
+    distmod.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (CheckpointError, ShardError, ValueError, RuntimeError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Export a checkpoint to ONNX: `python -m tumorseg_dist.export --checkpoint CKPT --onnx model.onnx`.
+
+The graph maps a normalised image `image` [N, C, S, S] (float32) to `logits` [N, 1, S, S];
+probability = sigmoid(logits). The preprocessing a deployment must apply (channels, size,
+mean/std in [0, 1] pixel units) and the threshold are stored in the model's metadata
+(`metadata_props`), so the .onnx file is self-describing.
+
+Before reporting success the export is run with onnxruntime on a real input (the first test
+image of the checkpoint's data set, or --input) and compared with PyTorch; the maximum absolute
+difference is printed and must be below --atol. The file only appears at --onnx when it passed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .data.loader import IndexedShards, decode_image
+from .data.shards import MANIFEST, ShardError, read_manifest, shard_paths
+from .inference import InferenceModel, load_model
+
+
+def real_input(model: InferenceModel, given: Path | None) -> tuple[np.ndarray | None, str]:
+    """An image in [0, 1] to check the export on, and where it came from.
+
+    --input (an image file or a shard dir), else the checkpoint's data set (test, val, train)."""
+    from .predict import read_image
+    candidates = [given] if given is not None else []
+    if given is None and model.config.get("data", {}).get("path"):
+        candidates.append(Path(model.config["data"]["path"]))
+    for c in candidates:
+        c = Path(c)
+        if c.is_dir() and (c / MANIFEST).is_file():
+            manifest = read_manifest(c)
+            for split in ("test", "val", "train"):
+                if manifest["splits"].get(split, {}).get("samples"):
+                    ds = IndexedShards(shard_paths(c, split, manifest))
+                    members = ds.read_member(0)
+                    ext = next(e for e in members if e.startswith("image."))
+                    return decode_image(members[ext], ext), f"{c} ({split}/{ds.refs[0].key})"
+        elif c.is_file():
+            return read_image(c), str(c)
+        elif given is not None:
+            raise ValueError(f"--input {c}: no such image file or shard directory")
+    return None, ""
+
+
+def export_onnx(model: InferenceModel, path: Path, size: int, dynamic_batch: bool, opset: int,
+                example: torch.Tensor) -> None:
+    import onnx
+    net = model.model.float().cpu().eval()
+    axes = {"image": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        # The TorchScript exporter: the torch.export one needs onnxscript, which we do not ship.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (example,), str(path), input_names=["image"], output_names=["logits"],
+                          dynamic_axes=axes, opset_version=opset, do_constant_folding=True,
+                          dynamo=False)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    onnx.helper.set_model_props(proto, {
+        "tumorseg_dist.arch": model.arch, "tumorseg_dist.encoder": model.encoder,
+        "tumorseg_dist.in_channels": str(model.in_channels), "tumorseg_dist.size": str(size),
+        "tumorseg_dist.mean": json.dumps(list(model.mean)), "tumorseg_dist.std": json.dumps(list(model.std)),
+        "tumorseg_dist.threshold": str(model.threshold),
+        "tumorseg_dist.output": "logits; probability = sigmoid(logits)",
+        "tumorseg_dist.preprocess": "pixels/255 (16-bit: /65535) -> channels (grey repeated, colour "
+                                    "to BT.601 luma) -> bilinear antialiased resize -> (x-mean)/std",
+    })
+    onnx.save(proto, str(path))
+
+
+def check_onnx(path: Path, net: torch.nn.Module, x: torch.Tensor) -> float:
+    """Max |onnxruntime - PyTorch| over the logits for input x."""
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"image": x.numpy()})[0]
+    with torch.no_grad():
+        want = net(x).float().numpy()
+    if got.shape != want.shape:
+        raise RuntimeError(f"onnxruntime returned shape {got.shape}, PyTorch {want.shape}")
+    return float(np.abs(got - want).max())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tumorseg_dist.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/best.pt")
+    p.add_argument("--onnx", type=Path, required=True, help="output .onnx file")
+    p.add_argument("--size", type=int, default=None, help="input side length (default: the training size)")
+    p.add_argument("--dynamic-batch", action="store_true", help="batch dimension free (default: 1)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--input", type=Path, default=None,
+                   help="image file or shard dir to check the export on (default: the training data)")
+    p.add_argument("--atol", type=float, default=1e-4, help="max allowed |onnxruntime - PyTorch|")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.checkpoint, "cpu")
+    size = args.size or model.size
+    multiple = 16 if model.arch == "unet-classic" else 32
+    if size < multiple or size % multiple:
+        raise ValueError(f"--size must be a multiple of {multiple} for {model.arch}, got {size}")
+    image, where = real_input(model, args.input)
+    if image is None:
+        print(f"export: warning: the training data {model.config.get('data', {}).get('path')} is not "
+              f"here and no --input was given; checking on a random input instead", file=sys.stderr)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, model.in_channels, size, size, generator=g)
+        where = "random normal input"
+    else:
+        x = model.preprocess(image, size)[None]
+    args.onnx.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.onnx.with_name(f".{args.onnx.name}.tmp-{os.getpid()}")
+    try:
+        export_onnx(model, tmp, size, args.dynamic_batch, args.opset, x)
+        diffs = [check_onnx(tmp, model.model, x)]
+        if args.dynamic_batch:  # a different batch size must work too
+            diffs.append(check_onnx(tmp, model.model, torch.cat([x, x.flip(-1), x.flip(-2)])))
+        diff = max(diffs)
+        print(f"export: onnxruntime vs PyTorch on {where}: max abs difference {diff:.3e} "
+              f"(logits, {'batch 1 and 3' if args.dynamic_batch else 'batch 1'}, {size}x{size})")
+        if not diff <= args.atol:
+            print(f"export: error: difference {diff:.3e} is above --atol {args.atol:g}; "
+                  f"{args.onnx} was not written", file=sys.stderr)
+            return 1
+        os.replace(tmp, args.onnx)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    mb = args.onnx.stat().st_size / 2 ** 20
+    print(f"export: wrote {args.onnx} ({mb:.1f} MB, opset {args.opset}): input 'image' "
+          f"[{'N' if args.dynamic_batch else 1}, {model.in_channels}, {size}, {size}] normalised "
+          f"with mean {list(model.mean)} std {list(model.std)}; output 'logits' -> sigmoid -> "
+          f"> {model.threshold}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (CheckpointError, ShardError, ValueError, RuntimeError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""Predict tumour masks for new images: `python -m tumorseg_dist.predict --checkpoint CKPT INPUT... --out DIR`.
+
+INPUT is any mix of image files (PNG, JPEG, TIFF, BMP), folders of them (searched recursively)
+and packed shard directories (`shards/NAME`, every split unless --split). Writes
+
+  DIR/masks/<name>.png      one 8-bit {0,255} mask per image, at the image's ORIGINAL size, under
+                            its original name (relative folder kept; the extension becomes .png)
+  DIR/overlays/<name>.png   with --overlay: the image with the predicted contour (red) and, for
+                            shard inputs, the ground-truth contour (green)
+  DIR/areas.csv             lesion area per image (pixels and fraction of the image)
+  DIR/skipped.csv           inputs that could not be read, with the reason (only if any)
+
+In folders, files named like masks (`X_mask.png`, `X_mask_1.png`) are left out; pass them as
+files to predict them anyway. Unreadable inputs are reported and skipped; the rest are written,
+and the exit status is then 1 (0 when every input was written).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import CheckpointError
+from .data.loader import IndexedShards, decode_image, decode_mask
+from .data.shards import MANIFEST, ShardError, read_manifest, shard_paths
+from .inference import InferenceModel, load_model, resolve_threshold, to_original_size
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+TIFF_EXTS = {".tif", ".tiff"}
+MASK_NAME = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
+RED, GREEN = (255, 40, 40), (40, 255, 40)
+
+
+class UnreadableImage(ValueError):
+    """An input that is not a decodable image; the message names the file and the reason."""
+
+
+# ---------------------------------------------------------------- reading images
+
+def _pil_to_array(im: Image.Image) -> np.ndarray:
+    """A decoded PIL image as float32 H×W or H×W×C in [0, 1] (16-bit scaled by 65535)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(im, dtype=np.uint16).astype(np.float32) / 65535.0
+    if im.mode == "I":
+        arr = np.asarray(im).astype(np.float32)
+        return np.clip(arr, 0, 65535) / (65535.0 if arr.max() > 255 else 255.0)
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        hi = float(arr.max()) if arr.size else 1.0
+        return np.clip(arr / (hi if hi > 1 else 1.0), 0, 1)
+    if im.mode not in ("L", "RGB", "RGBA"):
+        im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else
+                        ("L" if im.mode in ("1", "LA") else "RGB"))
+    return np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image file as float32 H×W or H×W×C in [0, 1]; UnreadableImage if it cannot be."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableImage(f"{path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _pil_to_array(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        pil_error = e
+    if path.suffix.lower() in TIFF_EXTS:  # compressions/layouts PIL lacks: tifffile + imagecodecs
+        try:
+            import tifffile
+            arr = tifffile.imread(path)
+        except Exception as e:  # tifffile raises many kinds for a broken file
+            raise UnreadableImage(f"{path}: not a readable TIFF (PIL: {pil_error}; tifffile: {e})") from None
+        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+            arr = np.moveaxis(arr, 0, -1)
+        if arr.ndim not in (2, 3):
+            raise UnreadableImage(f"{path}: a TIFF with shape {arr.shape} is not one 2D image")
+        scale = 65535.0 if arr.dtype == np.uint16 else 255.0
+        return np.clip(arr.astype(np.float32) / scale, 0, 1)
+    raise UnreadableImage(f"{path}: not a readable image ({type(pil_error).__name__}: {pil_error})")
+
+
+# ---------------------------------------------------------------- overlays
+
+def contour(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
+    """Boundary pixels of a boolean mask, thickened inwards to `thickness` pixels."""
+    from scipy import ndimage
+    mask = mask.astype(bool)
+    if not mask.any():
+        return mask
+    inner = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), iterations=thickness,
+                                   border_value=0)
+    return mask & ~inner
+
+
+def overlay_image(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None) -> np.ndarray:
+    """uint8 RGB H×W×3: the image in grey/colour with ground-truth (green) and prediction (red)
+    contours; the line width grows with the image so it stays visible when shown small."""
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    rgb = (np.clip(img[:, :, :3], 0, 1) * 255).round().astype(np.uint8).copy()
+    thick = max(1, round(max(rgb.shape[:2]) / 256))
+    if gt is not None:
+        rgb[contour(gt > 0, thick)] = GREEN
+    rgb[contour(pred > 0, thick)] = RED
+    return rgb
+
+
+# ---------------------------------------------------------------- inputs
+
+@dataclass(frozen=True)
+class InputItem:
+    name: str            # output path relative to masks/ (POSIX, .png)
+    display: str         # the input as the user knows it (file path or shard source)
+    path: Path | None    # an image file, or None for a shard sample
+    shard: int = -1      # index into PredictDataset.shards
+    index: int = -1      # sample index within that shard set
+    key: str = ""
+
+
+def _mask_png_name(rel: PurePosixPath) -> str:
+    return str(rel.with_suffix(".png"))
+
+
+def collect_inputs(inputs: list[Path], splits: list[str] | None) -> tuple[list[InputItem], list[IndexedShards], list[tuple[str, str]]]:
+    """Expand files, folders and shard dirs into items; missing inputs go to `problems`."""
+    items: list[InputItem] = []
+    shard_sets: list[IndexedShards] = []
+    problems: list[tuple[str, str]] = []
+    for inp in inputs:
+        inp = Path(inp)
+        if inp.is_dir() and (inp / MANIFEST).is_file():
+            manifest = read_manifest(inp)
+            for split in (splits or list(manifest["splits"])):
+                if split not in manifest["splits"]:
+                    problems.append((str(inp), f"has no split {split!r} (it has {', '.join(manifest['splits'])})"))
+                    continue
+                ds = IndexedShards(shard_paths(inp, split, manifest))
+                shard_sets.append(ds)
+                for i, ref in enumerate(ds.refs):
+                    # the real name comes from the sample's json; resolved when it is read
+                    items.append(InputItem(name="", display=f"{inp}:{split}/{ref.key}", path=None,
+                                           shard=len(shard_sets) - 1, index=i, key=ref.key))
+        elif inp.is_dir():
+            found = 0
+            for p in sorted(inp.rglob("*")):
+                rel = p.relative_to(inp)
+                if (not p.is_file() or p.suffix.lower() not in IMAGE_EXTS
+                        or any(part.startswith(".") for part in rel.parts) or MASK_NAME.search(p.stem)):
+                    continue
+                items.append(InputItem(name=_mask_png_name(PurePosixPath(rel.as_posix())), display=str(p), path=p))
+                found += 1
+            if not found:
+                problems.append((str(inp), f"folder has no image files ({', '.join(sorted(IMAGE_EXTS))})"))
+        elif inp.exists():
+            items.append(InputItem(name=_mask_png_name(PurePosixPath(inp.name)), display=str(inp), path=inp))
+        else:
+            problems.append((str(inp), "no such file or folder"))
+    return items, shard_sets, problems
+
+
+class PredictDataset(torch.utils.data.Dataset):
+    """Item i -> decoded original image, preprocessed tensor, ground truth if known, or the error."""
+
+    def __init__(self, items: list[InputItem], shards: list[IndexedShards], model: InferenceModel):
+        self.items, self.shards = items, shards
+        self.pre = (model.in_channels, model.size, model.mean, model.std)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        from .inference import preprocess
+        item = self.items[i]
+        gt, name = None, item.name
+        try:
+            if item.path is not None:
+                image = read_image(item.path)
+            else:
+                members = self.shards[item.shard].read_member(item.index)
+                meta = json.loads(members["json"])
+                img_ext = next(e for e in members if e.startswith("image."))
+                image = decode_image(members[img_ext], img_ext)
+                gt = decode_mask(members["mask.png"]) > 0
+                name = _mask_png_name(PurePosixPath(meta.get("source") or item.key))
+            tensor = preprocess(image, *self.pre)
+        except (UnreadableImage, ShardError, KeyError, StopIteration, OSError, ValueError) as e:
+            return {"item": item, "error": str(e) if isinstance(e, UnreadableImage)
+                    else f"{item.display}: {type(e).__name__}: {e}"}
+        return {"item": item, "name": name, "image": image, "tensor": tensor, "gt": gt, "error": None}
+
+
+def _collate(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+# ---------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tumorseg_dist.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                   help="image files, folders of images, or packed shard directories")
+    p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/best.pt")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--tta", action="store_true", help="average probabilities over 4 flips")
+    p.add_argument("--overlay", action="store_true", help="also write overlays/<name>.png")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold (default: the one the model was trained with)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--split", action="append", default=None,
+                   help="shard inputs: only this split (repeatable; default every split)")
+    p.add_argument("--workers", type=int, default=2, help="image-reading worker processes")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    if name not in taken:
+        return name
+    stem, n = name[:-len(".png")], 2
+    while f"{stem}__{n}.png" in taken:
+        n += 1
+    return f"{stem}__{n}.png"
+
+
+def run(args: argparse.Namespace) -> int:
+    from .dist import resolve_device
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model = load_model(args.checkpoint, resolve_device(args.device))
+    threshold = resolve_threshold(args.threshold, model)
+    items, shard_sets, problems = collect_inputs(args.inputs, args.split)
+    for src, why in problems:
+        print(f"predict: skipped {src}: {why}", file=sys.stderr)
+    if not items:
+        raise ValueError("no images to predict in " + ", ".join(map(str, args.inputs)))
+    print(f"predict: {len(items)} image(s) with {model.arch}/{model.encoder} at {model.size}px, "
+          f"threshold {threshold}{', flip-TTA' if args.tta else ''} -> {args.out}")
+    masks_dir, over_dir = args.out / "masks", args.out / "overlays"
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    loader = torch.utils.data.DataLoader(
+        PredictDataset(items, shard_sets, model), batch_size=args.batch_size, shuffle=False,
+        num_workers=args.workers, collate_fn=_collate)
+    rows, taken, renamed = [], set(), []
+    for batch in loader:
+        good = []
+        for r in batch:
+            if r["error"] is None:
+                good.append(r)
+            else:
+                problems.append((r["item"].display, r["error"]))
+                print(f"predict: skipped {r['error']}", file=sys.stderr)
+        if not good:
+            continue
+        probs = model.probabilities(torch.stack([r["tensor"] for r in good]), tta=args.tta)
+        for r, p in zip(good, probs):
+            h, w = r["image"].shape[:2]
+            pred = (to_original_size(p, h, w) > threshold).numpy()
+            name = unique_name(r["name"], taken)
+            if name != r["name"]:
+                renamed.append((r["item"].display, name))
+            taken.add(name)
+            out = masks_dir / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((pred * 255).astype(np.uint8), mode="L").save(out)
+            if args.overlay:
+                o = over_dir / name
+                o.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(overlay_image(r["image"], pred, r["gt"])).save(o)
+            area = int(pred.sum())
+            rows.append({"input": r["item"].display, "mask": str(Path("masks") / name), "height": h,
+                         "width": w, "lesion_pixels": area, "lesion_fraction": round(area / (h * w), 6),
+                         "gt_pixels": "" if r["gt"] is None else int(r["gt"].sum())})
+    with open(args.out / "areas.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=["input", "mask", "height", "width", "lesion_pixels",
+                                           "lesion_fraction", "gt_pixels"])
+        wr.writeheader()
+        wr.writerows(rows)
+    for src, name in renamed:
+        print(f"predict: {src}: its mask name was already written by another input; "
+              f"wrote masks/{name} instead", file=sys.stderr)
+    skipped = args.out / "skipped.csv"
+    if problems:
+        with open(skipped, "w", newline="") as f:
+            wr = csv.writer(f)
+            wr.writerow(["input", "reason"])
+            wr.writerows(problems)
+    elif skipped.exists():
+        skipped.unlink()  # left from an earlier run into the same folder
+    print(f"predict: wrote {len(rows)} mask(s) to {masks_dir}"
+          + (f" and overlays to {over_dir}" if args.overlay else "")
+          + f"; areas in {args.out / 'areas.csv'}"
+          + (f"; {len(problems)} input(s) skipped, listed in {skipped}" if problems else ""))
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (CheckpointError, ShardError, ValueError, RuntimeError) as e:
+        print(f"predict: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
