@@ -31,8 +31,9 @@ tumorseg_started_nodes() {
 # Troubleshooting text for a rendezvous that did not complete.
 tumorseg_rdzv_error() {   # ENDPOINT NNODES TIMEOUT
     cat >&2 <<EOF
-tumorseg: error: rendezvous failed: not all $2 node(s) joined at $1 within $3 s
-  (RDZV_TIMEOUT=$3). The training never started. Check that:
+tumorseg: error: rendezvous failed: the $2 node(s) did not all meet at $1 within $3 s
+  (RDZV_TIMEOUT=$3; torchrun's own error, if any, is above). The training never started.
+  Check that:
   * every node started (launch/multinode.sh on each host, NODE_RANK 0..$(($2 - 1)), same NNODES);
   * $1 is the address of the first node and is reachable from every node
     (ping / 'nc -zv ${1%:*} ${1##*:}'; pick the right interface with MASTER_ADDR);
@@ -61,4 +62,16 @@ tumorseg_watch_rendezvous() {   # LOG_DIR NNODES TIMEOUT PID MARKER ENDPOINT
     for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid" 2>/dev/null || return 0; sleep 1; done
     kill -KILL "$pid" 2>/dev/null
     return 0
+}
+
+# The torchrun to use: this checkout's .venv (what `make setup` builds), else the one on PATH.
+tumorseg_torchrun() {   # REPO_DIR
+    if [ -x "$1/.venv/bin/torchrun" ]; then
+        echo "$1/.venv/bin/torchrun"
+    elif command -v torchrun >/dev/null 2>&1; then
+        command -v torchrun
+    else
+        echo "tumorseg: error: torchrun not found: run 'make setup' in $1 or activate your environment" >&2
+        return 1
+    fi
 }
