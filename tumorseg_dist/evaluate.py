@@ -43,7 +43,8 @@ CSV_FIELDS = ["key", "source", "group", "dice", "iou", "target_area", "predictio
 
 def _surface(mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage
-    return mask & ~ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
+    # 4-connected erosion, outside the image counts as background: MONAI's edges (get_mask_edges)
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
 def hausdorff95(pred: np.ndarray, target: np.ndarray) -> float:

@@ -1,0 +1,125 @@
+"""evaluate: metrics equal training's, every sample counted once under 2 ranks, HD95, outputs."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TORCHRUN, run_cli
+from inference_testing import make_checkpoint, tiny_config
+from tumorseg_dist import evaluate
+from tumorseg_dist.dist import DistInfo
+from tumorseg_dist.engine import build_engine
+from tumorseg_dist.inference import load_model
+from tumorseg_dist.loop import evaluate as loop_evaluate
+from tumorseg_dist.data.loader import build_loader
+
+
+def square(size: int, y0: int, x0: int, side: int) -> np.ndarray:
+    m = np.zeros((size, size), bool)
+    m[y0:y0 + side, x0:x0 + side] = True
+    return m
+
+
+def test_hausdorff95_known_distances_and_empty_masks():
+    a = square(64, 10, 10, 20)
+    assert evaluate.hausdorff95(a, a) == 0.0
+    assert evaluate.hausdorff95(a, square(64, 10, 13, 20)) == pytest.approx(3.0)
+    assert math.isnan(evaluate.hausdorff95(a, np.zeros_like(a)))
+    assert math.isnan(evaluate.hausdorff95(np.zeros_like(a), a))
+
+
+def test_hausdorff95_matches_monai():
+    monai_metrics = pytest.importorskip("monai.metrics")
+    rng = np.random.default_rng(0)
+    from scipy import ndimage
+    for _ in range(3):
+        p = ndimage.binary_opening(rng.random((48, 40)) > 0.6, iterations=1)
+        t = ndimage.binary_opening(rng.random((48, 40)) > 0.55, iterations=1)
+        want = monai_metrics.compute_hausdorff_distance(
+            torch.from_numpy(p)[None, None].float(), torch.from_numpy(t)[None, None].float(),
+            percentile=95).item()
+        assert evaluate.hausdorff95(p, t) == pytest.approx(want, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def ckpt_32(tmp_path_factory, synthetic_shards) -> Path:
+    """A 32 px model on 64 px data: evaluation must resize exactly as the training loader does."""
+    d = tmp_path_factory.mktemp("ckpt")
+    return make_checkpoint(d / "run" / "checkpoints" / "best.pt", tiny_config(size=32, data=synthetic_shards))
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_model_resolution_equals_the_training_loop(tmp_path, ckpt_32, synthetic_shards):
+    """`--resolution model` is training's test metric: same preprocessing, same counts."""
+    out = tmp_path / "ev"
+    assert evaluate.main(["--checkpoint", str(ckpt_32), "--split", "val", "--resolution", "model",
+                          "--out", str(out), "--workers", "0", "--batch-size", "4", "--cases", "0"]) == 0
+    got = json.loads((out / "metrics.json").read_text())
+
+    cfg = tiny_config(size=32, data=synthetic_shards)
+    inf = load_model(ckpt_32)
+    d = DistInfo(0, 0, 1, torch.device("cpu"))
+    engine = build_engine(cfg, inf.model, d, lambda a, b: a.mean(), 1)
+    want = loop_evaluate(engine, build_loader(cfg, synthetic_shards, "val", d, training=False),
+                         lambda a, b: a.mean(), cfg.train.threshold)
+    assert got["samples"] == want["samples"] == 12
+    for k in ("dice", "iou", "precision", "recall", "accuracy", "mean_image_dice", "mean_image_iou"):
+        assert got[k] == pytest.approx(want[k], abs=1e-9), k
+
+
+def test_outputs_defaults_and_original_resolution(ckpt_32, synthetic_shards):
+    # No --data and no --out: both come from the checkpoint (data path, RUN/eval-test).
+    assert evaluate.main(["--checkpoint", str(ckpt_32), "--workers", "0"]) == 0
+    out = ckpt_32.parent.parent / "eval-test"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["split"] == "test" and m["resolution"] == "original" and m["samples"] == 4
+    for k in ("dice", "iou", "precision", "recall", "accuracy", "mean_image_dice", "mean_image_iou"):
+        assert 0.0 <= m[k] <= 1.0
+    rows = read_rows(out / "per_image.csv")
+    assert list(rows[0]) == evaluate.CSV_FIELDS
+    assert len(rows) == 4 and all(r["source"].startswith("phantom/") and r["group"] for r in rows)
+    # areas are at the original 64 x 64 (a 32 px model's output was resized back)
+    assert all(0 <= int(r["target_area"]) <= 64 * 64 for r in rows)
+    with_both = [r for r in rows if int(r["target_area"]) and int(r["prediction_area"])]
+    assert m["hd95_images"] == len(with_both) == sum(1 for r in rows if r["hd95"])
+    assert (out / "cases.png").stat().st_size > 1000
+
+
+@pytest.mark.slow  # two torchrun processes importing torch: ~20 s of CPU, more on a busy machine
+def test_two_ranks_count_every_sample_once(tmp_path, ckpt_32, synthetic_shards):
+    """12 val images over 2 ranks with per-rank batch 5: padding must not be counted, and the
+    numbers must equal the single-process run."""
+    common = ["--checkpoint", str(ckpt_32), "--data", str(synthetic_shards), "--split", "val",
+              "--workers", "0", "--batch-size", "5", "--cases", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert evaluate.main(common + ["--out", str(one)]) == 0
+    run_cli([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "tumorseg_dist.evaluate",
+             *common, "--out", str(two), "--device", "cpu"], cwd=tmp_path, timeout=300)
+    m1, m2 = (json.loads((p / "metrics.json").read_text()) for p in (one, two))
+    assert m2["world_size"] == 2 and m2["samples"] == m1["samples"] == 12
+    for k in ("dice", "iou", "precision", "recall", "accuracy", "mean_image_dice", "hd95_images"):
+        assert m2[k] == pytest.approx(m1[k], abs=1e-9), k
+    keys = [r["key"] for r in read_rows(two / "per_image.csv")]
+    assert len(keys) == len(set(keys)) == 12
+    assert read_rows(two / "per_image.csv") == read_rows(one / "per_image.csv")
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, ckpt_32, capsys):
+    assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt"), "--data", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", str(ckpt_32), "--data", str(tmp_path)]) == 2
+    assert "is not a packed dataset" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", str(ckpt_32), "--split", "nosuch"]) == 2
+    assert "no split 'nosuch'" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", str(ckpt_32), "--threshold", "1.5"]) == 2
+    assert "--threshold" in capsys.readouterr().err
