@@ -171,17 +171,16 @@ def test_augmentation_is_synchronised_with_the_mask(tmp_path):
             key = bytes(np.asarray(info.at(i))).decode().rsplit(":", 1)[-1].partition(".")[0]
             src = decode_mask(ref[key]["mask.png"])                     # 96×96, no resize needed
             h, v = int(np.asarray(fh.at(i))), int(np.asarray(fv.at(i)))
-            if h:
-                src = src[:, ::-1]
-            if v:
-                src = src[::-1, :]
-            m = np.asarray(affine.at(i))
+            m = np.asarray(affine.at(i))          # flips, scale, rotation, translation in one
+            # The flips are part of the matrix (mirror about the centre): exactly one flip
+            # reverses orientation, two make a 180° rotation.
+            assert (np.linalg.det(m[:, :2]) < 0) == bool(h ^ v)
             want = cv2.warpAffine(np.ascontiguousarray(src), _cv2_matrix(m), (96, 96), flags=cv2.INTER_NEAREST)
             got = np.asarray(mask.at(i))[0]
             assert dice(got, want) >= 0.98, (key, dice(got, want), m, h, v)
             img = np.asarray(image.at(i))[0]
             assert dice(img > 0.45, got) >= 0.95, key   # object is ~0.7, background <= 0.35
-            moved += not np.allclose(m, [[1, 0, 0], [0, 1, 0]], atol=1e-3)
+            moved += not np.allclose(np.abs(m), [[1, 0, 0], [0, 1, 0]], atol=1e-3)
             flipped += h or v
             # Negative control: the same comparison without the flips/affine must fail, or the
             # check above could not detect a desynchronised mask.
@@ -346,4 +345,4 @@ def test_throughput_data_stage_reports_rows_with_provenance(tmp_path):
     assert {"device", "date", "git_commit", "command", "versions"} <= set(doc)
     assert [(r["loader"], r["codec"]) for r in doc["results"]] == [("dali", "raw"), ("torch", "raw"),
                                                                      ("naive", "png-files")]
-    assert all(r["images"] == 8 and r["images_per_s"] > 0 for r in doc["results"])
+    assert all(r["images_per_run"] == 8 and r["images_per_s"] > 0 for r in doc["results"])

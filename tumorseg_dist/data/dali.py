@@ -24,6 +24,7 @@ Sharding and epochs (see docs/loader.md):
 from __future__ import annotations
 
 import io
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ class SplitLayout:
     keys: tuple[str, ...]
     image_ext: str
     raw: RawLayout | None
+    grey: bool       # every image has one channel (decoded and augmented as one channel)
 
     def shard_range(self, shard_id: int, num_shards: int) -> tuple[int, int]:
         """DALI's contiguous split of the concatenated samples (`start_index` in DALI's loader)."""
@@ -93,6 +95,7 @@ def inspect_split(shard_dir: Path, split: str) -> SplitLayout:
     listed = {sh["name"]: sh["samples"] for sh in manifest["splits"][split]["shards"]}
     keys: list[str] = []
     raw_seen: set[tuple[str, int, int]] = set()
+    grey = True
     for tar in tars:
         refs = read_index(tar)
         if listed.get(tar.name, len(refs)) != len(refs):
@@ -105,6 +108,17 @@ def inspect_split(shard_dir: Path, split: str) -> SplitLayout:
                 raise ShardError(f"sample {r.key} in {tar} lacks {IMAGE_EXT[codec]} or mask.png; "
                                  f"re-run pack with --overwrite")
         keys += [r.key for r in refs]
+        with open(tar, "rb") as f:
+            for r in refs:   # KEY.json holds the image's channel count (written by pack)
+                meta = next((m for m in r.members if m[0] == "json"), None)
+                if meta is None:
+                    grey = False
+                    continue
+                f.seek(meta[1])
+                try:
+                    grey &= int(json.loads(f.read(meta[2])).get("channels", 3)) == 1
+                except (ValueError, AttributeError) as e:
+                    raise ShardError(f"{tar}: {r.key}.json is not valid JSON ({e}); re-run pack with --overwrite") from e
         if codec == "raw":
             with open(tar, "rb") as f:
                 for r in refs:
@@ -124,7 +138,7 @@ def inspect_split(shard_dir: Path, split: str) -> SplitLayout:
                                  f"channels={channels}; re-pack with --codec png")
             raw = RawLayout(dtype, ndim, channels)
     return SplitLayout(tuple(tars), tuple(t.with_suffix(".idx") for t in tars), tuple(keys),
-                       IMAGE_EXT[codec], raw)
+                       IMAGE_EXT[codec], raw, grey)
 
 
 # ---------------------------------------------------------------- the pipeline definition
@@ -140,71 +154,99 @@ def _gate(prob: float):
     return fn.cast(fn.random.coin_flip(probability=prob), dtype=types.FLOAT)
 
 
-def affine_matrix(p: AugmentParams, size: int):
-    """Per-sample 2×3 forward (source -> destination) matrix: scale and rotate about the image
-    centre, then translate; the identity for samples that lose the `affine_p` coin."""
+def _coin(prob: float):
+    """Per-sample boolean predicate for a DALI conditional (only the chosen samples do the work)."""
+    from nvidia.dali import fn, types
+    return fn.cast(fn.random.coin_flip(probability=prob), dtype=types.BOOL)
+
+
+def geometry_matrix(p: AugmentParams, size: int, params: dict):
+    """Per-sample 2×3 forward (source -> destination) matrix in DALI's pixel-centre coordinates:
+    the flips (mirror about the centre), then scale and rotate about the centre, then translate.
+    One matrix, so image and mask are resampled once for all of them."""
     from nvidia.dali import fn
-    on = _gate(p.affine_p)
+    from nvidia.dali import types
     c = [size / 2.0, size / 2.0]
-    s = 1.0 + on * _uniform(-p.scale, p.scale) if p.scale else 1.0 + 0.0 * on
-    m = fn.transforms.scale(scale=fn.stack(s, s), center=c)
-    if p.rotate_deg:
-        m = fn.transforms.rotation(m, angle=on * _uniform(-p.rotate_deg, p.rotate_deg), center=c)
-    if p.translate:
-        shift = fn.random.uniform(range=[-p.translate * size, p.translate * size], shape=[2])
-        m = fn.transforms.translation(m, offset=on * shift)
+    steps = []
+    if p.flip_p:
+        h, v = fn.random.coin_flip(probability=p.flip_p), fn.random.coin_flip(probability=p.flip_p)
+        params.update(flip_h=h, flip_v=v)
+        fx = 1.0 - 2.0 * fn.cast(h, dtype=types.FLOAT)
+        fy = 1.0 - 2.0 * fn.cast(v, dtype=types.FLOAT)
+        steps.append((fn.transforms.scale, dict(scale=fn.stack(fx, fy), center=c)))
+    if p.affine_p and (p.rotate_deg or p.scale or p.translate):
+        on = _gate(p.affine_p)
+        if p.scale:
+            z = 1.0 + on * _uniform(-p.scale, p.scale)
+            steps.append((fn.transforms.scale, dict(scale=fn.stack(z, z), center=c)))
+        if p.rotate_deg:
+            steps.append((fn.transforms.rotation, dict(angle=on * _uniform(-p.rotate_deg, p.rotate_deg), center=c)))
+        if p.translate:
+            shift = fn.random.uniform(range=[-p.translate * size, p.translate * size], shape=[2])
+            steps.append((fn.transforms.translation, dict(offset=on * shift)))
+    m = None
+    for op, kw in steps:   # each transform is applied after the previous one
+        m = op(**kw) if m is None else op(m, **kw)
+    params.update(affine=m)
     return m
 
 
-def augment(image, mask, p: AugmentParams, size: int, params: dict):
-    """One random parameter set per sample; geometry applied to image (linear) and mask (nearest)
-    alike. `params` receives the per-sample parameters (tests check them against OpenCV)."""
+def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict):
+    """One random parameter set per sample (see augment.py for the order and formulas).
+    Geometry: one `warp_affine` for image (linear) and mask (nearest) with the same matrix.
+    Intensity: brightness and contrast folded into one pass, x*b*c + b*mean*(1-c); gamma and noise
+    run only on the samples whose coin came up (DALI conditionals). `params` receives the
+    per-sample geometry (tests check it against OpenCV)."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
-    if p.flip_p:
-        h = fn.random.coin_flip(probability=p.flip_p)
-        v = fn.random.coin_flip(probability=p.flip_p)
-        image, mask = fn.flip(image, horizontal=h, vertical=v), fn.flip(mask, horizontal=h, vertical=v)
-        params.update(flip_h=h, flip_v=v)
-    if p.affine_p and (p.rotate_deg or p.scale or p.translate):
-        m = affine_matrix(p, size)
+
+    def dev(node):   # per-sample scalars join GPU arithmetic on the GPU
+        return node.gpu() if gpu else node
+
+    if p.flip_p or (p.affine_p and (p.rotate_deg or p.scale or p.translate)):
+        m = geometry_matrix(p, size, params)
         image = fn.warp_affine(image, matrix=m, size=[size, size], fill_value=0.0, inverse_map=False,
                                interp_type=types.INTERP_LINEAR)
         mask = fn.warp_affine(mask, matrix=m, size=[size, size], fill_value=0, inverse_map=False,
                               interp_type=types.INTERP_NN)
-        params.update(affine=m)
-    if p.brightness_p and p.brightness:
-        image = image * (1.0 + _gate(p.brightness_p) * _uniform(-p.brightness, p.brightness))
-    if p.contrast_p and p.contrast:
-        mean = fn.reductions.mean(image)
-        image = (image - mean) * (1.0 + _gate(p.contrast_p) * _uniform(-p.contrast, p.contrast)) + mean
+    bright = p.brightness_p and p.brightness
+    contrast = p.contrast_p and p.contrast
+    if bright or contrast:
+        b = 1.0 + _gate(p.brightness_p) * _uniform(-p.brightness, p.brightness) if bright else 1.0
+        if contrast:
+            c = 1.0 + _gate(p.contrast_p) * _uniform(-p.contrast, p.contrast)
+            image = image * dev(b * c) + fn.reductions.mean(image) * dev(b * (1.0 - c))
+        else:
+            image = image * dev(b)
+        image = dmath.clamp(image, 0.0, 1.0)
     if p.gamma_p and p.gamma:
-        image = dmath.pow(dmath.clamp(image, 0.0, 1.0),
-                          1.0 + _gate(p.gamma_p) * _uniform(-p.gamma, p.gamma))
+        if _coin(p.gamma_p):
+            image = dmath.pow(image, dev(_uniform(1.0 - p.gamma, 1.0 + p.gamma)))
     if p.noise_p and p.noise:
-        image = fn.noise.gaussian(image, stddev=_gate(p.noise_p) * _uniform(0.0, p.noise))
+        if _coin(p.noise_p):
+            image = dmath.clamp(fn.noise.gaussian(image, stddev=_uniform(0.0, p.noise)), 0.0, 1.0)
     return dmath.clamp(image, 0.0, 1.0), mask
 
 
-def _to_channels(image, layout: RawLayout, in_channels: int):
-    """Raw `.npy` images: H×W×C float -> H×W×in_channels (the decoders do this for codecs)."""
+def _to_channels(image, have: int, want: int):
+    """H×W×have float -> H×W×want: grey repeated, colour -> BT.601 luma, alpha dropped."""
     from nvidia.dali import fn
-    c = layout.channels
-    if c == in_channels:
+    if have == want:
         return image
-    if in_channels == 1:   # colour -> BT.601 luma, alpha dropped
+    if want == 1:
         r, g, b = (fn.slice(image, start=[i], shape=[1], axes=[2]) for i in range(3))
         return r * LUMA[0] + g * LUMA[1] + b * LUMA[2]
-    if c == 1:             # grey -> repeated
-        return fn.cat(*([image] * in_channels), axis=2)
-    return fn.slice(image, start=[0], shape=[in_channels], axes=[2])  # RGBA -> RGB
+    if have == 1:
+        return fn.cat(*([image] * want), axis=2)
+    return fn.slice(image, start=[0], shape=[want], axes=[2])  # RGBA -> RGB
 
 
 def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: bool,
                  aug: AugmentParams, mean, std, shard_id: int, num_shards: int, reader_seed: int,
                  initial_fill: int, gpu: bool, nhwc: bool, with_params: bool = False):
-    """The graph (call inside a `Pipeline`). Outputs: image float (C,H,W or H,W,C, normalised),
-    mask float {0,1} (same layout), source_info bytes, then any augmentation parameters."""
+    """The graph (build it with `pipeline_def(enable_conditionals=True)`). Outputs: image float
+    (C,H,W or H,W,C, normalised), mask float {0,1} (same layout), source_info bytes, then any
+    augmentation parameters (sorted by name) when `with_params`."""
     from nvidia.dali import fn, types
     encoded, encoded_mask = fn.readers.webdataset(
         paths=[str(p) for p in layout.tars], index_paths=[str(p) for p in layout.indexes],
@@ -214,20 +256,26 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
         name="reader")
     info = fn.get_property(encoded, key="source_info")
     decode_on = "mixed" if gpu else "cpu"
+    # Work in the source's channels (grey stays one channel through resize and augmentation,
+    # 3× less work) and expand to the model's channels only before normalising.
     if layout.raw is not None:
         image = fn.decoders.numpy(encoded)   # CPU-only in DALI: copied to the GPU right after
         if gpu:
             image = image.gpu()
         if layout.raw.ndim == 2:
             image = fn.expand_dims(image, axes=[2])
-        image = fn.cast(image, dtype=types.FLOAT) * (1.0 / layout.raw.scale)
-        image = fn.reshape(image, layout="HWC")
-        image = _to_channels(image, layout.raw, in_channels)
+        image = fn.reshape(fn.cast(image, dtype=types.FLOAT) * (1.0 / layout.raw.scale), layout="HWC")
+        have = layout.raw.channels
+        if have == 4:                      # alpha dropped
+            image, have = fn.slice(image, start=[0], shape=[3], axes=[2]), 3
+        if in_channels == 1 and have == 3:
+            image, have = _to_channels(image, 3, 1), 1
     else:
-        # RGB: grey replicated, alpha dropped. GRAY: colour -> BT.601 luma. FLOAT: [0, 1], 16-bit
-        # scaled by 65535, exactly like loader.decode_image.
+        # GRAY: colour -> BT.601 luma (alpha dropped); RGB: grey replicated, alpha dropped.
+        # FLOAT: [0, 1], 16-bit scaled by 65535, exactly like loader.decode_image.
+        have = 1 if in_channels == 1 or layout.grey else 3
         image = fn.decoders.image(encoded, device=decode_on, dtype=types.FLOAT,
-                                  output_type=types.RGB if in_channels == 3 else types.GRAY)
+                                  output_type=types.GRAY if have == 1 else types.RGB)
     mask = fn.decoders.image(encoded_mask, device=decode_on, output_type=types.GRAY)
     # Image: linear with antialiasing (= torch bilinear antialias=True); mask: nearest neighbour
     # at pixel centres (= torch "nearest-exact"), so it stays exactly binary.
@@ -235,7 +283,8 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
     mask = fn.resize(mask, size=[size, size], interp_type=types.INTERP_NN)
     params: dict = {}
     if training and aug.enabled:
-        image, mask = augment(image, mask, aug, size, params)
+        image, mask = augment(image, mask, aug, size, gpu, params)
+    image = _to_channels(image, have, in_channels)
     layout_out = "HWC" if nhwc else "CHW"
     image = fn.crop_mirror_normalize(image, mean=list(mean), std=list(std), dtype=types.FLOAT,
                                      output_layout=layout_out)
@@ -299,22 +348,20 @@ class DaliLoader:
 
     def build_pipeline(self, epoch: int, with_params: bool = False):
         """A fresh pipeline for one epoch; its seeds depend only on (seed, epoch, rank)."""
-        from nvidia.dali import Pipeline
+        from nvidia.dali import pipeline_def
         s, sid = self.spec, self.shard_id(epoch)
         lo, hi = self.layout.shard_range(sid, self.dist.world_size)
         dev_id = None
         if self.gpu:
             dev_id = self.dist.device.index if self.dist.device.index is not None else torch.cuda.current_device()
-        pipe = Pipeline(batch_size=s.batch_size, num_threads=max(1, s.num_workers), device_id=dev_id,
-                        seed=_seed(s.seed, epoch, self.dist.rank, 1), prefetch_queue_depth=PREFETCH)
-        with pipe:
-            outs = seg_pipeline(
-                self.layout, size=s.size, in_channels=s.in_channels, training=s.training,
-                aug=s.augment, mean=s.mean, std=s.std, shard_id=sid,
-                num_shards=self.dist.world_size, reader_seed=_seed(s.seed, epoch, 2),
-                initial_fill=max(1, min(SHUFFLE_BUFFER, hi - lo)), gpu=self.gpu,
-                nhwc=s.channels_last, with_params=with_params)
-            pipe.set_outputs(*outs)
+        make = pipeline_def(seg_pipeline, enable_conditionals=True)
+        pipe = make(self.layout, size=s.size, in_channels=s.in_channels, training=s.training,
+                    aug=s.augment, mean=s.mean, std=s.std, shard_id=sid,
+                    num_shards=self.dist.world_size, reader_seed=_seed(s.seed, epoch, 2),
+                    initial_fill=max(1, min(SHUFFLE_BUFFER, hi - lo)), gpu=self.gpu,
+                    nhwc=s.channels_last, with_params=with_params,
+                    batch_size=s.batch_size, num_threads=max(1, s.num_workers), device_id=dev_id,
+                    seed=_seed(s.seed, epoch, self.dist.rank, 1), prefetch_queue_depth=PREFETCH)
         pipe.build()
         return pipe, (lo, hi)
 
