@@ -79,6 +79,8 @@ def read_image(path: Path) -> np.ndarray:
             arr = tifffile.imread(path)
         except Exception as e:  # tifffile raises many kinds for a broken file
             raise UnreadableImage(f"{path}: not a readable TIFF (PIL: {pil_error}; tifffile: {e})") from None
+        if arr.size == 0:
+            raise UnreadableImage(f"{path}: not a readable TIFF (no image data; PIL: {pil_error})")
         if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
             arr = np.moveaxis(arr, 0, -1)
         if arr.ndim not in (2, 3):
