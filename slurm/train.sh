@@ -175,8 +175,10 @@ if grep -qx "$REQUEUE_EXIT_CODE" "$EXIT_CODE_DIR"/rank* 2>/dev/null; then
     fi
     echo "tumorseg: checkpoint saved in $RUN_DIR/checkpoints/last.pt; requeueing job $SLURM_JOB_ID" \
          "(it resumes with --resume auto)"
-    # On success Slurm ends this script here and queues the job again.
-    scontrol requeue "$SLURM_JOB_ID"
+    # Slurm ends this script within moments of a successful requeue and queues the job again.
+    if scontrol requeue "$SLURM_JOB_ID"; then
+        exit 0
+    fi
     echo "tumorseg: error: 'scontrol requeue $SLURM_JOB_ID' failed; resume by hand with" \
          "'sbatch slurm/train.sh --out $RUN_DIR ...'" >&2
     exit "$REQUEUE_EXIT_CODE"

@@ -240,3 +240,66 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
                 lines = f.read_text(errors="replace").splitlines()[-tail:]
                 parts.append(f"--- {f.name} ---\n" + "\n".join(lines))
         return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------- shared by the launcher tests
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def python_bin() -> str:
+    """The interpreter running the tests (the project's .venv under `make test`)."""
+    import sys
+    return sys.executable
+
+
+def torchrun_bin() -> str:
+    cand = Path(python_bin()).with_name("torchrun")
+    return str(cand) if cand.exists() else (shutil.which("torchrun") or "torchrun")
+
+
+def pack_tiny_shards(out: Path, samples: int = 40, size: int = 64) -> Path:
+    """A small packed synthetic set (train 28, val 8, test 4 with the default split)."""
+    subprocess.run([python_bin(), "-m", "tumorseg_dist.pack", "--out", str(out), "--samples",
+                    str(samples), "--size", str(size)], check=True, capture_output=True, cwd=REPO)
+    return out
+
+
+# The smallest training that still runs every part of the loop on CPU in a few seconds an epoch.
+TINY_TRAIN_FLAGS = ["--device", "cpu", "--size", "64", "--batch-size", "4", "--encoder", "resnet18",
+                    "--encoder-weights", "none", "--num-workers", "0", "--augment", "none"]
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """Environment for running launch/*.sh: the test's venv first on PATH, no Slurm context."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
+           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                         "NPROC_PER_NODE", "CUDA_VISIBLE_DEVICES")}
+    env["PATH"] = f"{Path(python_bin()).parent}:{env.get('PATH', '')}"
+    env["TORCHRUN"] = torchrun_bin()
+    env["OMP_NUM_THREADS"] = "1"  # several ranks share 2 cores: oversubscribed OpenMP crawls
+    env.update(extra)
+    return env
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    """End a launcher started with start_new_session=True and everything it started."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    import json
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
