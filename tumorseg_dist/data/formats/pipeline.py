@@ -234,7 +234,9 @@ def ordered_map(fn, items: list, workers: int, state: dict, window: int | None =
             yield from fn(c)
         return
     window = window or 2 * workers
-    ctx = mp.get_context("forkserver")
+    # fork starts a worker in milliseconds (forkserver/spawn: ~1 s of imports each); the workers
+    # only run this module's code, so the fork-with-threads hazards do not apply.
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     pool = ctx.Pool(workers, initializer=_init_worker, initargs=(state, True))
     try:
         pending: deque = deque()
