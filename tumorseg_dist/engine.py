@@ -342,6 +342,23 @@ class DDPEngine:
             # A checkpoint without an EMA (written with --ema-decay 0) starts it from the weights.
             self.ema.load_state_dict(sd.get("ema") or self.model.state_dict())
 
+    def can_resume(self, sd: dict) -> str | None:
+        """None if `sd` can be fully resumed by this engine, else why not (weights only)."""
+        if sd.get("engine", "ddp") != self.name:
+            return f"it was written by the {sd.get('engine')} engine"
+        if "optimizer" not in sd:
+            return "it holds no optimizer state"
+        return None
+
+    def write_run_files(self, run_dir: Path) -> None:
+        """Engine-specific files in the run directory (DDP has none)."""
+
+    def describe(self) -> list[str]:
+        ddp = f"DDP over {self.dist.world_size} ranks" if self.ddp is not None else "one process"
+        return [f"{ddp}, {self.cfg.optim.optimizer}{' (fused)' if self.fused else ''}, "
+                f"accum {self.accum}, clip {self.clip or 'off'}, "
+                f"EMA {self.ema.decay if self.ema is not None else 'off'}"]
+
     def save_checkpoint(self, path: Path, meta: dict) -> None:
         """Called on every rank at the same step; rank 0 writes one atomic file."""
         if self.dist.is_main:

@@ -1,0 +1,362 @@
+"""`--engine deepspeed`: the same interface as `DDPEngine`, on DeepSpeed (ZeRO stage 0, 1 or 2).
+
+Our config is translated into a DeepSpeed config (`deepspeed_config()`), optionally merged with
+an expert's `--deepspeed-config FILE` (`merge_config()`: a key that our flags set must agree), and
+written to RUN/deepspeed_config.json. Translation:
+
+* batch: `train_micro_batch_size_per_gpu` = --batch-size / world, `gradient_accumulation_steps`
+  = --grad-accum, `train_batch_size` = their product x world;
+* `--amp bf16|fp16` -> `bf16.enabled` / `fp16.enabled` (dynamic loss scaling);
+* `--optimizer/--lr/--weight-decay/--momentum` -> `optimizer` (built by DeepSpeed as the PyTorch
+  fused optimizer, `torch_adam` + `fused`, so both engines update weights with the same kernel and
+  no CUDA extension has to be compiled);
+* `--clip-grad` -> `gradient_clipping`; `--zero-stage` -> `zero_optimization.stage`;
+* the lr schedule (`--scheduler`, `--warmup-steps`) is our `Schedule`, handed to DeepSpeed as
+  its client lr_scheduler: DeepSpeed steps it at accumulation boundaries (not on skipped
+  overflow steps) and stores it in its checkpoint. DeepSpeed's own WarmupLR/WarmupCosineLR run
+  their first step at lr 0 and have no ReduceLROnPlateau, so they would not match `--engine ddp`.
+  A `scheduler` section in --deepspeed-config replaces ours (stated in the log).
+
+Checkpoints: DeepSpeed's own sharded format (`mp_rank_00_model_states.pt` + one
+`zero_pp_rank_R_mp_rank_00_optim_states.pt` per rank) under RUN/checkpoints/deepspeed/<tag>/,
+written collectively by every rank, then our metadata file (RUN/checkpoints/last.pt or best.pt:
+progress, RNG, config, the fp32 model weights and EMA) written atomically by rank 0, naming
+the tag. The metadata is written last, so a save killed half-way leaves the previous last.pt
+and the tag it names intact; stale tags are deleted after the metadata is in place.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint
+from . import dist as distmod
+from .config import Config, ConfigError
+from .dist import DistInfo
+from .engine import (EMA, Health, LossFn, Schedule, _optimizer_state_bytes, _tensor_bytes, grad_norm,
+                     optimizer_steps, resolve_amp, weights_of)
+
+DS_DIR = "deepspeed"  # RUN/checkpoints/deepspeed/<tag>/
+
+# Keys that our flags set: a --deepspeed-config value that differs is an error naming both.
+# Everything else we generate is a default that the file may override (logged).
+FLAG_KEYS = {
+    ("train_batch_size",): "--batch-size x --grad-accum",
+    ("train_micro_batch_size_per_gpu",): "--batch-size / world size",
+    ("gradient_accumulation_steps",): "--grad-accum",
+    ("gradient_clipping",): "--clip-grad",
+    ("zero_optimization", "stage"): "--zero-stage",
+    ("bf16", "enabled"): "--amp",
+    ("fp16", "enabled"): "--amp",
+    ("optimizer", "type"): "--optimizer",
+    ("optimizer", "params", "lr"): "--lr",
+    ("optimizer", "params", "weight_decay"): "--weight-decay",
+    ("optimizer", "params", "momentum"): "--momentum",
+}
+
+
+def deepspeed_config(cfg: Config, world_size: int, amp: str) -> dict:
+    """The DeepSpeed JSON equivalent of our config (before merging an expert file)."""
+    t, o, e = cfg.train, cfg.optim, cfg.engine
+    if t.batch_size % world_size:
+        raise ConfigError(f"--batch-size {t.batch_size} is the global batch; it must divide evenly "
+                          f"over {world_size} ranks")
+    micro = t.batch_size // world_size
+    if o.optimizer in ("adamw", "adam"):
+        opt = {"type": "AdamW" if o.optimizer == "adamw" else "Adam",
+               "params": {"lr": o.lr, "weight_decay": o.weight_decay, "betas": [0.9, 0.999],
+                          "eps": 1e-8, "torch_adam": True, "fused": True}}
+        if o.optimizer == "adam":
+            opt["params"]["adam_w_mode"] = False  # L2 weight decay, like torch.optim.Adam
+    else:
+        opt = {"type": "SGD", "params": {"lr": o.lr, "weight_decay": o.weight_decay,
+                                         "momentum": o.momentum, "nesterov": True, "fused": True}}
+    ds = {
+        "train_batch_size": micro * e.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": e.grad_accum,
+        "gradient_clipping": e.clip_grad,
+        "optimizer": opt,
+        "zero_optimization": {"stage": e.zero_stage},
+        "bf16": {"enabled": amp == "bf16"},
+        "fp16": {"enabled": amp == "fp16"},
+        "steps_per_print": 2 ** 31 - 1,  # our loop logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    if amp == "bf16":
+        ds["bf16"]["check_grad_overflow"] = True  # skip non-finite steps (--max-bad-steps)
+    if amp == "fp16":
+        ds["fp16"].update({"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                           "hysteresis": 2, "min_loss_scale": 1})
+    return ds
+
+
+def merge_config(ours: dict, theirs: dict, source: str) -> tuple[dict, list[str]]:
+    """Deep-merge an expert DeepSpeed config into ours. Returns the merged dict and notes for the
+    log. A key set by one of our flags with a different value is a ConfigError naming both; the
+    value "auto" (Hugging Face style) means "take ours"."""
+    notes: list[str] = []
+
+    def walk(a: dict, b: dict, path: tuple) -> dict:
+        out = copy.deepcopy(a)
+        for k, v in b.items():
+            p = path + (k,)
+            name = ".".join(p)
+            if v == "auto":
+                continue
+            if k not in a:
+                out[k] = copy.deepcopy(v)
+                notes.append(f"{name} = {json.dumps(v)} from {source}")
+            elif isinstance(a[k], dict) and isinstance(v, dict):
+                out[k] = walk(a[k], v, p)
+            elif a[k] != v:
+                if p in FLAG_KEYS:
+                    raise ConfigError(
+                        f"{source} sets {name} = {json.dumps(v)} but {FLAG_KEYS[p]} gives "
+                        f"{json.dumps(a[k])}; change the flag or remove the key from {source}")
+                notes.append(f"{name} = {json.dumps(v)} from {source} (default {json.dumps(a[k])})")
+                out[k] = copy.deepcopy(v)
+        return out
+
+    if not isinstance(theirs, dict):
+        raise ConfigError(f"{source}: a DeepSpeed config must be a JSON object")
+    return walk(ours, theirs, ()), notes
+
+
+def load_config_file(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed-config {path}: not valid JSON ({e})") from e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_deepspeed(dist: DistInfo):
+    """Import DeepSpeed for this device (DS_ACCELERATOR=cpu on CPU) and make it use our process
+    group; a single process gets a one-rank group (DeepSpeed always needs one)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if dist.device.type == "cuda" else "cpu")
+    import deepspeed
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("RANK", str(dist.rank))
+        os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))
+        os.environ.setdefault("WORLD_SIZE", str(dist.world_size))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if dist.device.type == "cuda" else "gloo",
+                               auto_mpi_discovery=False, verbose=False)
+    return deepspeed
+
+
+class DeepSpeedEngine:
+    """DeepSpeed engine with ZeRO 0/1/2, AMP via DeepSpeed's bf16/fp16 modes."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int):
+        self.cfg, self.dist, self.loss_fn = cfg, dist, loss_fn
+        e = cfg.engine
+        self.device = dist.device
+        self.amp = resolve_amp(cfg.train.amp, self.device)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.config = deepspeed_config(cfg, dist.world_size, self.amp)
+        self.notes: list[str] = []
+        if e.deepspeed_config is not None:
+            self.config, self.notes = merge_config(self.config, load_config_file(e.deepspeed_config),
+                                                   str(e.deepspeed_config))
+        self.zero_stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
+        self.accum = int(self.config["gradient_accumulation_steps"])
+        deepspeed = init_deepspeed(dist)
+        model = model.to(self.device, memory_format=self.memory_format)
+        self.ema = EMA(model, e.ema_decay) if e.ema_decay > 0 else None  # fp32, before any cast
+        self.schedule: Schedule | None = None
+        client_sched = None
+        if "scheduler" in self.config:
+            self.notes.append(f"lr schedule: DeepSpeed's {self.config['scheduler'].get('type')} "
+                              f"from {e.deepspeed_config} replaces --scheduler {cfg.optim.scheduler}")
+        else:
+            n_steps = optimizer_steps(total_steps, self.accum)
+
+            def client_sched(opt):
+                self.schedule = Schedule(cfg, opt, n_steps)
+                return self.schedule
+        self.ds, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=copy.deepcopy(self.config), lr_scheduler=client_sched, dist_init_required=False)
+        self.model = self.ds.module
+        self.dtype = next(self.model.parameters()).dtype  # bf16/fp16 when DeepSpeed casts
+        # ZeRO 1/2 (and DeepSpeed's bf16/fp16 optimizers) check the gradient norm and skip
+        # overflow steps themselves (DeepSpeed pays its own host sync for that); plain fp32
+        # ZeRO-0 uses the bare PyTorch optimizer, which we make skip on the device like DDP.
+        self.own_skip = isinstance(self.ds.optimizer, torch.optim.Optimizer) and self.amp == "off"
+        self.fused = self.own_skip and bool(self.ds.optimizer.defaults.get("fused"))
+        self.health = Health(e.max_bad_steps, self.device)
+        self._skipped_seen = 0
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def train_step(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One micro-batch: forward, fp32 loss, DeepSpeed backward (scaled by 1/accum) and step
+        (an optimizer step at accumulation boundaries). Returns the detached loss."""
+        logits = self.ds(image.to(self.dtype))
+        loss = self.loss_fn(logits.float(), mask)
+        self.ds.backward(loss)
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        if boundary and self.own_skip:
+            # ZeRO-0 fp32: gradients are all-reduced in backward at the boundary, so this norm
+            # (and the decision) is the same on every rank. A fused optimizer skips on the
+            # device; a non-fused one (an expert config with "fused": false) cannot skip without
+            # a sync, so there the bad steps are only counted (and stop the run).
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            bad = ~torch.isfinite(grad_norm(params, 0.0))
+            opt = self.ds.optimizer
+            if self.fused:
+                opt.grad_scale, opt.found_inf = None, bad.to(torch.float32)
+            try:
+                self.ds.step()
+            finally:
+                if self.fused:
+                    del opt.grad_scale, opt.found_inf
+            self.health.update(bad)
+        else:
+            self.ds.step()
+            if boundary:
+                skipped = self.ds.skipped_steps - self._skipped_seen
+                self._skipped_seen = self.ds.skipped_steps
+                self.health.update(skipped > 0)
+        if boundary and self.ema is not None:
+            self.ema.update(self.model)
+        return loss.detach()
+
+    @torch.no_grad()
+    def eval_logits(self, image: torch.Tensor) -> torch.Tensor:
+        if self.ema is not None:
+            return self.ema.module(image.float()).float()
+        return self.model(image.to(self.dtype)).float()
+
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    def end_epoch(self, monitored: float) -> None:
+        if self.schedule is not None:
+            self.schedule.end_epoch(monitored)
+
+    def check_health(self) -> int:
+        return self.health.check()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _weights(self) -> dict:
+        return {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+                for k, v in self.model.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        """The weights-only part (what any engine can load); optimizer and scheduler state live
+        in DeepSpeed's sharded files, written by `save_checkpoint`."""
+        return {"engine": self.name, "model": self._weights(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "health": self.health.state_dict()}
+
+    def save_checkpoint(self, path: Path, meta: dict) -> None:
+        """Collective: every rank writes its ZeRO shard under RUN/checkpoints/deepspeed/<tag>/;
+        then rank 0 writes the metadata file atomically and deletes the tags it replaced."""
+        path = Path(path)
+        kind = path.stem
+        step = int(meta.get("train_state", {}).get("step", 0))
+        tag = distmod.broadcast_object(f"{kind}-step{step:08d}-{time.time_ns()}")
+        root = path.parent / DS_DIR
+        self.ds.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+        distmod.barrier()
+        if self.dist.is_main:
+            info = {"dir": DS_DIR, "tag": tag, "zero_stage": self.zero_stage,
+                    "world_size": self.dist.world_size, "config": json.dumps(self.config)}
+            checkpoint.atomic_save({**meta, **self.state_dict(), "deepspeed": info}, path)
+            for old in root.glob(f"{kind}-step*"):
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        distmod.barrier()
+
+    def load_state_dict(self, sd: dict, ckpt_dir: Path | None = None) -> None:
+        """Full resume from a DeepSpeed checkpoint written by `save_checkpoint` (same world size
+        and ZeRO stage; otherwise use the weights, see `can_resume`)."""
+        info = sd.get("deepspeed")
+        if not info:
+            raise checkpoint.CheckpointError("this checkpoint has no DeepSpeed state; load it with "
+                                             "load_weights (weights only)")
+        if ckpt_dir is None:
+            raise checkpoint.CheckpointError("resuming a DeepSpeed checkpoint needs its directory")
+        load_dir = Path(ckpt_dir) / info["dir"]
+        if not (load_dir / info["tag"]).is_dir():
+            raise checkpoint.CheckpointError(
+                f"{load_dir / info['tag']} (the DeepSpeed shards this checkpoint names) is missing; "
+                f"resume from another checkpoint or with --resume never")
+        path, _ = self.ds.load_checkpoint(str(load_dir), tag=info["tag"], load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+        if path is None:
+            raise checkpoint.CheckpointError(f"DeepSpeed could not load {load_dir / info['tag']}")
+        if self.ema is not None:
+            self.ema.load_state_dict(sd.get("ema") or self._weights())
+        if sd.get("health"):
+            self.health.load_state_dict(sd["health"])
+        self._skipped_seen = self.ds.skipped_steps
+
+    def can_resume(self, sd: dict) -> str | None:
+        """None if `sd` can be fully resumed by this engine, else why not (weights only)."""
+        info = sd.get("deepspeed")
+        if sd.get("engine") != self.name or not info:
+            return f"it was written by the {sd.get('engine', 'ddp')} engine"
+        if info["world_size"] != self.dist.world_size or info["zero_stage"] != self.zero_stage:
+            return (f"it was written with {info['world_size']} ranks and ZeRO stage {info['zero_stage']}, "
+                    f"this run has {self.dist.world_size} ranks and stage {self.zero_stage}")
+        return None
+
+    def load_weights(self, ckpt_or_state: dict) -> None:
+        """Weights only (either engine's checkpoint, or a model state dict); the fp32 master
+        copies that ZeRO and bf16/fp16 keep are refreshed from them."""
+        self.model.load_state_dict(weights_of(ckpt_or_state, prefer_ema=False))
+        refresh = getattr(self.ds.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
+        if self.ema is not None:
+            ema = ckpt_or_state.get("ema") if "model" in ckpt_or_state else None
+            self.ema.load_state_dict(ema or self._weights())
+
+    def write_run_files(self, run_dir: Path) -> None:
+        """RUN/deepspeed_config.json: the config DeepSpeed was given (rank 0)."""
+        if self.dist.is_main:
+            run_dir = Path(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = run_dir / ".deepspeed_config.json.tmp"
+            tmp.write_text(json.dumps(self.config, indent=2) + "\n")
+            tmp.replace(run_dir / "deepspeed_config.json")
+
+    def describe(self) -> list[str]:
+        return [f"DeepSpeed ZeRO stage {self.zero_stage}, {self.config['optimizer']['type']}, "
+                f"micro-batch {self.config['train_micro_batch_size_per_gpu']} x accum {self.accum} "
+                f"x {self.dist.world_size} ranks"] + self.notes
+
+    def memory_report(self) -> dict:
+        """Bytes this rank holds: module parameters, optimizer state (ZeRO >= 1: this rank's
+        shard) and fp32 master parameters kept by the optimizer apart from the module's."""
+        basic = self.ds.basic_optimizer if hasattr(self.ds, "basic_optimizer") else self.optimizer
+        module_ids = {id(p) for p in self.model.parameters()}
+        master = [p for g in basic.param_groups for p in g["params"] if id(p) not in module_ids]
+        return {"param_bytes": _tensor_bytes(self.model.parameters()),
+                "optimizer_state_bytes": _optimizer_state_bytes(basic),
+                "master_param_bytes": _tensor_bytes(master)}
