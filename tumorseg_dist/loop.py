@@ -92,29 +92,46 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
     return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
-def checkpoint_state(cfg: Config, engine, state: TrainState) -> dict:
-    """Everything to resume, plus what evaluate/predict/export need without training flags:
-    the config (architecture, encoder, size, channels) and the input normalisation."""
-    return {"format_version": checkpoint.FORMAT_VERSION, **engine.state_dict(),
+def checkpoint_meta(cfg: Config, state: TrainState) -> dict:
+    """The engine-independent part of a checkpoint: progress, RNG, and what evaluate/predict/
+    export need without training flags: the config (architecture, encoder, size, channels) and
+    the input normalisation."""
+    return {"format_version": checkpoint.FORMAT_VERSION,
             "train_state": asdict(state), "rng": checkpoint.rng_state(), "config": to_dict(cfg),
             "normalization": {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}}
 
 
+def checkpoint_state(cfg: Config, engine, state: TrainState) -> dict:
+    """Everything to resume, as one dict (what `--engine ddp` writes to last.pt)."""
+    return {**checkpoint_meta(cfg, state), **engine.state_dict()}
+
+
 def save(cfg: Config, engine, state: TrainState, path: Path, dist: DistInfo) -> None:
-    if dist.is_main:
-        checkpoint.atomic_save(checkpoint_state(cfg, engine, state), path)
+    """Collective: every rank calls it at the same step. The engine decides who writes what
+    (DDP: rank 0, one atomic file; DeepSpeed: a shard per rank, then rank 0's metadata)."""
+    engine.save_checkpoint(path, checkpoint_meta(cfg, state))
 
 
-def restore(engine, ckpt: dict) -> TrainState:
-    engine.load_state_dict(ckpt)
+def restore(engine, ckpt: dict, path: Path | None = None) -> TrainState:
+    """Resume the full state from `ckpt` (read from `path`). A checkpoint this engine cannot
+    resume (`engine.can_resume` says why: the other engine, another ZeRO layout) gives its
+    weights only and a fresh TrainState."""
+    if engine.can_resume(ckpt) is not None:
+        engine.load_weights(ckpt)
+        return TrainState()
+    engine.load_state_dict(ckpt, None if path is None else Path(path).parent)
     checkpoint.set_rng_state(ckpt["rng"])
     return TrainState(**ckpt["train_state"])
 
 
 def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, state: TrainState,
-        run_dir: Path, dist: DistInfo, log: RunLog) -> tuple[TrainState, str]:
+        run_dir: Path, dist: DistInfo, log: RunLog, tracker=None) -> tuple[TrainState, str]:
     """Train until epochs, --max-steps, early stopping or a stop signal.
 
+    `tracker` (rank 0, optional): a `tracking.Tracker` that gets the values logged here.
+    Non-finite steps are skipped by the engine; `engine.check_health()` (at log intervals and
+    epoch ends) raises NonFiniteLossError after --max-bad-steps consecutive ones, before any
+    further checkpoint is written.
     Returns the state and why it ended: "done", "early_stop", "max_steps" or "preempted"."""
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
@@ -137,12 +154,19 @@ def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, 
                 state.step += 1
                 state.batch_in_epoch = i + 1
                 at_log = state.step % t.log_every == 0
-                if at_log and dist.is_main:
-                    log.info(f"  step {state.step} loss {loss.item():.4f} lr {engine.lr():.2e}")
+                if at_log:
+                    skipped = engine.check_health()  # same on every rank; may raise
+                    if dist.is_main:
+                        lv, lr = loss.item(), engine.lr()
+                        log.info(f"  step {state.step} loss {lv:.4f} lr {lr:.2e}"
+                                 + (f" ({skipped} non-finite steps skipped)" if skipped else ""))
+                        if tracker is not None:
+                            tracker.log_step(state.step, lv, lr, skipped)
                 if t.max_steps is not None and state.step >= t.max_steps:
                     reason = "max_steps"
                     break
                 if (at_log or i + 1 == steps_per_epoch) and stop.agreed():
+                    engine.check_health()
                     save(cfg, engine, state, ckpt_dir / "last.pt", dist)
                     log.info(f"stop requested: saved {ckpt_dir / 'last.pt'} at step {state.step} "
                              f"(epoch {epoch + 1}, batch {state.batch_in_epoch}); resume with --resume auto")
@@ -150,7 +174,10 @@ def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, 
             elapsed = time.perf_counter() - t0
             totals = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(seen)]))
             train_loss = (totals[0] / totals[1].clamp_min(1)).item()
-            val = evaluate(engine, val_loader, loss_fn, t.threshold, log)
+            engine.check_health()
+            images = tracker is not None and tracker.wants_images
+            val, first = evaluate(engine, val_loader, loss_fn, t.threshold, log, keep_first=True) \
+                if images else (evaluate(engine, val_loader, loss_fn, t.threshold, log), None)
             state.epoch, state.batch_in_epoch = epoch + 1, 0
             record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss,
                       "val_loss": val["loss"], "val_dice": val["dice"], "val_iou": val["iou"],
@@ -173,6 +200,8 @@ def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, 
             save(cfg, engine, state, ckpt_dir / "last.pt", dist)
             log.append(record)
             log.info(epoch_line(record))
+            if tracker is not None:
+                tracker.log_epoch(record, first)
             if dist.is_main:
                 plot_curves(log.records(), run_dir / "curves.png")
             if reason != "done":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, dist as distmod
+from . import checkpoint, dist as distmod, tracking
 from .config import Config, ConfigError, parse, save_toml
 from .data.loader import build_loader, resolve_norm
 from .data.shards import ShardError, read_manifest
@@ -86,14 +86,23 @@ def run(cfg: Config, preset: str | None) -> int:
     total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
     loss_fn = make_loss_fn(cfg)
     engine = build_engine(cfg, build_model(cfg.model, cfg.data.in_channels), dist, loss_fn, total_steps)
+    for line in engine.describe():
+        log.info(f"engine: {line}")
+    engine.write_run_files(run_dir)  # DeepSpeed: RUN/deepspeed_config.json
 
     state = TrainState()
     ckpt_path = resume_checkpoint(cfg, run_dir)
     if ckpt_path is not None:
-        state = restore(engine, checkpoint.load(ckpt_path, dist.device))
+        ckpt = checkpoint.load(ckpt_path, dist.device)
+        weights_only = engine.can_resume(ckpt)
+        state = restore(engine, ckpt, ckpt_path)
         log.rewind(state.epoch, state.last_record)
-        log.info(f"resumed from {ckpt_path}: epoch {state.epoch}, step {state.step}"
-                 + (f", batch {state.batch_in_epoch} of the next epoch" if state.batch_in_epoch else ""))
+        if weights_only:
+            log.info(f"loaded weights only from {ckpt_path} ({weights_only}); optimizer, lr schedule "
+                     f"and progress start fresh (fine-tuning)")
+        else:
+            log.info(f"resumed from {ckpt_path}: epoch {state.epoch}, step {state.step}"
+                     + (f", batch {state.batch_in_epoch} of the next epoch" if state.batch_in_epoch else ""))
     elif dist.is_main and log.metrics_path.exists():
         log.metrics_path.unlink()  # a fresh run (--resume never, or nothing to resume) starts a new log
 
@@ -101,7 +110,11 @@ def run(cfg: Config, preset: str | None) -> int:
         log.info("nothing left to train: the checkpoint already finished its epochs")
         reason = "done"
     else:
-        state, reason = fit(cfg, engine, train_loader, val_loader, loss_fn, state, run_dir, dist, log)
+        tracker = tracking.start(cfg, run_dir, run_dir.name, dist.is_main, log.info)
+        state, reason = fit(cfg, engine, train_loader, val_loader, loss_fn, state, run_dir, dist, log,
+                            tracker=tracker)
+        if tracker is not None:
+            tracker.finish(distmod.REQUEUE_EXIT_CODE if reason == "preempted" else 0)
     if reason == "preempted":
         distmod.cleanup()
         return distmod.REQUEUE_EXIT_CODE
@@ -109,7 +122,7 @@ def run(cfg: Config, preset: str | None) -> int:
     best = run_dir / "checkpoints" / "best.pt"
     if best.is_file():
         distmod.barrier()
-        engine.load_weights(checkpoint.load(best, dist.device)["model"])
+        engine.load_weights(checkpoint.load(best, dist.device))  # and its EMA weights, if any
     test_loader = build_loader(cfg, data_dir, "test", dist, training=False)
     test, first = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep_first=True)
     log.write_json("test_metrics.json", {"best_epoch": state.best_epoch, "stopped": reason, **test})
