@@ -232,7 +232,7 @@ SYNTHETIC_PRESET_CPU: dict[str, dict[str, Any]] = {
               "patience": 0, "log_every": 5},
 }
 SYNTHETIC_PRESET_CUDA: dict[str, dict[str, Any]] = {
-    "data": {"size": 640, "in_channels": 1, "synthetic_samples": 2000, "synthetic_size": 640},
+    "data": {"size": 640, "in_channels": 1, "synthetic_samples": 1000, "synthetic_size": 640},
     "model": {"arch": "unet", "encoder": "resnet34", "encoder_weights": "none"},
     "train": {"batch_size": 32, "epochs": 20},
 }
