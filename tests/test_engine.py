@@ -1,0 +1,216 @@
+"""Engine unit tests (one process, CPU, tiny models): accumulation, clipping, EMA, the
+non-finite step guard, checkpoint round trips and the DeepSpeed config translation/merging."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tumorseg_dist.config import Config, ConfigError
+from tumorseg_dist.dist import DistInfo
+from tumorseg_dist.engine import DDPEngine, NonFiniteLossError, build_engine_for_benchmark
+
+CPU = DistInfo(0, 0, 1, torch.device("cpu"))
+
+
+def tiny_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 1))
+
+
+def bce(logits, target):
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def make(seed=0, loss_fn=bce, **engine):
+    cfg = Config()
+    cfg.train.amp, cfg.train.channels_last = "off", False
+    cfg.optim.scheduler = "none"
+    for k, v in engine.items():
+        setattr(cfg.engine, k, v)
+    return DDPEngine(cfg, tiny_net(seed), CPU, loss_fn, total_steps=100)
+
+
+def data(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), (torch.rand(n, 1, 8, 8, generator=g) > 0.5).float()
+
+
+def params(e):
+    return [p.detach().clone() for p in e.model.parameters()]
+
+
+def test_grad_accumulation_equals_the_full_batch():
+    x, y = data(4)
+    full, acc = make(), make(grad_accum=2)
+    full.train_step(x, y)
+    before = params(acc)
+    acc.train_step(x[:2], y[:2])
+    assert all(torch.equal(a, b) for a, b in zip(before, params(acc)))  # no step mid-window
+    acc.train_step(x[2:], y[2:])
+    for a, b in zip(params(full), params(acc)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert acc.schedule.step_count == 1 and full.schedule.step_count == 1
+
+
+def test_clipping_bounds_the_update():
+    x, y = data(4)
+    cfg_clip = 1e-3
+    e = make(clip_grad=cfg_clip)
+    e.cfg.optim.optimizer = "sgd"
+    e.optimizer = torch.optim.SGD(e.model.parameters(), lr=1.0)  # plain SGD: update = -grad
+    e.fused = False
+    before = params(e)
+    e.train_step(x, y)
+    delta = torch.cat([(a - b).flatten() for a, b in zip(params(e), before)])
+    assert delta.norm().item() == pytest.approx(cfg_clip, rel=1e-3)
+
+
+def test_ema_is_updated_evaluated_and_checkpointed():
+    x, y = data(4)
+    e = make(ema_decay=0.5)
+    start = params(e)
+    e.train_step(x, y)
+    now = params(e)
+    for m, s, n in zip(e.ema.module.parameters(), start, now):
+        torch.testing.assert_close(m, 0.5 * s + 0.5 * n)
+    e.eval()
+    with torch.no_grad():
+        assert torch.allclose(e.eval_logits(x), e.ema.module(x))
+        assert not torch.allclose(e.eval_logits(x), e.model(x))
+    sd = e.state_dict()
+    f = make(seed=3, ema_decay=0.5)
+    f.load_state_dict(sd)
+    for a, b in zip(f.ema.module.parameters(), e.ema.module.parameters()):
+        assert torch.equal(a, b)
+
+
+def nan_after(n_good):
+    calls = {"n": 0}
+
+    def loss_fn(logits, target):
+        calls["n"] += 1
+        loss = bce(logits, target)
+        return loss if calls["n"] <= n_good else loss * float("nan")
+    return loss_fn
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run():
+    x, y = data(4)
+    e = make(loss_fn=nan_after(1), max_bad_steps=3)
+    e.train_step(x, y)
+    good = params(e)
+    opt_state = {k: v.clone() for k, v in e.optimizer.state[next(e.model.parameters())].items()}
+    e.train_step(x, y)
+    e.train_step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(good, params(e)))  # skipped: weights unchanged
+    after = e.optimizer.state[next(e.model.parameters())]
+    assert torch.equal(after["step"], opt_state["step"]) and torch.equal(after["exp_avg"], opt_state["exp_avg"])
+    assert e.check_health() == 2  # two skipped, fewer than 3 in a row: no error yet
+    e.train_step(x, y)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive"):
+        e.check_health()
+
+
+def test_isolated_nonfinite_steps_do_not_stop_the_run():
+    x, y = data(4)
+    flip = {"n": 0}
+
+    def every_other(logits, target):
+        flip["n"] += 1
+        return bce(logits, target) * (float("inf") if flip["n"] % 2 else 1.0)
+    e = make(loss_fn=every_other, max_bad_steps=2)
+    for _ in range(6):
+        e.train_step(x, y)
+    assert e.check_health() == 3
+
+
+def test_weights_only_load_across_engines_uses_the_model_and_ema():
+    a = make(ema_decay=0.9)
+    a.train_step(*data(4))
+    ck = {"format_version": 1, **a.state_dict()}
+    ck["engine"] = "deepspeed"  # as a DeepSpeed metadata file: weights + ema, no optimizer
+    del ck["optimizer"]
+    b = make(seed=5, ema_decay=0.9)
+    assert "deepspeed" in b.can_resume(ck)
+    b.load_weights(ck)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(a.ema.module.parameters(), b.ema.module.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_benchmark_hook_builds_a_working_engine():
+    cfg = Config()
+    cfg.model.encoder, cfg.model.encoder_weights = "resnet18", "none"
+    cfg.train.amp, cfg.train.channels_last, cfg.train.device = "off", False, "cpu"
+    cfg.data.in_channels = 1
+    e = build_engine_for_benchmark(cfg, CPU, total_steps=10)
+    x, y = torch.randn(2, 1, 64, 64), (torch.rand(2, 1, 64, 64) > 0.8).float()
+    e.train()
+    loss = e.train_step(x, y)
+    assert loss.shape == () and torch.isfinite(loss)
+    mem = e.memory_report()
+    assert mem["optimizer_state_bytes"] == 2 * mem["param_bytes"]  # AdamW: two fp32 moments
+
+
+# ---------------------------------------------------------------- DeepSpeed config (no process group)
+
+def test_deepspeed_config_translation():
+    from tumorseg_dist.deepspeed_engine import deepspeed_config
+    cfg = Config()
+    cfg.train.batch_size, cfg.engine.grad_accum, cfg.engine.zero_stage = 8, 2, 2
+    cfg.engine.clip_grad, cfg.optim.lr = 1.0, 5e-4
+    ds = deepspeed_config(cfg, world_size=2, amp="bf16")
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 4, 2)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 5e-4
+    cfg.optim.optimizer = "adam"
+    assert deepspeed_config(cfg, 2, "off")["optimizer"]["params"]["adam_w_mode"] is False
+    cfg.optim.optimizer = "sgd"
+    assert deepspeed_config(cfg, 2, "fp16")["optimizer"]["type"] == "SGD"
+    with pytest.raises(ConfigError, match="divide evenly"):
+        deepspeed_config(cfg, world_size=3, amp="off")
+
+
+def test_deepspeed_config_merge_conflicts_name_both_values():
+    from tumorseg_dist.deepspeed_engine import deepspeed_config, merge_config
+    cfg = Config()
+    cfg.train.batch_size, cfg.engine.zero_stage = 8, 1
+    ours = deepspeed_config(cfg, 2, "off")
+    merged, notes = merge_config(ours, {"zero_optimization": {"stage": 1, "overlap_comm": True},
+                                        "train_batch_size": "auto",
+                                        "optimizer": {"params": {"betas": [0.9, 0.95]}}}, "x.json")
+    assert merged["zero_optimization"] == {"stage": 1, "overlap_comm": True}
+    assert merged["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert merged["train_batch_size"] == ours["train_batch_size"]
+    assert any("overlap_comm" in n for n in notes) and any("betas" in n for n in notes)
+    with pytest.raises(ConfigError) as err:
+        merge_config(ours, {"zero_optimization": {"stage": 2}}, "x.json")
+    assert "zero_optimization.stage = 2" in str(err.value) and "--zero-stage gives 1" in str(err.value)
+    with pytest.raises(ConfigError, match=r"optimizer.params.lr = 0.1 .*--lr gives 0.001"):
+        merge_config(ours, {"optimizer": {"params": {"lr": 0.1}}}, "x.json")
+
+
+def test_engine_flags_are_validated():
+    from tumorseg_dist.config import parse
+    with pytest.raises(ConfigError, match="needs --engine deepspeed"):
+        parse(["--zero-stage", "2", "--device", "cpu"])
+    with pytest.raises(ConfigError, match="--ema-decay"):
+        parse(["--ema-decay", "1.5", "--device", "cpu"])
+    with pytest.raises(ConfigError, match="no such file"):
+        parse(["--engine", "deepspeed", "--deepspeed-config", "/nonexistent.json", "--device", "cpu"])
+
+
+def test_example_deepspeed_configs_merge_cleanly():
+    from pathlib import Path
+    from tumorseg_dist.deepspeed_engine import deepspeed_config, merge_config
+    files = sorted((Path(__file__).resolve().parents[1] / "launch" / "deepspeed").glob("*.json"))
+    assert files
+    for f in files:
+        cfg = Config()
+        theirs = json.loads(f.read_text())
+        cfg.engine.zero_stage = theirs.get("zero_optimization", {}).get("stage", 0)
+        merge_config(deepspeed_config(cfg, 1, "bf16"), theirs, str(f))
