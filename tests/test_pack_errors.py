@@ -412,7 +412,8 @@ def test_dry_run_writes_nothing_and_finds_problems(tmp_path, capsys):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def test_ctrl_c_leaves_no_partial_output(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_leaves_no_partial_output(tmp_path, sig):
     root = tmp_path / "in"
     rng = np.random.default_rng(0)
     for i in range(400):
@@ -427,7 +428,7 @@ def test_ctrl_c_leaves_no_partial_output(tmp_path):
     while time.time() < deadline and not list((tmp_path / "o").glob(".ds.tmp-*/train-000000.tar")):
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err
