@@ -366,13 +366,12 @@ class DaliLoader:
         return pipe, (lo, hi)
 
     def _to_torch(self, tl) -> torch.Tensor:
-        if self.gpu:
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-            t = tl.as_tensor()
-            out = torch.empty(t.shape(), dtype=torch.float32, device=self.dist.device)
-            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.dist.device))
-            return out
-        return torch.from_numpy(np.array(tl.as_tensor()))
+        """One copy from DALI's buffers (reused on the next run) into a new torch tensor."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        t = tl.as_tensor()   # a view when the batch is already contiguous
+        out = torch.empty(t.shape(), dtype=torch.float32, device=self.dist.device)
+        stream = torch.cuda.current_stream(self.dist.device) if self.gpu else None
+        return feed_ndarray(t, out, cuda_stream=stream)
 
     def __iter__(self) -> Iterator[Batch]:
         s = self.spec
