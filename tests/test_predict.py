@@ -179,6 +179,15 @@ def test_checkpoint_with_unknown_keys_and_no_normalization_record_loads(tmp_path
     assert m.mean == (0.3, 0.3, 0.3) and m.size == 64 and m.in_channels == 3
 
 
+def test_ema_weights_are_preferred(tmp_path, ckpt):
+    def edit(c):
+        c["ema"] = {k: (v + 1 if v.is_floating_point() else v) for k, v in c["model"].items()}
+    m = load_model(edited(ckpt, tmp_path / "ema.pt", edit))
+    plain = torch.load(ckpt, weights_only=True)["model"]
+    k = next(k for k, v in plain.items() if v.is_floating_point())
+    assert torch.equal(m.model.state_dict()[k], plain[k] + 1)
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c.update(format_version=99), "newer than this"),
     (lambda c: c["config"]["model"].update(arch="segformer"), "architecture 'segformer' is unknown"),

@@ -24,6 +24,7 @@ from . import checkpoint
 from .checkpoint import CheckpointError
 from .config import Arch, ModelConfig
 from .data.loader import to_channels
+from .engine import weights_of
 from .models import ModelError, build_model
 
 KNOWN_ARCHS = Arch.__args__  # the Literal's choices
@@ -163,7 +164,7 @@ def _strip_prefixes(state: dict) -> dict:
 
 def load_model(path: Path | str, device: str | torch.device = "cpu") -> InferenceModel:
     """Rebuild the trained model from a checkpoint (no encoder weights are loaded or downloaded:
-    the checkpoint has them all), in eval mode on `device`."""
+    the checkpoint has them all; its EMA weights if it has them), in eval mode on `device`."""
     path = Path(path)
     device = torch.device(device)
     ckpt = checkpoint.load(path, "cpu")
@@ -174,7 +175,8 @@ def load_model(path: Path | str, device: str | torch.device = "cpu") -> Inferenc
     except ModelError as e:
         raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
     try:
-        model.load_state_dict(_strip_prefixes(ckpt["model"]))
+        # The EMA weights when the run kept them (`--ema-decay`): those were validated and tested.
+        model.load_state_dict(_strip_prefixes(weights_of(ckpt, prefer_ema=True)))
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{path}: its weights do not fit {info['arch']}/{info['encoder']} with "
