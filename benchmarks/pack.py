@@ -6,7 +6,8 @@ Generates a `folders` dataset of phantom images (640×640 grey by default, `--ch
 RGB) once under a temp dir, then times the real CLI path (`tumorseg_dist.pack` scan -> workers
 -> tar writer) for every (codec, workers) pair, best of `--repeat`. Prints one JSON document with
 the machine, date, commit and command. On a 2-core machine only the ratios within one run mean
-anything (other processes share the cores).
+anything (other processes share the cores); `cpu_ms_per_image` (this process and its workers)
+does not depend on the load, and `cpu_utilisation` shows how many cores the run actually got.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -65,17 +67,26 @@ def make_dataset(root: Path, n: int, size: int, channels: int) -> None:
         Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"{i}.png")
 
 
-def time_pack(root: Path, out: Path, codec: str, workers: int, repeat: int) -> tuple[float, int]:
-    best = float("inf")
+def _cpu_seconds() -> float:
+    """User+system CPU of this process and its reaped children (the pool's workers)."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def time_pack(root: Path, out: Path, codec: str, workers: int, repeat: int) -> tuple[float, float, int]:
+    """Best wall time, the CPU seconds of that run, and the total tar bytes."""
+    best, cpu = float("inf"), 0.0
     for _ in range(repeat):
         shutil.rmtree(out, ignore_errors=True)
         cfg = PackConfig(root, out, format="folders", options=Options(), codec=codec, workers=workers,
                          progress=False)
-        t0 = time.perf_counter()
+        c0, t0 = _cpu_seconds(), time.perf_counter()
         run(cfg, log=lambda m: None)
-        best = min(best, time.perf_counter() - t0)
+        dt, dc = time.perf_counter() - t0, _cpu_seconds() - c0
+        if dt < best:
+            best, cpu = dt, dc
     size = sum(p.stat().st_size for p in out.glob("*.tar"))
-    return best, size
+    return best, cpu, size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,11 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         for codec in a.codec.split(","):
             base = None
             for w in workers:
-                dt, size = time_pack(root, Path(tmp) / f"out-{codec}-{w}", codec, w, a.repeat)
+                dt, cpu, size = time_pack(root, Path(tmp) / f"out-{codec}-{w}", codec, w, a.repeat)
                 ips = a.images / dt
                 base = base or ips
                 row = {"codec": codec, "workers": w, "seconds": round(dt, 3), "images_per_s": round(ips, 2),
                        "speedup_vs_1_worker": round(ips / base, 2),
+                       "cpu_ms_per_image": round(1000 * cpu / a.images, 1),
+                       "cpu_utilisation": round(cpu / dt, 2),
                        "shard_bytes_per_image": round(size / a.images)}
                 doc["rows"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)

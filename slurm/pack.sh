@@ -51,15 +51,17 @@ if [[ "$STAGE" == task ]]; then
         --task-index "${SLURM_ARRAY_TASK_ID:?not in an array job}" --num-tasks "${PACK_TASKS:?}"
 elif [[ "$STAGE" == merge ]]; then
     out=""
+    extra=()
     args=("$@")
     for ((i = 0; i < ${#args[@]}; i++)); do
         case "${args[$i]}" in
             --out) out=${args[$((i + 1))]} ;;
             --out=*) out=${args[$i]#--out=} ;;
+            --overwrite) extra+=(--overwrite) ;;
         esac
     done
     [[ -n "$out" ]] || { echo "slurm/pack.sh: --out is required" >&2; exit 2; }
-    exec "$PYTHON" -m tumorseg_dist.pack --merge --out "$out"
+    exec "$PYTHON" -m tumorseg_dist.pack --merge --out "$out" "${extra[@]}"
 else
     echo "slurm/pack.sh: unknown PACK_STAGE=$STAGE (submit|task|merge)" >&2
     exit 2
