@@ -346,3 +346,28 @@ def test_throughput_data_stage_reports_rows_with_provenance(tmp_path):
     assert [(r["loader"], r["codec"]) for r in doc["results"]] == [("dali", "raw"), ("torch", "raw"),
                                                                      ("naive", "png-files")]
     assert all(r["images_per_run"] == 8 and r["images_per_s"] > 0 for r in doc["results"])
+
+
+@pytest.mark.slow
+def test_loop_evaluate_gives_the_same_metrics_with_dali_and_torch(shards):
+    """The training loop's evaluate() on the same weights: --loader dali == --loader torch."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from inference_testing import tiny_config
+    from tumorseg_dist.data.loader import build_loader
+    from tumorseg_dist.engine import build_engine
+    from tumorseg_dist.loop import evaluate
+    from tumorseg_dist.models import build_model
+    cfg = tiny_config(size=64, data=shards["png"])
+    d = DistInfo(0, 0, 1, CPU)
+    torch.manual_seed(0)
+    engine = build_engine(cfg, build_model(cfg.model, 1), d, lambda a, b: a.mean(), 1)
+    got = {}
+    for name in ("dali", "torch"):
+        cfg.data.loader = name
+        got[name] = evaluate(engine, build_loader(cfg, shards["png"], "val", d, training=False),
+                             torch.nn.functional.binary_cross_entropy_with_logits, cfg.train.threshold)
+    assert got["dali"]["samples"] == got["torch"]["samples"] == 11
+    assert got["dali"]["loss"] == pytest.approx(got["torch"]["loss"], abs=1e-4)
+    for k in ("dice", "iou", "precision", "recall", "accuracy"):
+        assert got["dali"][k] == pytest.approx(got["torch"][k], abs=2e-3), k
