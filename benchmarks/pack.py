@@ -12,13 +12,10 @@ does not depend on the load, and `cpu_utilisation` shows how many cores the run 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +26,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tumorseg_dist.data.formats import Options  # noqa: E402
 from tumorseg_dist.data.formats.pipeline import PackConfig, run  # noqa: E402
@@ -36,24 +34,18 @@ from tumorseg_dist.data.phantoms import phantom  # noqa: E402
 
 
 def provenance(argv: list[str]) -> dict:
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], text=True,
-                                capture_output=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                                    text=True, capture_output=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
+    """throughput.py's provenance (device, versions, date, commit) with this command and the load."""
+    import torch
+    from throughput import provenance as base
+    doc = base(argv, torch.device("cpu"))
+    doc["command"] = " ".join(["python", "benchmarks/pack.py", *argv])
     import PIL
-    return {"machine": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-            "cpu_count": os.cpu_count(), "load_average_1min_at_start": load,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "git_commit": commit, "git_dirty": dirty,
-            "command": " ".join(["python", "benchmarks/pack.py", *argv]),
-            "versions": {"python": platform.python_version(), "numpy": np.__version__, "pillow": PIL.__version__}}
+    doc["versions"].update(numpy=np.__version__, pillow=PIL.__version__)
+    try:
+        doc["load_average_1min_at_start"] = os.getloadavg()[0]
+    except OSError:
+        doc["load_average_1min_at_start"] = None
+    return doc
 
 
 def make_dataset(root: Path, n: int, size: int, channels: int) -> None:
