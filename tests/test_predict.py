@@ -149,7 +149,7 @@ def test_read_image_tiff_rgb_and_palette(tmp_path):
     np.testing.assert_allclose(predict.read_image(tmp_path / "a.tif"), rgb / 255.0, atol=1e-6)
     Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
     assert predict.read_image(tmp_path / "p.png").shape == (9, 7, 3)
-    with pytest.raises(predict.UnreadableImage, match="not a readable"):
+    with pytest.raises(predict.UnreadableImage, match="cannot be decoded as an image"):
         (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
         predict.read_image(tmp_path / "bad.tif")
 

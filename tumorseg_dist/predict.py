@@ -29,12 +29,11 @@ import torch
 from PIL import Image
 
 from .checkpoint import CheckpointError
+from .data.formats.common import IMAGE_EXTS, PackInputError, read_array
 from .data.loader import IndexedShards, decode_image, decode_mask
 from .data.shards import MANIFEST, ShardError, read_manifest, shard_paths
 from .inference import InferenceModel, load_model, resolve_threshold, to_original_size
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-TIFF_EXTS = {".tif", ".tiff"}
 MASK_NAME = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
 RED, GREEN = (255, 40, 40), (40, 255, 40)
 
@@ -45,49 +44,21 @@ class UnreadableImage(ValueError):
 
 # ---------------------------------------------------------------- reading images
 
-def _pil_to_array(im: Image.Image) -> np.ndarray:
-    """A decoded PIL image as float32 H×W or H×W×C in [0, 1] (16-bit scaled by 65535)."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(im, dtype=np.uint16).astype(np.float32) / 65535.0
-    if im.mode == "I":
-        arr = np.asarray(im).astype(np.float32)
-        return np.clip(arr, 0, 65535) / (65535.0 if arr.max() > 255 else 255.0)
-    if im.mode == "F":
-        arr = np.asarray(im, dtype=np.float32)
-        hi = float(arr.max()) if arr.size else 1.0
-        return np.clip(arr / (hi if hi > 1 else 1.0), 0, 1)
-    if im.mode not in ("L", "RGB", "RGBA"):
-        im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else
-                        ("L" if im.mode in ("1", "LA") else "RGB"))
-    return np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
-
-
 def read_image(path: Path) -> np.ndarray:
-    """Read an image file as float32 H×W or H×W×C in [0, 1]; UnreadableImage if it cannot be."""
+    """Read an image file as float32 H×W or H×W×C in [0, 1]; UnreadableImage if it cannot be.
+
+    Decoded exactly as `pack` decodes it (TIFF via tifffile, 16-bit colour PNG, palette, 1-bit)
+    and scaled as the loader scales packed images (16-bit / 65535, else / 255), so a raw file
+    reaches the model with the same values it would have had in training."""
     path = Path(path)
     if not path.is_file():
         raise UnreadableImage(f"{path}: no such file")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return _pil_to_array(im)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        pil_error = e
-    if path.suffix.lower() in TIFF_EXTS:  # compressions/layouts PIL lacks: tifffile + imagecodecs
-        try:
-            import tifffile
-            arr = tifffile.imread(path)
-        except Exception as e:  # tifffile raises many kinds for a broken file
-            raise UnreadableImage(f"{path}: not a readable TIFF (PIL: {pil_error}; tifffile: {e})") from None
-        if arr.size == 0:
-            raise UnreadableImage(f"{path}: not a readable TIFF (no image data; PIL: {pil_error})")
-        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-            arr = np.moveaxis(arr, 0, -1)
-        if arr.ndim not in (2, 3):
-            raise UnreadableImage(f"{path}: a TIFF with shape {arr.shape} is not one 2D image")
-        scale = 65535.0 if arr.dtype == np.uint16 else 255.0
-        return np.clip(arr.astype(np.float32) / scale, 0, 1)
-    raise UnreadableImage(f"{path}: not a readable image ({type(pil_error).__name__}: {pil_error})")
+        arr = read_array(path, str(path))
+    except PackInputError as e:
+        raise UnreadableImage(str(e)) from None
+    scale = 65535.0 if arr.dtype == np.uint16 else 255.0
+    return arr.astype(np.float32) / scale
 
 
 # ---------------------------------------------------------------- overlays
