@@ -210,7 +210,14 @@ class DeepSpeedEngine:
         self.ds.train()
 
     def eval(self) -> None:
+        """Eval mode, with rank 0's buffers (BatchNorm running statistics) on every rank:
+        DeepSpeed, unlike DDP, does not broadcast buffers, and rank 0's model is the one that
+        gets checkpointed, so that is the model every rank evaluates."""
         self.ds.eval()
+        if self.dist.world_size > 1:
+            for module in (self.model, self.ema.module if self.ema is not None else None):
+                for b in (module.buffers() if module is not None else ()):
+                    torch.distributed.broadcast(b, src=0)
 
     def train_step(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One micro-batch: forward, fp32 loss, DeepSpeed backward (scaled by 1/accum) and step
