@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def _version(mod: str) -> str | None:
     try:
-        return __import__(mod).__version__
+        import importlib
+        return importlib.import_module(mod).__version__
     except Exception:  # noqa: BLE001 - optional packages
         return None
 
@@ -50,7 +51,7 @@ def provenance(argv: list[str], device: torch.device) -> dict:
     dev = (torch.cuda.get_device_name(device) if device.type == "cuda"
            else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     return {
-        "device": dev, "cpu_count": os.cpu_count(),
+        "device": dev, "cpu_count": os.cpu_count(), "load_average_1min_at_start": os.getloadavg()[0],
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "git_commit": commit, "git_dirty": dirty,
         "command": " ".join(["python", "benchmarks/throughput.py", *argv]),
