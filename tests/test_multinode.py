@@ -189,7 +189,7 @@ def test_two_hosts_train_together(tmp_path, shards):
     env = launcher_env(MASTER_ADDR="127.0.0.1", NNODES="2", MASTER_PORT=str(free_port()),
                        NPROC_PER_NODE="1", RDZV_TIMEOUT="60")
     procs = [subprocess.Popen(
-        [str(LAUNCH / "multinode.sh"), "--data", str(shards), *TINY_TRAIN_FLAGS, "--epochs", "1",
+        [str(LAUNCH / "multinode.sh"), "--data", str(shards), *TINY_TRAIN_FLAGS, "--epochs", "2",
          "--out", str(run)], env={**env, "NODE_RANK": str(node)}, cwd=tmp_path,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         for node in (0, 1)]
@@ -200,7 +200,7 @@ def test_two_hosts_train_together(tmp_path, shards):
             stop_group(p)
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
     assert "world size 2" in "".join(outs)
-    assert [r["epoch"] for r in read_metrics(run)] == [1]
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
     assert (run / "checkpoints" / "last.pt").is_file() and (run / "test_metrics.json").is_file()
 
 
