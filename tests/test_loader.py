@@ -78,3 +78,24 @@ def test_global_batch_must_divide_world_size(synthetic_shards):
     cfg.train.batch_size = 5
     with pytest.raises(ValueError, match="GLOBAL"):
         build_loader(cfg, synthetic_shards, "train", DistInfo(0, 0, 2, torch.device("cpu")), True)
+
+
+def test_decode_16_bit_png_scales_by_65535():
+    import io as _io
+    from tumorseg_dist.data.loader import decode_image
+    a = (np.arange(16).reshape(4, 4) * 4000).astype(np.uint16)
+    buf = _io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    out = decode_image(buf.getvalue(), "image.png")
+    assert out.shape == (4, 4, 1)
+    assert np.allclose(out[:, :, 0], a / 65535.0)
+
+
+@pytest.mark.parametrize("cin,cout", [(1, 3), (2, 3), (2, 1), (3, 1), (4, 3), (4, 1), (3, 3)])
+def test_to_channels_shapes(cin, cout):
+    from tumorseg_dist.data.loader import to_channels
+    t = torch.rand(cin, 5, 5)
+    out = to_channels(t, cout)
+    assert out.shape == (cout, 5, 5)
+    if cin in (1, 2) and cout == 3:
+        assert torch.equal(out[0], t[0]) and torch.equal(out[2], t[0])  # grey repeated, alpha dropped

@@ -127,9 +127,13 @@ def decode_image(data: bytes, ext: str) -> np.ndarray:
     """H×W×C float32 in [0, 1] (16-bit scaled by 65535)."""
     if ext == "image.npy":
         arr = np.load(io.BytesIO(data), allow_pickle=False)
+        sixteen = arr.dtype == np.uint16
     else:
-        arr = np.asarray(Image.open(io.BytesIO(data)))
-    scale = 65535.0 if arr.dtype == np.uint16 else 255.0
+        pil = Image.open(io.BytesIO(data))
+        # 16-bit PNG/JPEG 2000 open as mode I;16 (uint16) or I (int32) depending on Pillow.
+        sixteen = pil.mode.startswith("I")
+        arr = np.asarray(pil)
+    scale = 65535.0 if sixteen or arr.dtype == np.uint16 else 255.0
     arr = arr.astype(np.float32) / scale
     return arr[:, :, None] if arr.ndim == 2 else arr
 
@@ -242,8 +246,10 @@ def to_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
     """[C,H,W] -> [channels,H,W]: grey repeated, colour to grey by BT.601 luma, alpha dropped."""
     if t.shape[0] == channels:
         return t
-    if t.shape[0] == 4:
-        t = t[:3]
+    if t.shape[0] in (2, 4):  # grey+alpha, RGBA: drop alpha
+        t = t[:t.shape[0] - 1]
+        if t.shape[0] == channels:
+            return t
     if channels == 1:
         if t.shape[0] == 3:
             return torch.tensordot(torch.tensor(LUMA, dtype=t.dtype), t, dims=1)[None]
