@@ -75,3 +75,8 @@ tumorseg_torchrun() {   # REPO_DIR
         return 1
     fi
 }
+
+# Workers open their own store for the process group on every (re)start instead of sharing
+# the rendezvous store: with the shared one, a group restarted after a worker died (torchrun
+# --max-restarts) failed to connect ("Gloo connectFullMesh failed ... Connection refused").
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
