@@ -847,6 +847,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows += got
     prov = provenance(argv, dist.device)
     prov["world_size"] = dist.world_size
+    if dist.world_size > 1:   # launched by torchrun (or Slurm): record how
+        local = os.environ.get("LOCAL_WORLD_SIZE", "?")
+        prov["command"] = prov["command"].replace(
+            "python ", f"torchrun --nproc-per-node {local} --nnodes {dist.world_size // int(local) if local.isdigit() else '?'} ", 1)
     doc = {**prov, "stage": args.stage, "settings": settings_of(args), "results": rows}
     if sweep_key is not None:
         doc["sweep_summary"] = sweep_summary(sweep_key, rows)

@@ -1,0 +1,151 @@
+"""benchmarks/throughput.py: every stage runs for 2 steps at 64 px on CPU and writes the JSON
+fields RESULTS.md is built from. Timings are never asserted (only that they were measured)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TORCHRUN, run_cli
+
+spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
+tp = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tp)
+
+TINY = ["--device", "cpu", "--size", "64", "--in-channels", "1", "--encoder", "resnet18",
+        "--batch-size", "4", "--steps", "2", "--warmup", "1", "--workers", "0"]
+PROVENANCE = {"device", "date", "git_commit", "command", "versions", "settings"}
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_provenance(row: dict, argv: list[str]) -> None:
+    assert PROVENANCE <= set(row)
+    assert row["device"].startswith("cpu") and row["versions"]["torch"] == torch.__version__
+    assert row["command"].startswith("python benchmarks/throughput.py ")
+    assert all(a in row["command"] for a in argv[:4])
+    assert row["settings"]["size"] == 64 and row["settings"]["encoder"] == "resnet18"
+
+
+def test_model_stage_row_with_flops_memory_and_trace(tmp_path):
+    out = tmp_path / "model.jsonl"
+    argv = ["--stage", "model", *TINY, "--json", str(out), "--profile", str(tmp_path / "prof")]
+    doc = tp.main(argv)
+    (row,) = rows_of(out)
+    check_provenance(row, argv)
+    assert row["stage"] == "model" and row["status"] == "ok" and row["world_size"] == 1
+    assert row["batch_size"] == row["per_rank_batch_size"] == 4 and row["steps"] == 2
+    assert row["amp"] == "off" and row["channels_last"] is True and row["engine"] == "ddp"
+    assert row["images_per_s"] > 0 and row["step_ms"] > 0 and row["last_loss"] == row["last_loss"]
+    assert row["flops_per_image_fwd_bwd"] == row["flops_per_image_fwd"] + row["flops_per_image_bwd"] > 0
+    assert row["achieved_tflops"] >= 0 and "mfu" not in row   # no peak for a CPU
+    assert row["peak_memory_mib"] > 0 and row["peak_memory_kind"] == "process_peak_rss"
+    assert row["engine_memory_bytes"]["optimizer_state_bytes"] == 2 * row["engine_memory_bytes"]["param_bytes"]
+    trace = json.loads(Path(row["profile_trace"]).read_text())
+    assert any(e.get("name") == "step_0" for e in trace["traceEvents"])
+    assert doc["results"][0]["images_per_s"] == row["images_per_s"]
+
+
+def test_data_and_train_stages_on_packed_shards(tmp_path, synthetic_shards):
+    for stage in ("data", "train"):
+        out = tmp_path / f"{stage}.jsonl"
+        tp.main(["--stage", stage, *TINY, "--data", str(synthetic_shards), "--loader", "torch,naive",
+                 "--json", str(out)])
+        (row,) = rows_of(out)   # naive needs the synthetic PNG folders: skipped with --data
+        assert row["stage"] == stage and row["loader"] == "torch" and row["codec"] == "png"
+        assert row["data"] == str(synthetic_shards) and row["images_per_s"] > 0
+        if stage == "train":
+            assert row["last_loss"] > 0 and row["flops_per_image_fwd_bwd"] > 0
+
+
+def test_all_stage_ratio_and_breakdown(tmp_path, capsys):
+    out = tmp_path / "all.jsonl"
+    tp.main(["--stage", "all", *TINY, "--synthetic", "--loader", "dali", "--source-size", "64",
+             "--samples", "12", "--data-dir", str(tmp_path / "bench"), "--amp", "bf16", "--json", str(out)])
+    rows = rows_of(out)
+    assert [r["stage"] for r in rows] == ["data", "model", "train", "breakdown"]
+    data, model, train, bd = rows
+    assert model["amp"] == train["amp"] == "bf16"
+    assert train["train_over_model"] == pytest.approx(train["images_per_s"] / model["images_per_s"], rel=1e-3)
+    assert set(bd["phases_ms"]) == set(tp.PHASES) and bd["steps"] == 2 and bd["loader"] == "dali"
+    ph = bd["phases_ms"]
+    assert ph["h2d"] is None and ph["all_reduce"] is None   # CPU, one rank
+    assert all(ph[k] > 0 for k in ("forward", "backward", "optimizer")) and ph["data_wait"] >= 0
+    assert bd["sum_ms"] == pytest.approx(sum(v for v in ph.values() if v is not None), abs=0.01)
+    assert bd["train_step_ms"] == train["step_ms"]
+    table = capsys.readouterr().out
+    assert "step breakdown (dali" in table and "train/model" in table
+
+
+def test_flop_counter_matches_design_number():
+    """DESIGN.md: U-Net/ResNet34 at 640x640, 3 channels: 291 GFLOP per image forward+backward."""
+    fl = tp.flops_per_image("unet", "resnet34", 3, 640)
+    assert fl["flops_per_image_fwd_bwd"] / 1e9 == pytest.approx(291, rel=0.005)
+    assert fl["flops_per_image_bwd"] == pytest.approx(2 * fl["flops_per_image_fwd"], rel=0.02)
+
+
+def test_peak_table_and_compute_dtype():
+    assert tp.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert tp.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert tp.peak_tflops("NVIDIA H200", "fp16") == 989.4
+    assert tp.peak_tflops("NVIDIA L40S", "bf16") == 362.1 and tp.peak_tflops("NVIDIA L4", "bf16") == 121.0
+    assert tp.peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
+    assert tp.peak_tflops("Some Future GPU", "bf16") is None
+    assert tp.peak_tflops("Tesla V100-SXM2-16GB", "bf16") is None
+    assert tp.compute_dtype("bf16", torch.device("cpu")) == "bf16"
+    assert tp.compute_dtype("off", torch.device("cpu")) == "fp32"
+
+
+def test_out_of_memory_becomes_the_limit_and_other_errors_raise():
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    (row,) = tp.guarded(oom, "model", torch.device("cpu"))
+    assert row["status"] == "oom" and "Tried to allocate" in row["error"]
+    (row,) = tp.guarded(lambda: (_ for _ in ()).throw(RuntimeError("DefaultCPUAllocator: can't allocate memory")),
+                        "model", torch.device("cpu"))
+    assert row["status"] == "oom"
+    with pytest.raises(ValueError):
+        tp.guarded(lambda: (_ for _ in ()).throw(ValueError("shape mismatch")), "model", torch.device("cpu"))
+    rows = [{"status": "ok", "sweep": {"batch_size": 8}}, {"status": "ok", "sweep": {"batch_size": 16}},
+            {"status": "oom", "sweep": {"batch_size": 32}}]
+    s = tp.sweep_summary("batch_size", rows)
+    assert s["ran"] == [8, 16] and s["out_of_memory"] == [32] and s["limit"] == "largest batch_size that fits: 16"
+
+
+def test_sweep_runs_each_value(tmp_path):
+    args = tp.parse(TINY)
+    assert tp.parse_sweep("batch-size=2,4", args) == ("batch_size", [2, 4])
+    assert tp.parse_sweep("channels_last=false,true", args) == ("channels_last", [False, True])
+    with pytest.raises(SystemExit):
+        tp.parse_sweep("nonsense=1,2", args)
+    out = tmp_path / "sweep.jsonl"
+    doc = tp.main(["--stage", "model", *TINY, "--sweep", "channels_last=false,true", "--no-flops",
+                   "--json", str(out)])
+    rows = rows_of(out)
+    assert [(r["sweep"]["channels_last"], r["channels_last"]) for r in rows] == [(False, False), (True, True)]
+    assert doc["sweep_summary"]["limit"] == "every value fits"
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    p = run_cli([tp.sys.executable, "benchmarks/throughput.py", "--data", str(tmp_path), "--device", "cpu"],
+                cwd=REPO, check=False, timeout=120)
+    assert p.returncode == 2 and "no manifest.json" in p.stderr
+
+
+def test_two_ranks_report_per_rank_aggregate_and_scaling(tmp_path):
+    out = tmp_path / "dist.jsonl"
+    run_cli([TORCHRUN, "--nproc-per-node", "2", "benchmarks/throughput.py", "--stage", "model", *TINY,
+             "--json", str(out)], cwd=REPO, timeout=300)
+    (row,) = rows_of(out)
+    assert row["world_size"] == 2 and row["per_rank_batch_size"] == 2
+    assert len(row["per_rank_images_per_s"]) == 2 and all(v > 0 for v in row["per_rank_images_per_s"])
+    assert row["images_per_s"] == pytest.approx(sum(row["per_rank_images_per_s"]), abs=0.01)
+    assert row["single_rank_images_per_s"] > 0
+    assert row["scaling_efficiency"] == pytest.approx(
+        row["images_per_s"] / (2 * row["single_rank_images_per_s"]), rel=1e-3)
+    assert row["command"].startswith("torchrun --nproc-per-node 2 --nnodes 1 ")
