@@ -34,17 +34,12 @@ from tumorseg_dist.data.phantoms import phantom  # noqa: E402
 
 
 def provenance(argv: list[str]) -> dict:
-    """throughput.py's provenance (device, versions, date, commit) with this command and the load."""
+    """The shared benchmark provenance (device, versions, date, commit, command, load)."""
     import torch
-    from throughput import provenance as base
-    doc = base(argv, torch.device("cpu"))
-    doc["command"] = " ".join(["python", "benchmarks/pack.py", *argv])
+    from _provenance import provenance as base
+    doc = base(argv, torch.device("cpu"), script="benchmarks/pack.py")
     import PIL
     doc["versions"].update(numpy=np.__version__, pillow=PIL.__version__)
-    try:
-        doc["load_average_1min_at_start"] = os.getloadavg()[0]
-    except OSError:
-        doc["load_average_1min_at_start"] = None
     return doc
 
 

@@ -149,3 +149,58 @@ def test_two_ranks_report_per_rank_aggregate_and_scaling(tmp_path):
     assert row["scaling_efficiency"] == pytest.approx(
         row["images_per_s"] / (2 * row["single_rank_images_per_s"]), rel=1e-3)
     assert row["command"].startswith("torchrun --nproc-per-node 2 --nnodes 1 ")
+
+
+# ---------------------------------------------------------------- GPU checks
+# Skipped without CUDA; benchmarks/gpu_check.sh runs them on a lent GPU machine.
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
+GPU = ["--device", "cuda", "--size", "64", "--in-channels", "1", "--encoder", "resnet18",
+       "--batch-size", "8", "--steps", "3", "--warmup", "2", "--workers", "2"]
+
+
+@cuda
+def test_gpu_fused_loss_matches_reference_and_is_used():
+    from tumorseg_dist.losses import dice_bce_loss, reference_dice_bce
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 1, 640, 640, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    t = (torch.rand(4, 1, 640, 640, device="cuda", generator=g) > 0.7).float()
+    fused = dice_bce_loss(x, t, fused="on")
+    (gf,) = torch.autograd.grad(fused, x)
+    ref = reference_dice_bce(x, t)
+    (gr,) = torch.autograd.grad(ref, x)
+    assert fused.dtype == torch.float32 and fused.item() == pytest.approx(ref.item(), rel=1e-4)
+    torch.testing.assert_close(gf.float(), gr.float(), rtol=2e-2, atol=1e-6)
+
+
+@cuda
+def test_gpu_model_stage_bf16_channels_last_reports_mfu(tmp_path):
+    out = tmp_path / "gpu-model.jsonl"
+    tp.main(["--stage", "model", *GPU, "--amp", "bf16", "--channels-last", "--json", str(out)])
+    (row,) = rows_of(out)
+    assert row["device"] == torch.cuda.get_device_name() and row["amp"] == "bf16"
+    assert row["peak_memory_kind"] == "cuda_max_allocated" and row["peak_memory_mib"] > 0
+    assert row["compute_dtype"] == "bf16" and row["achieved_tflops"] > 0
+    if tp.peak_tflops(row["device"], "bf16") is not None:
+        assert 0 < row["mfu"] < 1
+
+
+@cuda
+def test_gpu_all_stage_dali_mixed_decode(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "gpu-all.jsonl"
+    tp.main(["--stage", "all", *GPU, "--synthetic", "--loader", "dali,torch", "--source-size", "96",
+             "--samples", "32", "--data-dir", str(tmp_path / "bench"), "--json", str(out)])
+    rows = rows_of(out)
+    bd = next(r for r in rows if r["stage"] == "breakdown")
+    assert bd["timer"] == "cuda_events" and bd["phases_ms"]["h2d"] is not None
+    assert all(r["train_over_model"] > 0 for r in rows if r["stage"] == "train")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (nccl)")
+def test_gpu_two_ranks_nccl(tmp_path):
+    out = tmp_path / "gpu-dist.jsonl"
+    run_cli([TORCHRUN, "--nproc-per-node", "2", "benchmarks/throughput.py", "--stage", "model", *GPU,
+             "--json", str(out)], cwd=REPO, timeout=600)
+    (row,) = rows_of(out)
+    assert row["world_size"] == 2 and row["scaling_efficiency"] > 0
