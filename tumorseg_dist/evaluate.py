@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     samples = EvalSamples(shards, model, mine)
     out = args.out or default_out(args.checkpoint, args.split, args.tta)
     if d.is_main:
-        print(f"evaluate: {args.checkpoint} ({model.arch}/{model.encoder}, {model.size}px) on {data} "
+        print(f"evaluate: {args.checkpoint} ({model.name}, {model.size}px) on {data} "
               f"split {args.split}: {n} images, {d.world_size} rank(s), threshold {threshold}, "
               f"{args.resolution} resolution{', flip-TTA' if args.tta else ''}", flush=True)
     loader = torch.utils.data.DataLoader(samples, batch_size=args.batch_size, shuffle=False,

@@ -46,6 +46,11 @@ class InferenceModel:
     source: Path | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def name(self) -> str:
+        """`unet/resnet34`, or just the architecture when it has no encoder."""
+        return self.arch if self.arch == "unet-classic" else f"{self.arch}/{self.encoder}"
+
     # ------------------------------------------------------------ preprocessing
 
     def preprocess(self, image: np.ndarray, size: int | None = None) -> torch.Tensor:

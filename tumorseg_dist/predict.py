@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"predict: skipped {src}: {why}", file=sys.stderr)
     if not items:
         raise ValueError("no images to predict in " + ", ".join(map(str, args.inputs)))
-    print(f"predict: {len(items)} image(s) with {model.arch}/{model.encoder} at {model.size}px, "
+    print(f"predict: {len(items)} image(s) with {model.name} at {model.size}px, "
           f"threshold {threshold}{', flip-TTA' if args.tta else ''} -> {args.out}")
     masks_dir, over_dir = args.out / "masks", args.out / "overlays"
     masks_dir.mkdir(parents=True, exist_ok=True)
