@@ -120,8 +120,8 @@ def run(cfg: Config, preset: str | None) -> int:
         return distmod.REQUEUE_EXIT_CODE
 
     best = run_dir / "checkpoints" / "best.pt"
+    distmod.barrier()  # before looking: rank 0 may still be writing best.pt
     if best.is_file():
-        distmod.barrier()
         engine.load_weights(checkpoint.load(best, dist.device))  # and its EMA weights, if any
     test_loader = build_loader(cfg, data_dir, "test", dist, training=False)
     test, first = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep_first=True)
