@@ -59,14 +59,14 @@ def test_outside_slurm_the_script_says_how_to_run_it():
 
 @pytest.mark.slow
 def test_sbatch_trains_two_processes_and_names_the_run_from_the_job_id(cluster, shards, tmp_path):
-    job = submit(cluster, tmp_path, shards, ["--epochs", "1"])
+    job = submit(cluster, tmp_path, shards, ["--epochs", "2"])
     info = cluster.wait(job, timeout=400)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
     run = tmp_path / "runs" / f"tumorseg-{job}"
     assert "world size 2" in log and f"run dir {run}" in log
     records = read_metrics(run)
-    assert [r["epoch"] for r in records] == [1] and records[0]["step"] > 0
+    assert [r["epoch"] for r in records] == [1, 2] and records[0]["step"] > 0
     for name in ("config.toml", "checkpoints/last.pt", "checkpoints/best.pt", "test_metrics.json"):
         assert (run / name).is_file(), name
     assert sorted(p.name for p in (run / "slurm" / "exit-0").iterdir()) == ["rank0", "rank1"]
