@@ -810,6 +810,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         bad = set(value.split(",")) - known
         if bad:
             p.error(f"{flag}: unknown {', '.join(sorted(bad))}; choose from {', '.join(sorted(known))}")
+    if args.data is not None and args.loader == "naive" and args.stage != "model":
+        p.error("--loader naive reads PNG folders written from the phantoms: use it with --synthetic "
+                "(or add --loader dali,torch to measure --data)")
     if args.data is not None and not (args.data / "manifest.json").is_file():
         p.error(f"--data {args.data}: no manifest.json there; pack it first "
                 f"(python -m tumorseg_dist.pack ... --out {args.data}) or use --synthetic")
@@ -830,6 +833,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.batch_size % dist.world_size:
         raise SystemExit(f"--batch-size {args.batch_size} is the GLOBAL batch and must be divisible by "
                          f"the world size {dist.world_size}")
+    prov = provenance(argv, dist.device)   # at the start: date and load average before the run
+    prov["world_size"] = dist.world_size
     ctx: dict = {}
     sweep_key, values = parse_sweep(args.sweep, args) if args.sweep else (None, [None])
     rows: list[dict] = []
@@ -845,8 +850,6 @@ def main(argv: list[str] | None = None) -> dict:
             if sweep_key is not None:
                 r["sweep"] = {sweep_key: value}
         rows += got
-    prov = provenance(argv, dist.device)
-    prov["world_size"] = dist.world_size
     if dist.world_size > 1:   # launched by torchrun (or Slurm): record how
         local = os.environ.get("LOCAL_WORLD_SIZE", "?")
         prov["command"] = prov["command"].replace(

@@ -125,7 +125,7 @@ def test_sweep_runs_each_value(tmp_path):
         tp.parse_sweep("nonsense=1,2", args)
     out = tmp_path / "sweep.jsonl"
     doc = tp.main(["--stage", "model", *TINY, "--sweep", "channels_last=false,true", "--no-flops",
-                   "--json", str(out)])
+                   "--steps", "1", "--warmup", "0", "--size", "32", "--json", str(out)])
     rows = rows_of(out)
     assert [(r["sweep"]["channels_last"], r["channels_last"]) for r in rows] == [(False, False), (True, True)]
     assert doc["sweep_summary"]["limit"] == "every value fits"
