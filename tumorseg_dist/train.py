@@ -35,12 +35,13 @@ def prepare_data(cfg: Config, dist: distmod.DistInfo) -> Path:
     """The packed dataset to train on; the built-in set is packed by rank 0, once."""
     if cfg.data.path is not None:
         read_manifest(cfg.data.path)  # fail early, on every rank, with the pack command to run
-        return Path(cfg.data.path)
+        # Absolute, so evaluate/export find the data from the checkpoint whatever their cwd.
+        return Path(cfg.data.path).resolve()
     out = None
     if dist.is_main:
         out = ensure_synthetic(SHARDS_ROOT, cfg.data.synthetic_samples, cfg.data.synthetic_size, cfg.train.seed)
     distmod.barrier()
-    return Path(distmod.broadcast_object(str(out) if out else None))
+    return Path(distmod.broadcast_object(str(out.resolve()) if out else None))
 
 
 def resolve_run_dir(cfg: Config, data_dir: Path) -> Path:
@@ -58,6 +59,19 @@ def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
         last = run_dir / "checkpoints" / "last.pt"
         return last if last.is_file() else None
     return Path(r)
+
+
+def test_best(cfg: Config, engine, data_dir: Path, dist, loss_fn, log: RunLog, state, reason: str,
+              run_dir: Path) -> None:
+    """Test-split metrics and the overlay figure with the weights now in the engine."""
+    test_loader = build_loader(cfg, data_dir, "test", dist, training=False)
+    test, first = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep_first=True)
+    log.write_json("test_metrics.json", {"best_epoch": state.best_epoch, "stopped": reason, **test})
+    if dist.is_main and first is not None:
+        plot_overlays(*first, run_dir / "overlays.png", cfg.data.mean, cfg.data.std, cfg.train.threshold)
+    log.info(f"test ({test['samples']} images, best epoch {state.best_epoch}): dice {test['dice']:.4f} "
+             f"iou {test['iou']:.4f} precision {test['precision']:.4f} recall {test['recall']:.4f} "
+             f"-> {run_dir}")
 
 
 def run(cfg: Config, preset: str | None) -> int:
@@ -123,14 +137,11 @@ def run(cfg: Config, preset: str | None) -> int:
     distmod.barrier()  # before looking: rank 0 may still be writing best.pt
     if best.is_file():
         engine.load_weights(checkpoint.load(best, dist.device))  # and its EMA weights, if any
-    test_loader = build_loader(cfg, data_dir, "test", dist, training=False)
-    test, first = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep_first=True)
-    log.write_json("test_metrics.json", {"best_epoch": state.best_epoch, "stopped": reason, **test})
-    if dist.is_main and first is not None:
-        plot_overlays(*first, run_dir / "overlays.png", cfg.data.mean, cfg.data.std, cfg.train.threshold)
-    log.info(f"test ({test['samples']} images, best epoch {state.best_epoch}): dice {test['dice']:.4f} "
-             f"iou {test['iou']:.4f} precision {test['precision']:.4f} recall {test['recall']:.4f} "
-             f"-> {run_dir}")
+    if read_manifest(data_dir)["splits"]["test"]["samples"] == 0:
+        log.info(f"{data_dir} has an empty test split: no test_metrics.json (re-pack with a larger "
+                 f"test fraction in --split to get one) -> {run_dir}")
+    else:
+        test_best(cfg, engine, data_dir, dist, loss_fn, log, state, reason, run_dir)
     distmod.cleanup()
     return 0
 
