@@ -214,3 +214,21 @@ def test_example_deepspeed_configs_merge_cleanly():
         theirs = json.loads(f.read_text())
         cfg.engine.zero_stage = theirs.get("zero_optimization", {}).get("stage", 0)
         merge_config(deepspeed_config(cfg, 1, "bf16"), theirs, str(f))
+
+
+def test_deepspeed_single_process_with_channels_last_inputs(monkeypatch):
+    """channels_last is the default: DeepSpeed must accept it (parameters stay contiguous)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    import torch
+    from tumorseg_dist.config import Config
+    from tumorseg_dist.dist import DistInfo
+    from tumorseg_dist.engine import build_engine_for_benchmark
+    cfg = Config()
+    cfg.engine.engine = "deepspeed"
+    cfg.model.encoder, cfg.model.encoder_weights = "resnet18", "none"
+    cfg.data.in_channels, cfg.train.channels_last, cfg.train.batch_size = 1, True, 2
+    eng = build_engine_for_benchmark(cfg, DistInfo(0, 0, 1, torch.device("cpu")), total_steps=4)
+    x = torch.randn(2, 1, 64, 64).contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(2, 1, 64, 64) > 0.8).float()
+    eng.train()
+    assert torch.isfinite(eng.train_step(x, y))

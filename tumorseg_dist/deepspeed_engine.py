@@ -179,7 +179,12 @@ class DeepSpeedEngine:
         self.zero_stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
         self.accum = int(self.config["gradient_accumulation_steps"])
         deepspeed = init_deepspeed(dist)
-        model = model.to(self.device, memory_format=self.memory_format)
+        # Parameters stay contiguous: DeepSpeed broadcasts them as byte views and ZeRO
+        # flattens them into buffers, both of which need stride(-1) == 1. The loader still
+        # delivers channels_last inputs when asked, so convolutions run NHWC on the GPU.
+        model = model.to(self.device)
+        if cfg.train.channels_last:
+            self.notes.append("channels_last: inputs only; DeepSpeed needs contiguous parameters")
         self.ema = EMA(model, e.ema_decay) if e.ema_decay > 0 else None  # fp32, before any cast
         self.schedule: Schedule | None = None
         client_sched = None
