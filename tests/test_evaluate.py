@@ -67,6 +67,7 @@ def test_model_resolution_equals_the_training_loop(tmp_path, ckpt_32, synthetic_
     got = json.loads((out / "metrics.json").read_text())
 
     cfg = tiny_config(size=32, data=synthetic_shards)
+    cfg.data.loader = "torch"  # evaluate.py preprocesses as the torch loader does, bit for bit
     inf = load_model(ckpt_32)
     d = DistInfo(0, 0, 1, torch.device("cpu"))
     engine = build_engine(cfg, inf.model, d, lambda a, b: a.mean(), 1)

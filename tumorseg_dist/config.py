@@ -35,8 +35,9 @@ class DataConfig:
     path: Annotated[Optional[Path], tyro.conf.arg(name="data")] = None
     """Packed shard directory (from `tumorseg_dist.pack`). None: the built-in synthetic set,
     packed once under `shards/synthetic-*`."""
-    loader: Literal["torch", "dali"] = "torch"
-    """`torch`: webdataset + torch DataLoader. `dali`: NVIDIA DALI pipeline."""
+    loader: Literal["torch", "dali"] = "dali"
+    """`dali` (default): NVIDIA DALI pipeline, decoding and augmenting on the GPU (CPU
+    operators without CUDA). `torch`: indexed shard reader + torch DataLoader workers."""
     size: int = 640
     """Training/eval side length in pixels; images are resized in the loader."""
     in_channels: int = 3
