@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -234,9 +235,13 @@ def ordered_map(fn, items: list, workers: int, state: dict, window: int | None =
             yield from fn(c)
         return
     window = window or 2 * workers
-    # fork starts a worker in milliseconds (forkserver/spawn: ~1 s of imports each); the workers
-    # only run this module's code, so the fork-with-threads hazards do not apply.
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # fork starts workers in milliseconds, but forking a process that runs other threads (a
+    # progress-bar monitor, a test runner's watchdog) can copy a held lock into the child and
+    # hang it; then the fork server (about 1 s once per process) is the safe choice.
+    if sys.platform.startswith("linux") and threading.active_count() == 1:
+        ctx = mp.get_context("fork")
+    else:
+        ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
     pool = ctx.Pool(workers, initializer=_init_worker, initargs=(state, True))
     try:
         pending: deque = deque()
@@ -276,7 +281,11 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
     report = {"samples": {sp: 0 for sp in SPLITS}, "positive": 0}
 
     from tqdm import tqdm
-    bar = tqdm(total=len(p.items), unit="img", file=sys.stderr, disable=not cfg.progress or None,
+
+    class _Bar(tqdm):
+        monitor_interval = 0   # no monitor thread, so workers can still be forked safely
+
+    bar = _Bar(total=len(p.items), unit="img", file=sys.stderr, disable=not cfg.progress or None,
                desc="check" if cfg.dry_run else "pack", dynamic_ncols=True, smoothing=0.1)
 
     def results() -> Iterator[EncodedSample]:
@@ -345,5 +354,4 @@ def _with_final(gen: Iterator, final: Callable[[], None]) -> Iterator:
 
 
 def _is_main_thread() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
