@@ -107,3 +107,15 @@ def test_manifest_records_options(tmp_path):
     assert m["split_request"] == {"fractions": [0.7, 0.2, 0.1], "seed": 3}
     assert m["input_root"] == str(root.resolve()) and m["skipped"] == []
     assert m["size_histogram"] == {"8x8": 10} and len(m["mean"]) == 1
+
+
+def test_few_groups_still_fill_every_requested_split():
+    # The LGG subset: 3 patients with 23/20/24 slices at the default 0.7/0.2/0.1 split.
+    groups = ["A"] * 23 + ["B"] * 20 + ["C"] * 24
+    for seed in range(5):
+        split_of = assign_splits(groups, (0.7, 0.2, 0.1), seed)
+        assert sorted(split_of.values()) == ["test", "train", "val"], seed
+    # a split asked to be empty stays empty
+    assert set(assign_splits(groups, (0.8, 0.2, 0.0), 0).values()) == {"train", "val"}
+    # fewer groups than requested splits: nothing to move
+    assert len(set(assign_splits(["A", "B"], (0.7, 0.2, 0.1), 0).values())) <= 2

@@ -221,7 +221,27 @@ def assign_splits(groups: list[str], fractions: tuple[float, float, float], seed
         centre = seen + counts[g] / 2
         out[g] = SPLITS[min(int(np.searchsorted(bounds, centre, side="right")), 2)]
         seen += counts[g]
+    _fill_empty_splits(out, order, counts, fractions, total)
     return out
+
+
+def _fill_empty_splits(out: dict[str, str], order: list[str], counts: dict[str, int],
+                       fractions, total: int) -> None:
+    """A split asked for (fraction > 0) but left without a group, as happens with few patients
+    (3 LGG cases at 0.7/0.2/0.1), gets one group from the split most over its target, so that
+    validation and test always exist when there are enough groups to go round."""
+    wanted = [sp for sp, f in zip(SPLITS, fractions) if f > 0]
+    if len(order) < len(wanted):
+        return
+    for sp in wanted:
+        members = {s: [g for g in order if out[g] == s] for s in SPLITS}
+        if members[sp]:
+            continue
+        excess = {s: sum(counts[g] for g in members[s]) - f * total
+                  for s, f in zip(SPLITS, fractions) if len(members[s]) > 1}
+        donor = max(excess, key=excess.get)
+        smallest = min(members[donor][::-1], key=lambda g: counts[g])  # stay near the fractions
+        out[smallest] = sp
 
 
 @dataclass
