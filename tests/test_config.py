@@ -72,3 +72,16 @@ def test_validation_messages():
         parse(["--data", "/d", "--size", "100"])
     with pytest.raises(ConfigError, match="batch-size"):
         parse(["--data", "/d", "--batch-size", "0"])
+
+
+def test_user_errors_are_one_line_and_debug_gives_the_traceback(monkeypatch, capsys):
+    from tumorseg_dist.cli import guarded
+
+    def bad():
+        raise ConfigError("recipes/x.toml: unknown key optim.lrr")
+
+    assert guarded("train", bad) == 2
+    assert capsys.readouterr().err.strip() == "train: error: recipes/x.toml: unknown key optim.lrr"
+    monkeypatch.setenv("TUMORSEG_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        guarded("train", bad)

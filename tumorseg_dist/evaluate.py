@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dist as distmod
-from .checkpoint import CheckpointError
+from .cli import guarded
 from .data.loader import IndexedShards, decode_image, decode_mask, rank_indices
 from .data.shards import ShardError, read_manifest, shard_paths
 from .inference import InferenceModel, load_model, preprocess, resolve_threshold, to_original_size
@@ -273,12 +273,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (CheckpointError, ShardError, ValueError, RuntimeError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
+    return guarded("evaluate", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
+from .cli import guarded
 from .data.loader import IndexedShards, decode_image
-from .data.shards import MANIFEST, ShardError, read_manifest, shard_paths
+from .data.shards import MANIFEST, read_manifest, shard_paths
 from .inference import InferenceModel, load_model
 
 
@@ -145,12 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (CheckpointError, ShardError, ValueError, RuntimeError) as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 2
+    return guarded("export", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

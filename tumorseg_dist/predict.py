@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import CheckpointError
+from .cli import guarded
 from .data.formats.common import IMAGE_EXTS, PackInputError, read_array
 from .data.loader import IndexedShards, decode_image, decode_mask
 from .data.shards import MANIFEST, ShardError, read_manifest, shard_paths
@@ -280,12 +280,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (CheckpointError, ShardError, ValueError, RuntimeError) as e:
-        print(f"predict: error: {e}", file=sys.stderr)
-        return 2
+    return guarded("predict", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

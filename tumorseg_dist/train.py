@@ -11,15 +11,16 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, dist as distmod, tracking
-from .config import Config, ConfigError, parse, save_toml
+from .cli import guarded
+from .config import Config, parse, save_toml
 from .data.loader import build_loader, resolve_norm
-from .data.shards import ShardError, read_manifest
+from .data.shards import read_manifest
 from .data.synthetic import ensure_synthetic
 from .engine import build_engine, resolve_amp
 from .log import RunLog, plot_overlays
 from .loop import TrainState, evaluate, fit, restore
 from .losses import dice_bce_loss, loss_weights
-from .models import ModelError, build_model
+from .models import build_model
 
 SHARDS_ROOT = Path("shards")
 
@@ -147,12 +148,7 @@ def run(cfg: Config, preset: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, preset = parse(argv)
-        return run(cfg, preset)
-    except (ConfigError, ShardError, ModelError, checkpoint.CheckpointError, ValueError, RuntimeError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
+    return guarded("train", lambda: run(*parse(argv)))
 
 
 if __name__ == "__main__":
