@@ -219,7 +219,14 @@ def test_example_deepspeed_configs_merge_cleanly():
 def test_deepspeed_single_process_with_channels_last_inputs(monkeypatch):
     """channels_last is the default: DeepSpeed must accept it (parameters stay contiguous)."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    # The engine starts a one-process group on MASTER_PORT in this pytest process; set the
+    # variables here so they are restored afterwards (later tests' subprocesses inherit the
+    # environment and must not try the port this process still holds).
+    from slurm_harness import free_port
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     import torch
+    import torch.distributed as tdist
     from tumorseg_dist.config import Config
     from tumorseg_dist.dist import DistInfo
     from tumorseg_dist.engine import build_engine_for_benchmark
@@ -230,5 +237,9 @@ def test_deepspeed_single_process_with_channels_last_inputs(monkeypatch):
     eng = build_engine_for_benchmark(cfg, DistInfo(0, 0, 1, torch.device("cpu")), total_steps=4)
     x = torch.randn(2, 1, 64, 64).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(2, 1, 64, 64) > 0.8).float()
-    eng.train()
-    assert torch.isfinite(eng.train_step(x, y))
+    try:
+        eng.train()
+        assert torch.isfinite(eng.train_step(x, y))
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
