@@ -62,7 +62,27 @@ def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
     return Path(r)
 
 
-def test_best(cfg: Config, engine, data_dir: Path, dist, loss_fn, log: RunLog, state, reason: str,
+def resume(cfg: Config, engine, run_dir: Path, dist, log: RunLog) -> TrainState:
+    """Continue from --resume (full state, or weights only across engines), else start fresh."""
+    ckpt_path = resume_checkpoint(cfg, run_dir)
+    if ckpt_path is None:
+        if dist.is_main and log.metrics_path.exists():
+            log.metrics_path.unlink()  # a fresh run (--resume never, or nothing to resume): new log
+        return TrainState()
+    ckpt = checkpoint.load(ckpt_path, dist.device)
+    weights_only = engine.can_resume(ckpt)
+    state = restore(engine, ckpt, ckpt_path)
+    log.rewind(state.epoch, state.last_record)
+    if weights_only:
+        log.info(f"loaded weights only from {ckpt_path} ({weights_only}); optimizer, lr schedule "
+                 f"and progress start fresh (fine-tuning)")
+    else:
+        log.info(f"resumed from {ckpt_path}: epoch {state.epoch}, step {state.step}"
+                 + (f", batch {state.batch_in_epoch} of the next epoch" if state.batch_in_epoch else ""))
+    return state
+
+
+def evaluate_test_split(cfg: Config, engine, data_dir: Path, dist, loss_fn, log: RunLog, state, reason: str,
               run_dir: Path) -> None:
     """Test-split metrics and the overlay figure with the weights now in the engine."""
     test_loader = build_loader(cfg, data_dir, "test", dist, training=False)
@@ -105,22 +125,7 @@ def run(cfg: Config, preset: str | None) -> int:
         log.info(f"engine: {line}")
     engine.write_run_files(run_dir)  # DeepSpeed: RUN/deepspeed_config.json
 
-    state = TrainState()
-    ckpt_path = resume_checkpoint(cfg, run_dir)
-    if ckpt_path is not None:
-        ckpt = checkpoint.load(ckpt_path, dist.device)
-        weights_only = engine.can_resume(ckpt)
-        state = restore(engine, ckpt, ckpt_path)
-        log.rewind(state.epoch, state.last_record)
-        if weights_only:
-            log.info(f"loaded weights only from {ckpt_path} ({weights_only}); optimizer, lr schedule "
-                     f"and progress start fresh (fine-tuning)")
-        else:
-            log.info(f"resumed from {ckpt_path}: epoch {state.epoch}, step {state.step}"
-                     + (f", batch {state.batch_in_epoch} of the next epoch" if state.batch_in_epoch else ""))
-    elif dist.is_main and log.metrics_path.exists():
-        log.metrics_path.unlink()  # a fresh run (--resume never, or nothing to resume) starts a new log
-
+    state = resume(cfg, engine, run_dir, dist, log)
     if state.epoch >= cfg.train.epochs or state.stopped_early:
         log.info("nothing left to train: the checkpoint already finished its epochs")
         reason = "done"
@@ -142,7 +147,7 @@ def run(cfg: Config, preset: str | None) -> int:
         log.info(f"{data_dir} has an empty test split: no test_metrics.json (re-pack with a larger "
                  f"test fraction in --split to get one) -> {run_dir}")
     else:
-        test_best(cfg, engine, data_dir, dist, loss_fn, log, state, reason, run_dir)
+        evaluate_test_split(cfg, engine, data_dir, dist, loss_fn, log, state, reason, run_dir)
     distmod.cleanup()
     return 0
 
