@@ -124,6 +124,59 @@ def restore(engine, ckpt: dict, path: Path | None = None) -> TrainState:
     return TrainState(**ckpt["train_state"])
 
 
+def train_epoch(cfg: Config, engine, loader: Loader, state: TrainState, epoch: int, dist: DistInfo,
+                log: RunLog, stop: StopRequest, tracker, ckpt_dir: Path) -> tuple[dict, str]:
+    """One epoch of steps from `state.batch_in_epoch`. Returns (train stats, outcome) with
+    outcome "done", "max_steps" or "preempted" (last.pt already saved at this step)."""
+    t = cfg.train
+    steps_per_epoch = len(loader)
+    loader.set_epoch(epoch)
+    engine.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    seen, t0, outcome = 0, time.perf_counter(), "done"
+    for i, batch in enumerate(log.progress(loader, steps_per_epoch, f"epoch {epoch + 1}")):
+        if i < state.batch_in_epoch:
+            continue  # resumed mid-epoch: these batches were trained before the stop
+        loss = train_step(engine, batch)
+        loss_sum += loss.double()
+        seen += 1
+        state.step += 1
+        state.batch_in_epoch = i + 1
+        at_log = state.step % t.log_every == 0
+        if at_log:
+            skipped = engine.check_health()  # same on every rank; may raise
+            if dist.is_main:
+                lv, lr = loss.item(), engine.lr()
+                log.info(f"  step {state.step} loss {lv:.4f} lr {lr:.2e}"
+                         + (f" ({skipped} non-finite steps skipped)" if skipped else ""))
+                if tracker is not None:
+                    tracker.log_step(state.step, lv, lr, skipped)
+        if t.max_steps is not None and state.step >= t.max_steps:
+            outcome = "max_steps"
+            break
+        if (at_log or i + 1 == steps_per_epoch) and stop.agreed():
+            engine.check_health()
+            save(cfg, engine, state, ckpt_dir / "last.pt", dist)
+            log.info(f"stop requested: saved {ckpt_dir / 'last.pt'} at step {state.step} "
+                     f"(epoch {epoch + 1}, batch {state.batch_in_epoch}); resume with --resume auto")
+            return {}, "preempted"
+    elapsed = time.perf_counter() - t0
+    totals = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(seen)]))
+    stats = {"train_loss": (totals[0] / totals[1].clamp_min(1)).item(),
+             "images_per_s": seen * t.batch_size / max(elapsed, 1e-9), "seconds": elapsed}
+    return stats, outcome
+
+
+def epoch_record(state: TrainState, train: dict, val: dict, lr: float) -> dict:
+    """The metrics.jsonl line of an epoch."""
+    return {"epoch": state.epoch, "step": state.step, "train_loss": train["train_loss"],
+            "val_loss": val["loss"], "val_dice": val["dice"], "val_iou": val["iou"],
+            "val_precision": val["precision"], "val_recall": val["recall"],
+            "val_accuracy": val["accuracy"], "val_mean_image_dice": val["mean_image_dice"],
+            "val_mean_image_iou": val["mean_image_iou"], "val_samples": val["samples"],
+            "lr": lr, "images_per_s": train["images_per_s"], "seconds": train["seconds"]}
+
+
 def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, state: TrainState,
         run_dir: Path, dist: DistInfo, log: RunLog, tracker=None) -> tuple[TrainState, str]:
     """Train until epochs, --max-steps, early stopping or a stop signal.
@@ -136,56 +189,20 @@ def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, 
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
     mode = "max" if t.monitor == "val_dice" else "min"
-    steps_per_epoch = len(train_loader)
     stop = StopRequest(dist)
     reason = "done"
     try:
         for epoch in range(state.epoch, t.epochs):
-            train_loader.set_epoch(epoch)
-            engine.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-            seen, t0 = 0, time.perf_counter()
-            for i, batch in enumerate(log.progress(train_loader, steps_per_epoch, f"epoch {epoch + 1}")):
-                if i < state.batch_in_epoch:
-                    continue  # resumed mid-epoch: these batches were trained before the stop
-                loss = train_step(engine, batch)
-                loss_sum += loss.double()
-                seen += 1
-                state.step += 1
-                state.batch_in_epoch = i + 1
-                at_log = state.step % t.log_every == 0
-                if at_log:
-                    skipped = engine.check_health()  # same on every rank; may raise
-                    if dist.is_main:
-                        lv, lr = loss.item(), engine.lr()
-                        log.info(f"  step {state.step} loss {lv:.4f} lr {lr:.2e}"
-                                 + (f" ({skipped} non-finite steps skipped)" if skipped else ""))
-                        if tracker is not None:
-                            tracker.log_step(state.step, lv, lr, skipped)
-                if t.max_steps is not None and state.step >= t.max_steps:
-                    reason = "max_steps"
-                    break
-                if (at_log or i + 1 == steps_per_epoch) and stop.agreed():
-                    engine.check_health()
-                    save(cfg, engine, state, ckpt_dir / "last.pt", dist)
-                    log.info(f"stop requested: saved {ckpt_dir / 'last.pt'} at step {state.step} "
-                             f"(epoch {epoch + 1}, batch {state.batch_in_epoch}); resume with --resume auto")
-                    return state, "preempted"
-            elapsed = time.perf_counter() - t0
-            totals = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(seen)]))
-            train_loss = (totals[0] / totals[1].clamp_min(1)).item()
+            train, reason = train_epoch(cfg, engine, train_loader, state, epoch, dist, log, stop,
+                                        tracker, ckpt_dir)
+            if reason == "preempted":
+                return state, reason
             engine.check_health()
             images = tracker is not None and tracker.wants_images
             val, first = evaluate(engine, val_loader, loss_fn, t.threshold, log, keep_first=True) \
                 if images else (evaluate(engine, val_loader, loss_fn, t.threshold, log), None)
             state.epoch, state.batch_in_epoch = epoch + 1, 0
-            record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss,
-                      "val_loss": val["loss"], "val_dice": val["dice"], "val_iou": val["iou"],
-                      "val_precision": val["precision"], "val_recall": val["recall"],
-                      "val_accuracy": val["accuracy"], "val_mean_image_dice": val["mean_image_dice"],
-                      "val_mean_image_iou": val["mean_image_iou"], "val_samples": val["samples"],
-                      "lr": engine.lr(), "images_per_s": seen * t.batch_size / max(elapsed, 1e-9),
-                      "seconds": elapsed}
+            record = epoch_record(state, train, val, engine.lr())
             monitored = record[t.monitor]
             if improved(monitored, state.best, mode, t.min_delta):
                 state.best, state.best_epoch, state.bad_epochs = monitored, state.epoch, 0
