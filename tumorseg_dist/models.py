@@ -109,11 +109,15 @@ def load_encoder_weights(encoder: nn.Module, path: Path, in_channels: int) -> No
         if k in own and v.ndim == 4 and own[k].ndim == 4 and v.shape[1] != own[k].shape[1]:
             if own[k].shape[1] == 1:
                 state[k] = v.sum(dim=1, keepdim=True)
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    matched = len(own) - len(missing)
-    if matched == 0:
+    matched = [k for k in state if k in own]
+    if not matched:
         raise ModelError(f"--encoder-weights {path}: none of its keys match encoder "
-                         f"{type(encoder).__name__} (unexpected keys e.g. {list(unexpected)[:3]})")
+                         f"{type(encoder).__name__} (its keys are e.g. {list(state)[:3]})")
+    try:
+        # smp encoders override load_state_dict (dropping classifier keys) and return nothing
+        encoder.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ModelError(f"--encoder-weights {path} does not fit encoder {type(encoder).__name__}: {e}") from None
 
 
 def build_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
