@@ -210,7 +210,9 @@ class RunConfig:
 
 @dataclass
 class Config:
-    """Everything a training run needs. Flags are flat: `--lr 3e-4 --arch fpn`."""
+    """Everything a training run needs. Flags are flat: `--lr 3e-4 --arch fpn`. Start from a
+    recipe with `--config recipes/NAME.toml` (flags override it); every run saves its resolved
+    config as RUN/config.toml, reusable the same way."""
 
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
