@@ -191,9 +191,25 @@ def geometry_matrix(p: AugmentParams, size: int, params: dict):
     return m
 
 
-def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict):
+def has_geometry(p: AugmentParams) -> bool:
+    return bool(p.flip_p or (p.affine_p and (p.rotate_deg or p.scale or p.translate)))
+
+
+def resize(image, mask, size: int):
+    """Image: linear with antialiasing (= torch bilinear antialias=True); mask: nearest neighbour
+    at pixel centres (= torch "nearest-exact"), so it stays exactly binary."""
+    from nvidia.dali import fn, types
+    image = fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+    mask = fn.resize(mask, size=[size, size], interp_type=types.INTERP_NN)
+    return image, mask
+
+
+def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, resized: bool = True):
     """One random parameter set per sample (see augment.py for the order and formulas).
     Geometry: one `warp_affine` for image (linear) and mask (nearest) with the same matrix.
+    With `resized=False` the inputs are still at the source size: samples no larger than
+    size×size have the resize folded into that matrix (one bilinear resample instead of two; no
+    antialiasing is needed when not shrinking), larger ones are first resized with antialiasing.
     Intensity: brightness and contrast folded into one pass, x*b*c + b*mean*(1-c); gamma and noise
     run only on the samples whose coin came up (DALI conditionals). `params` receives the
     per-sample geometry (tests check it against OpenCV)."""
@@ -203,8 +219,15 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict):
     def dev(node):   # per-sample scalars join GPU arithmetic on the GPU
         return node.gpu() if gpu else node
 
-    if p.flip_p or (p.affine_p and (p.rotate_deg or p.scale or p.translate)):
+    if has_geometry(p):
         m = geometry_matrix(p, size, params)
+        if not resized:
+            hw = image.shape(dtype=types.FLOAT)
+            if (hw[0] > size) | (hw[1] > size):   # shrinking needs the antialiased resize
+                image, mask = resize(image, mask, size)
+            hw = image.shape(dtype=types.FLOAT)
+            to_size = fn.transforms.scale(scale=fn.stack(size / hw[1], size / hw[0]))
+            m = fn.transforms.combine(to_size, m)   # resize first, then the geometry
         image = fn.warp_affine(image, matrix=m, size=[size, size], fill_value=0.0, inverse_map=False,
                                interp_type=types.INTERP_LINEAR)
         mask = fn.warp_affine(mask, matrix=m, size=[size, size], fill_value=0, inverse_map=False,
@@ -277,17 +300,24 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
         image = fn.decoders.image(encoded, device=decode_on, dtype=types.FLOAT,
                                   output_type=types.GRAY if have == 1 else types.RGB)
     mask = fn.decoders.image(encoded_mask, device=decode_on, output_type=types.GRAY)
-    # Image: linear with antialiasing (= torch bilinear antialias=True); mask: nearest neighbour
-    # at pixel centres (= torch "nearest-exact"), so it stays exactly binary.
-    image = fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
-    mask = fn.resize(mask, size=[size, size], interp_type=types.INTERP_NN)
+    # Resize (see `resize`). On CPU, when augmenting with geometry, the resize is folded into the
+    # warp (reading the per-sample shape of GPU data on the CPU would need the dynamic executor).
+    fold = training and aug.enabled and has_geometry(aug) and not gpu
+    if not fold:
+        image, mask = resize(image, mask, size)
     params: dict = {}
     if training and aug.enabled:
-        image, mask = augment(image, mask, aug, size, gpu, params)
-    image = _to_channels(image, have, in_channels)
+        image, mask = augment(image, mask, aug, size, gpu, params, resized=not fold)
     layout_out = "HWC" if nhwc else "CHW"
-    image = fn.crop_mirror_normalize(image, mean=list(mean), std=list(std), dtype=types.FLOAT,
-                                     output_layout=layout_out)
+    if have == 1 and in_channels > 1 and len(set(mean)) == 1 and len(set(std)) == 1:
+        # Normalise the one channel, then repeat it: the same values, 1/in_channels of the work.
+        image = fn.crop_mirror_normalize(image, mean=[mean[0]], std=[std[0]], dtype=types.FLOAT,
+                                         output_layout=layout_out)
+        image = fn.cat(*([image] * in_channels), axis=2 if nhwc else 0)
+    else:
+        image = _to_channels(image, have, in_channels)
+        image = fn.crop_mirror_normalize(image, mean=list(mean), std=list(std), dtype=types.FLOAT,
+                                         output_layout=layout_out)
     mask = fn.cast(mask > 0, dtype=types.FLOAT)
     if not nhwc:
         mask = fn.transpose(mask, perm=[2, 0, 1])
