@@ -80,3 +80,15 @@ tumorseg_torchrun() {   # REPO_DIR
 # the rendezvous store: with the shared one, a group restarted after a worker died (torchrun
 # --max-restarts) failed to connect ("Gloo connectFullMesh failed ... Connection refused").
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
+tumorseg_wait() {   # PID -> returns its exit status
+    # `wait` returns early (status > 128) when a trapped signal arrives; keep waiting until the
+    # process has really ended, so its own exit status is what we act on.
+    local rc
+    while :; do
+        wait "$1"
+        rc=$?
+        if [ "$rc" -gt 128 ] && kill -0 "$1" 2>/dev/null; then continue; fi
+        return "$rc"
+    done
+}

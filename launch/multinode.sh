@@ -84,12 +84,8 @@ MARKER=$TORCHRUN_LOG_DIR/rendezvous-failed
 tumorseg_watch_rendezvous "$TORCHRUN_LOG_DIR" "$NNODES" "$((RDZV_TIMEOUT + 30))" "$PID" "$MARKER" \
     "$ENDPOINT" &
 WATCHDOG=$!
-while :; do
-    wait "$PID"
-    rc=$?
-    if [ "$rc" -gt 128 ] && kill -0 "$PID" 2>/dev/null; then continue; fi
-    break
-done
+tumorseg_wait "$PID"
+rc=$?
 kill "$WATCHDOG" 2>/dev/null
 wait "$WATCHDOG" 2>/dev/null
 

@@ -147,13 +147,8 @@ tumorseg_watch_rendezvous "$TORCHRUN_LOG_DIR" "$NNODES" "$((RDZV_TIMEOUT + 30))"
     "$RDZV_MARKER" "$ENDPOINT" &
 WATCHDOG_PID=$!
 
-# `wait` returns early when a trapped signal arrives; keep waiting until srun has really ended.
-while :; do
-    wait "$SRUN_PID"
-    rc=$?
-    if [ "$rc" -gt 128 ] && kill -0 "$SRUN_PID" 2>/dev/null; then continue; fi
-    break
-done
+tumorseg_wait "$SRUN_PID"
+rc=$?
 kill "$WATCHDOG_PID" 2>/dev/null
 wait "$WATCHDOG_PID" 2>/dev/null
 
