@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tumorseg_dist.config import Config, ConfigError, load_toml, parse, save_toml
+from tumorseg_dist.config import ConfigError, load_toml, parse, save_toml
 
 
 def test_defaults_and_flag_overrides():

@@ -2,7 +2,6 @@
 global rank, padding/validity, resume-safe epochs, loader parity with --loader torch, errors."""
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from dataclasses import replace
@@ -11,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import PY, REPO, TINY, TORCHRUN, run_cli
+from conftest import REPO, TINY, TORCHRUN, run_cli
 
 pytestmark = pytest.mark.slow
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}

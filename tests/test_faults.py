@@ -3,7 +3,6 @@ run whose loss stays non-finite stops with a clear error (DeepSpeed path, one ra
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest

@@ -1,7 +1,6 @@
 """Every recipe loads and validates, says what its study says, and is documented."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -1,7 +1,5 @@
 """wandb: `auto` picks offline without a key (no network), an offline run directory holds the
 config and the metrics, and a wandb failure never stops training."""
-import json
-import socket
 
 import pytest
 

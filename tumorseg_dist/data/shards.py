@@ -18,7 +18,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -468,20 +468,3 @@ def shard_paths(shard_dir: Path, split: str, manifest: dict | None = None) -> li
             raise ShardError(f"{p} is listed in {MANIFEST} but missing; re-run pack with --overwrite")
         paths.append(p)
     return paths
-
-
-def iter_tar_samples(path: Path) -> Iterator[dict[str, bytes]]:
-    """Group a shard's members by key using only `tarfile` (no webdataset): {ext: bytes, __key__}."""
-    cur: dict[str, bytes] = {}
-    with tarfile.open(path) as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, _, ext = Path(m.name).name.partition(".")
-            if cur and cur["__key__"] != key.encode():
-                yield cur
-                cur = {}
-            cur["__key__"] = key.encode()
-            cur[ext] = tf.extractfile(m).read()
-    if cur:
-        yield cur

@@ -251,8 +251,3 @@ class Options:
 
 SPLIT_NAMES = {"train": "train", "training": "train", "valid": "val", "val": "val",
                "validation": "val", "test": "test", "testing": "test"}
-
-
-def stem_and_dir(name: str) -> tuple[str, str]:
-    p = PurePosixPath(name)
-    return p.stem, p.parent.as_posix()
