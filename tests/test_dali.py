@@ -140,6 +140,20 @@ def test_layout_dtype_and_normalisation(shards):
     assert set(b.mask.unique().tolist()) <= {0.0, 1.0} and b.mask.shape == (4, 1, 64, 64)
 
 
+def test_cpu_output_buffers_are_reused_only_when_nothing_holds_them(shards):
+    loader = DaliLoader(spec_for(shards["png"], "val", batch=2), DistInfo(0, 0, 1, CPU))  # 6 batches
+    kept = list(loader)
+    assert len({b.image.data_ptr() for b in kept}) == len(kept)     # held batches: all distinct
+    snapshot = [(b.image.clone(), b.mask.clone()) for b in kept]
+    views = [b.image[:, 0] for b in kept]                             # a view keeps its batch too
+    del kept
+    for _ in range(2):
+        ptrs = [b.image.data_ptr() for b in loader]                  # each dropped after use
+        assert len(set(ptrs)) < len(ptrs)                            # ...so buffers come back
+    for v, (img, _) in zip(views, snapshot):
+        assert torch.equal(v, img[:, 0])                             # never overwritten
+
+
 # ---------------------------------------------------------------- augmentation
 
 def _cv2_matrix(m: np.ndarray) -> np.ndarray:
@@ -158,7 +172,8 @@ def test_augmentation_is_synchronised_with_the_mask(tmp_path):
     affine in OpenCV (Dice >= 0.98), and the augmented image's bright object lines up with it."""
     cv2 = pytest.importorskip("cv2")
     d = make_shards(tmp_path / "ph", {"train": 16, "val": 1, "test": 1}, size=(96, 96))
-    aug = replace(PRESETS["strong"], noise_p=0.0, gamma_p=0.0)  # keep the image thresholdable
+    # Geometry only (its parameters are the pipeline's only extra outputs); image thresholdable.
+    aug = replace(PRESETS["strong"], noise_p=0.0, gamma_p=0.0, brightness_p=0.0, contrast_p=0.0)
     loader = DaliLoader(spec_for(d, "train", True, size=96, aug=aug, batch=8), DistInfo(0, 0, 1, CPU))
     pipe, _ = loader.build_pipeline(epoch=0, with_params=True)
     ref = members(d, "train")
@@ -174,9 +189,9 @@ def test_augmentation_is_synchronised_with_the_mask(tmp_path):
             # reverses orientation, two make a 180° rotation.
             assert (np.linalg.det(m[:, :2]) < 0) == bool(h ^ v)
             want = cv2.warpAffine(np.ascontiguousarray(src), _cv2_matrix(m), (96, 96), flags=cv2.INTER_NEAREST)
-            got = np.asarray(mask.at(i))[0]
+            got = np.asarray(mask.at(i))[..., 0]
             assert dice(got, want) >= 0.98, (key, dice(got, want), m, h, v)
-            img = np.asarray(image.at(i))[0]
+            img = np.asarray(image.at(i))[..., 0]
             assert dice(img > 0.45, got) >= 0.95, key   # object is ~0.7, background <= 0.35
             moved += not np.allclose(np.abs(m), [[1, 0, 0], [0, 1, 0]], atol=1e-3)
             flipped += h or v
@@ -201,14 +216,50 @@ def test_no_augmentation_on_eval_and_intensity_augmentations_run(shards):
     for k in got:
         assert torch.equal(got[k][1], base[k][1])                 # geometry untouched
         assert not torch.equal(got[k][0], base[k][0])             # intensities changed
-        assert got[k][0].min() >= 0 and got[k][0].max() <= 1      # clamped (mean 0, std 1)
+
+
+def test_intensity_augmentation_follows_the_documented_formula(shards):
+    """gamma on [0, 1], then x*b, then (y - mean(y))*c + mean(y), folded by DALI into the
+    normalisation constants: recomputed in numpy from the un-augmented image, per sample."""
+    dist = DistInfo(0, 0, 1, CPU)
+    aug = AugmentParams(brightness_p=1, brightness=0.3, contrast_p=1, contrast=0.3, gamma_p=0.5, gamma=0.3)
+    mean, std = 0.2, 0.5
+    tr = spec_for(shards["png"], "train", True, aug=aug, batch=13, mean=mean, std=std)
+    pipe, _ = DaliLoader(tr, dist).build_pipeline(epoch=0, with_params=True)
+    image, _, info, b, c, g, offset, scale = pipe.run()
+    base = by_key(DaliLoader(replace(tr, augment=PRESETS["none"]), dist))
+    gammas = []
+    for i in range(len(info)):
+        key = bytes(np.asarray(info.at(i))).decode().rsplit(":", 1)[-1].partition(".")[0]
+        x = base[key][0][0].numpy().astype(np.float64) * std + mean           # [0, 1] units
+        bi, ci, gi = (float(np.asarray(t.at(i))) for t in (b, c, g))
+        y = np.clip(x, 0, 1) ** gi * bi
+        y = (y - y.mean()) * ci + y.mean()
+        want = (y - mean) / std
+        np.testing.assert_allclose(np.asarray(image.at(i))[..., 0], want, atol=2e-4, err_msg=key)
+        assert float(np.asarray(scale.at(i))) == pytest.approx(bi * ci, rel=1e-6)
+        assert 0.7 <= bi <= 1.3 and 0.7 <= ci <= 1.3 and 0.7 <= gi <= 1.3
+        gammas.append(gi)
+    assert 0 < sum(g != 1.0 for g in gammas) < len(gammas)    # the gamma coin went both ways
 
 
 def test_torch_augment_has_the_same_parameters():
     img, mask = torch.rand(1, 32, 32), (torch.rand(1, 32, 32) > 0.5).float()
     out, m = _augment(img, mask, PRESETS["strong"], torch.Generator().manual_seed(0))
     assert out.shape == img.shape and set(m.unique().tolist()) <= {0.0, 1.0}
-    assert 0 <= out.min() and out.max() <= 1
+    # Brightness then contrast about the image mean: an affine map of x that keeps mean*b.
+    bc = AugmentParams(brightness_p=1, brightness=0.3, contrast_p=1, contrast=0.3)
+    out, _ = _augment(img, mask, bc, torch.Generator().manual_seed(1))
+    x = img.flatten().double()
+    slope, icept = np.polyfit(x.numpy(), out.flatten().double().numpy(), 1)
+    assert np.allclose(out.flatten().double().numpy(), slope * x.numpy() + icept, atol=1e-5)
+    assert 0.49 <= slope <= 1.69 and slope != pytest.approx(1.0)
+    b = float(out.mean() / img.mean())
+    assert 0.7 <= b <= 1.3 and icept == pytest.approx(b * float(img.mean()) * (1 - slope / b), abs=1e-5)
+    # Gamma first, on [0, 1]: x ** g.
+    out, _ = _augment(img, mask, AugmentParams(gamma_p=1, gamma=0.3), torch.Generator().manual_seed(2))
+    gi = float(torch.log(out[0, 0, 0]) / torch.log(img[0, 0, 0]))
+    assert 0.7 <= gi <= 1.3 and torch.allclose(out, img ** gi, atol=1e-5)
     assert resolve(AugmentConfig(augment="light", gamma=0.25, gamma_p=1.0)).gamma == 0.25
     with pytest.raises(ConfigError, match="--gamma-p"):
         resolve(AugmentConfig(gamma_p=1.5))

@@ -5,9 +5,13 @@ drawn per sample and applied to image and mask alike (geometric ones), or to the
 (intensity ones). The order is fixed in both loaders:
 
     horizontal flip, vertical flip -> affine (scale + rotate about the centre, then translate)
-    -> brightness -> contrast -> gamma -> Gaussian noise -> clamp to [0, 1]
+    -> gamma -> brightness -> contrast -> Gaussian noise -> normalisation
 
-Intensity augmentations work on the image in [0, 1] units before normalisation. Elastic
+Intensity augmentations work on the image in [0, 1] units before normalisation. Gamma comes
+first because it needs [0, 1] input (it clamps to it); after it nothing clamps, as in MONAI's
+intensity transforms, so brightness, contrast and noise may take values a little outside [0, 1].
+That is what lets the DALI loader fold brightness and contrast into the normalisation pass
+(x*b*c + b*mean*(1-c), then (· - mean) / std: one per-sample affine map). Elastic
 deformation is not offered: DALI can only express it with `fn.experimental.remap`, which is
 GPU-only, and the CPU and GPU pipelines must be the same definition (DESIGN.md).
 """

@@ -206,13 +206,16 @@ def resize(image, mask, size: int):
 
 def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, resized: bool = True):
     """One random parameter set per sample (see augment.py for the order and formulas).
+    Returns (image, mask, intensity) where `intensity` is None or the per-sample (scale, offset)
+    of brightness and contrast, x -> x*scale + offset, for `normalise` to fold into its one pass.
+
     Geometry: one `warp_affine` for image (linear) and mask (nearest) with the same matrix.
     With `resized=False` the inputs are still at the source size: samples no larger than
     size×size have the resize folded into that matrix (one bilinear resample instead of two; no
     antialiasing is needed when not shrinking), larger ones are first resized with antialiasing.
-    Intensity: brightness and contrast folded into one pass, x*b*c + b*mean*(1-c); gamma and noise
-    run only on the samples whose coin came up (DALI conditionals). `params` receives the
-    per-sample geometry (tests check it against OpenCV)."""
+    Gamma and noise run only on the samples whose coin came up (DALI conditionals); the noise is
+    drawn in the units of the final image, so it is divided by the scale that follows it.
+    `params` receives the per-sample parameters (tests check them against OpenCV and numpy)."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
 
@@ -232,23 +235,47 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, r
                                interp_type=types.INTERP_LINEAR)
         mask = fn.warp_affine(mask, matrix=m, size=[size, size], fill_value=0, inverse_map=False,
                               interp_type=types.INTERP_NN)
+    if p.gamma_p and p.gamma:
+        g, on = _uniform(1.0 - p.gamma, 1.0 + p.gamma), _coin(p.gamma_p)
+        params.update(gamma=fn.cast(on, dtype=types.FLOAT) * (g - 1.0) + 1.0)
+        if on:
+            image = dmath.pow(dmath.clamp(image, 0.0, 1.0), dev(g))
+    intensity = None
     bright = p.brightness_p and p.brightness
     contrast = p.contrast_p and p.contrast
     if bright or contrast:
+        # x*b, then (y - mean(y))*c + mean(y) with y = x*b: x*(b*c) + b*mean(x)*(1 - c).
         b = 1.0 + _gate(p.brightness_p) * _uniform(-p.brightness, p.brightness) if bright else 1.0
+        c = 1.0 + _gate(p.contrast_p) * _uniform(-p.contrast, p.contrast) if contrast else 1.0
+        params.update({k: v for k, v in (("brightness", b), ("contrast", c)) if not isinstance(v, float)})
+        scale = b * c
         if contrast:
-            c = 1.0 + _gate(p.contrast_p) * _uniform(-p.contrast, p.contrast)
-            image = image * dev(b * c) + fn.reductions.mean(image) * dev(b * (1.0 - c))
+            mean = fn.reductions.mean(image)
+            offset = b * (mean.cpu() if gpu else mean) * (1.0 - c)   # per-sample scalars, on the CPU
         else:
-            image = image * dev(b)
-        image = dmath.clamp(image, 0.0, 1.0)
-    if p.gamma_p and p.gamma:
-        if _coin(p.gamma_p):
-            image = dmath.pow(image, dev(_uniform(1.0 - p.gamma, 1.0 + p.gamma)))
+            offset = scale * 0.0
+        intensity = (scale, offset)
+        params.update(intensity_scale=intensity[0], intensity_offset=intensity[1])
     if p.noise_p and p.noise:
+        sigma = _uniform(0.0, p.noise)
+        if intensity is not None:
+            sigma = sigma / intensity[0]
         if _coin(p.noise_p):
-            image = dmath.clamp(fn.noise.gaussian(image, stddev=_uniform(0.0, p.noise)), 0.0, 1.0)
-    return dmath.clamp(image, 0.0, 1.0), mask
+            image = fn.noise.gaussian(image, stddev=sigma)
+    return image, mask, intensity
+
+
+def normalise(image, mean, std, intensity):
+    """(x*scale + offset - mean) / std in one `crop_mirror_normalize` pass, H×W×C out: the
+    brightness/contrast map is folded into per-sample normalisation constants."""
+    from nvidia.dali import fn, types
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    if intensity is None:
+        return fn.crop_mirror_normalize(image, mean=mean.tolist(), std=std.tolist(), dtype=types.FLOAT,
+                                        output_layout="HWC")
+    scale, offset = intensity
+    return fn.crop_mirror_normalize(image, mean=(types.Constant(mean) - offset) / scale,
+                                    std=types.Constant(std) / scale, dtype=types.FLOAT, output_layout="HWC")
 
 
 def _to_channels(image, have: int, want: int):
@@ -266,10 +293,12 @@ def _to_channels(image, have: int, want: int):
 
 def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: bool,
                  aug: AugmentParams, mean, std, shard_id: int, num_shards: int, reader_seed: int,
-                 initial_fill: int, gpu: bool, nhwc: bool, with_params: bool = False):
+                 initial_fill: int, gpu: bool, with_params: bool = False):
     """The graph (build it with `pipeline_def(enable_conditionals=True)`). Outputs: image float
-    (C,H,W or H,W,C, normalised), mask float {0,1} (same layout), source_info bytes, then any
-    augmentation parameters (sorted by name) when `with_params`."""
+    H×W×C normalised, with C = in_channels, or 1 for a grey split when the model's channels are
+    that one channel repeated (`DaliLoader` repeats it while copying into torch); mask bool
+    H×W×1; source_info bytes; then any augmentation parameters (sorted by name) when
+    `with_params`. The layout the model wants (NCHW or NHWC) is made by that same copy."""
     from nvidia.dali import fn, types
     encoded, encoded_mask = fn.readers.webdataset(
         paths=[str(p) for p in layout.tars], index_paths=[str(p) for p in layout.indexes],
@@ -301,26 +330,22 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
                                   output_type=types.GRAY if have == 1 else types.RGB)
     mask = fn.decoders.image(encoded_mask, device=decode_on, output_type=types.GRAY)
     # Resize (see `resize`). On CPU, when augmenting with geometry, the resize is folded into the
-    # warp (reading the per-sample shape of GPU data on the CPU would need the dynamic executor).
+    # warp; on a GPU it stays a separate resize (cheap there, and it keeps the per-sample shape
+    # of GPU data off the CPU).
     fold = training and aug.enabled and has_geometry(aug) and not gpu
     if not fold:
         image, mask = resize(image, mask, size)
     params: dict = {}
+    intensity = None
     if training and aug.enabled:
-        image, mask = augment(image, mask, aug, size, gpu, params, resized=not fold)
-    layout_out = "HWC" if nhwc else "CHW"
+        image, mask, intensity = augment(image, mask, aug, size, gpu, params, resized=not fold)
     if have == 1 and in_channels > 1 and len(set(mean)) == 1 and len(set(std)) == 1:
-        # Normalise the one channel, then repeat it: the same values, 1/in_channels of the work.
-        image = fn.crop_mirror_normalize(image, mean=[mean[0]], std=[std[0]], dtype=types.FLOAT,
-                                         output_layout=layout_out)
-        image = fn.cat(*([image] * in_channels), axis=2 if nhwc else 0)
+        # Normalise the one channel and leave the repeat to the loader's copy into torch: the
+        # same values, without a pass that writes in_channels× the data only to be copied again.
+        image = normalise(image, mean[:1], std[:1], intensity)
     else:
-        image = _to_channels(image, have, in_channels)
-        image = fn.crop_mirror_normalize(image, mean=list(mean), std=list(std), dtype=types.FLOAT,
-                                         output_layout=layout_out)
-    mask = fn.cast(mask > 0, dtype=types.FLOAT)
-    if not nhwc:
-        mask = fn.transpose(mask, perm=[2, 0, 1])
+        image = normalise(_to_channels(image, have, in_channels), mean, std, intensity)
+    mask = mask > 0   # bool; the copy into torch makes it float
     outs = [image, mask, info]
     if with_params:
         outs += [params[k] for k in sorted(params)]
@@ -338,6 +363,35 @@ def _key(info) -> str:
 
 
 # ---------------------------------------------------------------- the loader
+
+class HostBuffers:
+    """Output tensors on the CPU, reused once nobody else holds them.
+
+    A fresh 16×3×640×640 float tensor per batch costs more in page faults (the kernel zeroing
+    new pages) than the copy into it: about 20 ms against 7 ms on the 2-core box. A buffer is
+    handed out again only when its storage has no other user (no tensor, view or numpy array of
+    it is alive), so a batch kept by the caller is never overwritten; when every pooled buffer is
+    still held, a new tensor is allocated. On a GPU torch's caching allocator already does this."""
+
+    def __init__(self, keep: int = 6):   # 2 batches of image + mask in flight, and slack
+        self.keep, self.pool = keep, []
+        self._use_count = getattr(torch._C, "_storage_Use_Count", None)   # without it: no reuse
+
+    def empty(self, shape: tuple[int, ...], memory_format: torch.memory_format) -> torch.Tensor:
+        """A tensor to fill. The caller gets a new tensor object on a pooled storage (never the
+        pool's own), so everything that holds the batch, view or not, counts as a storage user."""
+        for t in self.pool:
+            # Free: the storage's only users are the pool's tensor and the temporary storage
+            # object made for this check.
+            if (t.shape == shape and t.is_contiguous(memory_format=memory_format)
+                    and self._use_count(t.untyped_storage()._cdata) <= 2):
+                return t.detach()
+        t = torch.empty(shape, dtype=torch.float32, memory_format=memory_format)
+        if self._use_count is not None and len(self.pool) < self.keep:
+            self.pool.append(t)
+            return t.detach()
+        return t
+
 
 class DaliLoader:
     """`Loader` over a DALI pipeline; see the module docstring for sharding and epochs."""
@@ -358,6 +412,7 @@ class DaliLoader:
         self.epoch = 0
         self.batches_per_epoch = self._batches()
         self._pipe = None
+        self._host = HostBuffers()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -389,19 +444,28 @@ class DaliLoader:
                     aug=s.augment, mean=s.mean, std=s.std, shard_id=sid,
                     num_shards=self.dist.world_size, reader_seed=_seed(s.seed, epoch, 2),
                     initial_fill=max(1, min(SHUFFLE_BUFFER, hi - lo)), gpu=self.gpu,
-                    nhwc=s.channels_last, with_params=with_params,
+                    with_params=with_params,
                     batch_size=s.batch_size, num_threads=max(1, s.num_workers), device_id=dev_id,
                     seed=_seed(s.seed, epoch, self.dist.rank, 1), prefetch_queue_depth=PREFETCH)
         pipe.build()
         return pipe, (lo, hi)
 
-    def _to_torch(self, tl) -> torch.Tensor:
-        """One copy from DALI's buffers (reused on the next run) into a new torch tensor."""
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+    def _to_torch(self, tl, channels: int) -> torch.Tensor:
+        """One copy from DALI's N×H×W×c buffers (reused by the next run) into a float32
+        N×`channels`×H×W tensor of our own, in the layout the model wants. A one-channel image is repeated to
+        `channels` and a bool mask becomes {0, 1} float within that copy."""
         t = tl.as_tensor()   # a view when the batch is already contiguous
-        out = torch.empty(t.shape(), dtype=torch.float32, device=self.dist.device)
-        stream = torch.cuda.current_stream(self.dist.device) if self.gpu else None
-        return feed_ndarray(t, out, cuda_stream=stream)
+        n, h, w, _ = t.shape()
+        fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
+        if self.gpu:
+            out = torch.empty((n, channels, h, w), dtype=torch.float32, device=self.dist.device, memory_format=fmt)
+            from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+            src = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=self.dist.device)
+            feed_ndarray(t, src, cuda_stream=torch.cuda.current_stream(self.dist.device))
+        else:
+            out = self._host.empty((n, channels, h, w), fmt)
+            src = torch.from_numpy(np.asarray(t))   # zero-copy view of DALI's buffer
+        return out.copy_(src.permute(0, 3, 1, 2).expand(n, channels, h, w))
 
     def __iter__(self) -> Iterator[Batch]:
         s = self.spec
@@ -430,13 +494,11 @@ class DaliLoader:
                                                f"expected (shard {lo}..{hi}); the evaluation could count "
                                                f"samples twice, so stopping")
                     keys = [k if ok else "" for k, ok in zip(keys, valid)]
-                img, msk = self._to_torch(image), self._to_torch(mask)
+                img, msk = self._to_torch(image, s.in_channels), self._to_torch(mask, 1)
                 if not s.training:
                     # Same batch shapes as the torch loader: the last one holds per_rank - b*B.
                     take = min(len(keys), per_rank - b * s.batch_size)
                     img, msk, keys, valid = img[:take], msk[:take], keys[:take], valid[:take]
-                if s.channels_last:   # NHWC memory seen as NCHW with channels_last strides
-                    img, msk = img.permute(0, 3, 1, 2), msk.permute(0, 3, 1, 2)
                 yield Batch(image=img, mask=msk,
                             valid=torch.tensor(valid, device=self.dist.device), keys=keys)
         finally:

@@ -196,20 +196,21 @@ def _augment(img: torch.Tensor, mask: torch.Tensor, p: AugmentParams, g: torch.G
                         interpolation=TF.InterpolationMode.BILINEAR)
         mask = TF.affine(mask, angle=angle, translate=[tx, ty], scale=scale, shear=[0.0, 0.0],
                          interpolation=TF.InterpolationMode.NEAREST)
+    if p.gamma and coin(p.gamma_p):
+        img = img.clamp(0, 1) ** u(1 - p.gamma, 1 + p.gamma)
     if p.brightness and coin(p.brightness_p):
         img = img * u(1 - p.brightness, 1 + p.brightness)
     if p.contrast and coin(p.contrast_p):
         m = img.mean()
         img = (img - m) * u(1 - p.contrast, 1 + p.contrast) + m
-    if p.gamma and coin(p.gamma_p):
-        img = img.clamp(0, 1) ** u(1 - p.gamma, 1 + p.gamma)
     if p.noise and coin(p.noise_p):
         img = img + torch.randn(img.shape, generator=g) * u(0, p.noise)
-    return img.clamp_(0, 1), mask
+    return img, mask
 
 
 class _Collate:
-    """Runs in the workers: decode -> channels -> resize -> augment -> normalise -> stack."""
+    """Runs in the workers: decode -> resize -> augment -> channels -> normalise -> stack.
+    Grey stays one channel until after the augmentation (the model's copies are made last)."""
 
     def __init__(self, spec: LoaderSpec, dataset: IndexedShards):
         self.spec, self.ds = spec, dataset
@@ -220,8 +221,7 @@ class _Collate:
         for idx, seed in items:
             real = idx >= 0
             img, mask, key = self.ds[idx if real else 0]
-            t = torch.from_numpy(img).permute(2, 0, 1)
-            t = to_channels(t, spec.in_channels)
+            t = source_channels(torch.from_numpy(img).permute(2, 0, 1), spec.in_channels)
             m = torch.from_numpy(mask)[None]
             t = F.interpolate(t[None], size=(spec.size, spec.size), mode="bilinear",
                               align_corners=False, antialias=True)[0]
@@ -229,7 +229,7 @@ class _Collate:
             m = F.interpolate(m[None], size=(spec.size, spec.size), mode="nearest-exact")[0]
             if spec.training and spec.augment.enabled:
                 t, m = _augment(t, m, spec.augment, torch.Generator().manual_seed(seed))
-            imgs.append(t)
+            imgs.append(to_channels(t, spec.in_channels))
             masks.append(m)
             valid.append(real)
             keys.append(key if real else "")
@@ -240,6 +240,14 @@ class _Collate:
 
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L") and DALI's GRAY output
+
+
+def source_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """The channels to resize and augment in: alpha dropped, colour reduced to the model's one
+    channel; grey stays one channel even when the model wants three (repeated afterwards)."""
+    if t.shape[0] in (2, 4):
+        t = t[:t.shape[0] - 1]
+    return to_channels(t, 1) if channels == 1 else t
 
 
 def to_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
