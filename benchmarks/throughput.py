@@ -285,13 +285,13 @@ def _epochs(loader, to_item):
 def open_loader(name: str, shard_dir: Path, args, dist, training_batch: int):
     """An endless iterator of `Batch`es from loader `name` (dali, torch or naive) on this rank."""
     from tumorseg_dist.data.augment import PRESETS
-    from tumorseg_dist.data.loader import Batch, LoaderSpec, TorchLoader, norm_stats
+    from tumorseg_dist.data.loader import Batch, LoaderSpec, TorchLoader, image_dtype, norm_stats
     from tumorseg_dist.data.shards import read_manifest
     c, dev = args.in_channels, dist.device
     mean, std = (norm_stats(read_manifest(shard_dir), c) if (shard_dir / "manifest.json").is_file()
                  else ((0.5,) * c, (0.25,) * c))
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    aug = PRESETS[args.augment]
+    aug, dtype = PRESETS[args.augment], image_dtype(args.amp, dev)   # what training would get
     if name == "naive":
         from naive_loader import naive_loader
         dl = naive_loader(shard_dir, args.size, c, training_batch, args.workers, aug, mean, std,
@@ -299,13 +299,13 @@ def open_loader(name: str, shard_dir: Path, args, dist, training_batch: int):
 
         def to_batch(b):
             img, mask = b
-            return Batch(image=img.to(dev, non_blocking=True).contiguous(memory_format=fmt),
+            return Batch(image=img.to(dev, dtype=dtype, non_blocking=True).contiguous(memory_format=fmt),
                          mask=mask.to(dev, non_blocking=True).contiguous(memory_format=fmt),
                          valid=torch.ones(img.shape[0], dtype=torch.bool, device=dev), keys=[])
         return _epochs(dl, to_batch)
     spec = LoaderSpec(shard_dir=shard_dir, split="train", training=True, size=args.size,
                       in_channels=c, batch_size=training_batch, mean=mean, std=std, augment=aug,
-                      seed=0, num_workers=args.workers, channels_last=args.channels_last)
+                      seed=0, num_workers=args.workers, channels_last=args.channels_last, image_dtype=dtype)
     if name == "dali":
         from tumorseg_dist.data.dali import DaliLoader
         dl = DaliLoader(spec, dist)
@@ -323,6 +323,7 @@ def common_settings(args, dist) -> dict:
 # ---------------------------------------------------------------- stage: data
 
 def stage_data(args, dist, ctx: dict) -> list[dict]:
+    from tumorseg_dist.data.loader import image_dtype
     loaders = _naive_rows_possible(args, args.loader.split(","))
     codecs = args.codec.split(",")
     data = datasets(args, dist, loaders, codecs)
@@ -347,6 +348,7 @@ def stage_data(args, dist, ctx: dict) -> list[dict]:
                     "stage": "data", "loader": name, "codec": codec, **common_settings(args, dist),
                     "source_size": args.source_size if args.data is None else None,
                     "data": str(shard_dir), "workers": args.workers, "augment": args.augment,
+                    "image_dtype": str(image_dtype(args.amp, dist.device)).removeprefix("torch."),
                     "images_per_run": res["steps"] * per_rank, "runs_images_per_s": []})
                 row["runs_images_per_s"].append(res["images_per_s"])
                 row["images_per_s"] = max(row["runs_images_per_s"])

@@ -420,3 +420,31 @@ def test_loop_evaluate_gives_the_same_metrics_with_dali_and_torch(shards):
     assert got["dali"]["loss"] == pytest.approx(got["torch"]["loss"], abs=1e-4)
     for k in ("dice", "iou", "precision", "recall", "accuracy"):
         assert got["dali"][k] == pytest.approx(got["torch"][k], abs=2e-3), k
+
+
+@pytest.mark.parametrize("loader_cls", [DaliLoader, TorchLoader])
+@pytest.mark.parametrize("cl", [False, True])
+def test_image_dtype_follows_amp_and_equals_the_float32_batch_rounded(shards, loader_cls, cl):
+    """--amp bf16 delivers bf16 images (the masks stay float32 {0, 1}) in the requested layout,
+    equal to the float32 batch rounded once."""
+    dist = DistInfo(0, 0, 1, CPU)
+    spec = replace(spec_for(shards["png"], "val", channels=3, cl=cl, mean=0.3, std=0.2), num_workers=0
+                   if loader_cls is TorchLoader else 1)
+    ref = by_key(loader_cls(spec, dist))
+    got = list(loader_cls(replace(spec, image_dtype=torch.bfloat16), dist))
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    for b in got:
+        assert b.image.dtype == torch.bfloat16 and b.mask.dtype == torch.float32
+        assert b.image.is_contiguous(memory_format=fmt)
+        for i, k in enumerate(b.keys):
+            if bool(b.valid[i]):
+                assert torch.equal(b.image[i], ref[k][0].to(torch.bfloat16)), k
+                assert torch.equal(b.mask[i], ref[k][1]), k
+
+
+def test_build_loader_image_dtype_is_what_amp_computes_in():
+    from tumorseg_dist.data.loader import image_dtype
+    assert image_dtype("bf16", CPU) == torch.bfloat16
+    assert image_dtype("off", CPU) == image_dtype("auto", CPU) == torch.float32
+    with pytest.raises(ValueError, match="fp16"):
+        image_dtype("fp16", CPU)

@@ -14,10 +14,12 @@ def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_single_process_writes_the_run_directory(tmp_path, synthetic_shards):
+@pytest.mark.parametrize("extra", [[], ["--amp", "bf16", "--channels-last", "--in-channels", "3"]],
+                         ids=["fp32", "bf16-nhwc-rgb"])
+def test_single_process_writes_the_run_directory(tmp_path, synthetic_shards, extra):
     run = tmp_path / "run"
     p = run_cli([PY, "-m", "tumorseg_dist.train", *TINY, "--data", str(synthetic_shards),
-                 "--out", str(run), "--epochs", "2", "--batch-size", "4"], cwd=tmp_path)
+                 "--out", str(run), "--epochs", "2", "--batch-size", "4", *extra], cwd=tmp_path)
     for name in ("config.toml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt",
                  "test_metrics.json", "curves.png", "overlays.png"):
         assert (run / name).is_file(), name

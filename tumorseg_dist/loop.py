@@ -79,7 +79,8 @@ def evaluate(engine, loader: Loader, loss_fn, threshold: float, log: RunLog | No
             loss = loss_fn(logits[v], batch.mask[v])
         acc.update(logits, batch.mask, batch.valid, threshold, loss)
         if keep_first and first is None:
-            first = (batch.image[batch.valid], batch.mask[batch.valid], torch.sigmoid(logits[batch.valid]))
+            first = (batch.image[batch.valid].float(), batch.mask[batch.valid],
+                     torch.sigmoid(logits[batch.valid].float()))
     metrics = acc.compute()
     return (metrics, first) if keep_first else metrics
 

@@ -377,16 +377,16 @@ class HostBuffers:
         self.keep, self.pool = keep, []
         self._use_count = getattr(torch._C, "_storage_Use_Count", None)   # without it: no reuse
 
-    def empty(self, shape: tuple[int, ...], memory_format: torch.memory_format) -> torch.Tensor:
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, memory_format: torch.memory_format) -> torch.Tensor:
         """A tensor to fill. The caller gets a new tensor object on a pooled storage (never the
         pool's own), so everything that holds the batch, view or not, counts as a storage user."""
         for t in self.pool:
             # Free: the storage's only users are the pool's tensor and the temporary storage
             # object made for this check.
-            if (t.shape == shape and t.is_contiguous(memory_format=memory_format)
+            if (t.shape == shape and t.dtype == dtype and t.is_contiguous(memory_format=memory_format)
                     and self._use_count(t.untyped_storage()._cdata) <= 2):
                 return t.detach()
-        t = torch.empty(shape, dtype=torch.float32, memory_format=memory_format)
+        t = torch.empty(shape, dtype=dtype, memory_format=memory_format)
         if self._use_count is not None and len(self.pool) < self.keep:
             self.pool.append(t)
             return t.detach()
@@ -450,20 +450,21 @@ class DaliLoader:
         pipe.build()
         return pipe, (lo, hi)
 
-    def _to_torch(self, tl, channels: int) -> torch.Tensor:
-        """One copy from DALI's N×H×W×c buffers (reused by the next run) into a float32
-        N×`channels`×H×W tensor of our own, in the layout the model wants. A one-channel image is repeated to
-        `channels` and a bool mask becomes {0, 1} float within that copy."""
+    def _to_torch(self, tl, channels: int, dtype: torch.dtype) -> torch.Tensor:
+        """One copy from DALI's N×H×W×c buffers (reused by the next run) into an N×`channels`×H×W
+        tensor of our own, in the dtype and layout the model wants. A one-channel image is
+        repeated to `channels`, a bool mask becomes {0, 1} and float32 becomes `dtype` within
+        that copy."""
         t = tl.as_tensor()   # a view when the batch is already contiguous
         n, h, w, _ = t.shape()
         fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
         if self.gpu:
-            out = torch.empty((n, channels, h, w), dtype=torch.float32, device=self.dist.device, memory_format=fmt)
             from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+            out = torch.empty((n, channels, h, w), dtype=dtype, device=self.dist.device, memory_format=fmt)
             src = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=self.dist.device)
             feed_ndarray(t, src, cuda_stream=torch.cuda.current_stream(self.dist.device))
         else:
-            out = self._host.empty((n, channels, h, w), fmt)
+            out = self._host.empty((n, channels, h, w), dtype, fmt)
             src = torch.from_numpy(np.asarray(t))   # zero-copy view of DALI's buffer
         return out.copy_(src.permute(0, 3, 1, 2).expand(n, channels, h, w))
 
@@ -494,7 +495,8 @@ class DaliLoader:
                                                f"expected (shard {lo}..{hi}); the evaluation could count "
                                                f"samples twice, so stopping")
                     keys = [k if ok else "" for k, ok in zip(keys, valid)]
-                img, msk = self._to_torch(image, s.in_channels), self._to_torch(mask, 1)
+                img = self._to_torch(image, s.in_channels, s.image_dtype)
+                msk = self._to_torch(mask, 1, torch.float32)
                 if not s.training:
                     # Same batch shapes as the torch loader: the last one holds per_rank - b*B.
                     take = min(len(keys), per_rank - b * s.batch_size)

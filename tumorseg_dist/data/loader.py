@@ -55,6 +55,7 @@ class LoaderSpec:
     seed: int
     num_workers: int
     channels_last: bool
+    image_dtype: torch.dtype = torch.float32   # what AMP computes in: bf16/fp16 halve the copy
 
 
 # ---------------------------------------------------------------- indexed shard access
@@ -314,7 +315,8 @@ class TorchLoader:
             persistent_workers=False)
         fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
         for img, mask, valid, keys in dl:
-            yield Batch(image=img.to(dev, non_blocking=True).contiguous(memory_format=fmt),
+            img = img.to(dev, dtype=self.spec.image_dtype, non_blocking=True)
+            yield Batch(image=img.contiguous(memory_format=fmt),
                         mask=mask.to(dev, non_blocking=True).contiguous(memory_format=fmt),
                         valid=valid.to(dev, non_blocking=True), keys=keys)
 
@@ -332,6 +334,13 @@ def resolve_norm(cfg, shard_dir: Path) -> tuple[tuple[float, ...], tuple[float, 
     return norm_stats(read_manifest(shard_dir), c)
 
 
+def image_dtype(amp: str, device: torch.device) -> torch.dtype:
+    """The dtype AMP computes in (`--amp`, `auto` resolved for the device), float32 without AMP.
+    The model's first op casts to it anyway; delivering it halves the loader's output copy."""
+    from ..engine import AMP_DTYPES, resolve_amp
+    return AMP_DTYPES.get(resolve_amp(amp, device), torch.float32)
+
+
 def build_loader(cfg, shard_dir: Path, split: str, dist: DistInfo, training: bool) -> Loader:
     """The configured loader (`--loader torch|dali`) for one split of a packed dataset."""
     from .augment import PRESETS, resolve
@@ -343,7 +352,8 @@ def build_loader(cfg, shard_dir: Path, split: str, dist: DistInfo, training: boo
         shard_dir=Path(shard_dir), split=split, training=training, size=cfg.data.size,
         in_channels=cfg.data.in_channels, batch_size=cfg.train.batch_size // dist.world_size,
         mean=mean, std=std, augment=resolve(cfg.augment) if training else PRESETS["none"],
-        seed=cfg.train.seed, num_workers=cfg.data.num_workers, channels_last=cfg.train.channels_last)
+        seed=cfg.train.seed, num_workers=cfg.data.num_workers, channels_last=cfg.train.channels_last,
+        image_dtype=image_dtype(cfg.train.amp, dist.device))
     if cfg.data.loader == "dali":
         from .dali import DaliLoader
         return DaliLoader(spec, dist)
