@@ -120,3 +120,25 @@ def test_readme_main_command(tmp_path):
     assert "built-in synthetic set" in first and ("CPU-sized" in first or "cuda" in first)
     assert (tmp_path / "shards").is_dir()
     assert (tmp_path / "run" / "test_metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager_on_both_engines(tmp_path, synthetic_shards):
+    """--compile (torch.compile, inductor on CPU) with DDP and with DeepSpeed (engine.compile)
+    gives the eager run's first-step loss and, after that one update, nearly its validation
+    loss; the checkpoint keeps the plain model's keys, so evaluate/predict/export load it."""
+    out = {}
+    for name, extra in (("eager", []), ("ddp", ["--compile"]),
+                        ("deepspeed", ["--compile", "--engine", "deepspeed", "--zero-stage", "1"])):
+        run = tmp_path / name
+        p = run_cli([PY, "-m", "tumorseg_dist.train", *TINY, "--data", str(synthetic_shards), "--out", str(run),
+                     "--epochs", "1", "--max-steps", "1", "--batch-size", "4", *extra], cwd=tmp_path,
+                    env={"DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"})
+        out[name] = records(run)[-1]
+        assert ("torch.compile: on" in p.stdout or "torch.compile on" in p.stdout) == (name != "eager"), p.stdout
+        from tumorseg_dist.checkpoint import load
+        from tumorseg_dist.engine import weights_of
+        assert not any("_orig_mod" in k for k in weights_of(load(run / "checkpoints/best.pt")))
+    for name in ("ddp", "deepspeed"):
+        assert out[name]["train_loss"] == pytest.approx(out["eager"]["train_loss"], rel=1e-4), name
+        assert out[name]["val_loss"] == pytest.approx(out["eager"]["val_loss"], rel=2e-2), name

@@ -202,6 +202,13 @@ class DeepSpeedEngine:
             config=copy.deepcopy(self.config), lr_scheduler=client_sched, dist_init_required=False)
         self.model = self.ds.module
         self.dtype = next(self.model.parameters()).dtype  # bf16/fp16 when DeepSpeed casts
+        if cfg.train.compile:
+            # DeepSpeed compiles its module in place (nn.Module.compile), so evaluation runs the
+            # compiled forward too and state_dict keys stay those of the plain model.
+            self.ds.compile()
+            if self.ema is not None:
+                self.ema.module.compile()
+            self.notes.append("torch.compile: on (DeepSpeed engine.compile, inductor)")
         # ZeRO 1/2 (and DeepSpeed's bf16/fp16 optimizers) check the gradient norm and skip
         # overflow steps themselves (DeepSpeed pays its own host sync for that); plain fp32
         # ZeRO-0 uses the bare PyTorch optimizer, which we make skip on the device like DDP.

@@ -357,7 +357,8 @@ class DDPEngine:
         ddp = f"DDP over {self.dist.world_size} ranks" if self.ddp is not None else "one process"
         return [f"{ddp}, {self.cfg.optim.optimizer}{' (fused)' if self.fused else ''}, "
                 f"accum {self.accum}, clip {self.clip or 'off'}, "
-                f"EMA {self.ema.decay if self.ema is not None else 'off'}"]
+                f"EMA {self.ema.decay if self.ema is not None else 'off'}, "
+                f"torch.compile {'on' if self.cfg.train.compile else 'off'}"]
 
     def save_checkpoint(self, path: Path, meta: dict) -> None:
         """Called on every rank at the same step; rank 0 writes one atomic file."""
