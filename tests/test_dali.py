@@ -202,6 +202,26 @@ def test_augmentation_is_synchronised_with_the_mask(tmp_path):
     assert moved >= 10 and flipped >= 4
 
 
+def test_flips_alone_move_image_and_mask_exactly(shards):
+    """Without the affine (`light`), flips use fn.flip: image and mask are the un-augmented
+    sample mirrored exactly as the per-sample coins say, nothing resampled."""
+    dist = DistInfo(0, 0, 1, CPU)
+    tr = spec_for(shards["png"], "train", True, aug=PRESETS["light"], batch=13)
+    pipe, _ = DaliLoader(tr, dist).build_pipeline(epoch=0, with_params=True)
+    image, mask, info, fh, fv = pipe.run()
+    base = by_key(DaliLoader(replace(tr, augment=PRESETS["none"]), dist))
+    seen = set()
+    for i in range(len(info)):
+        key = bytes(np.asarray(info.at(i))).decode().rsplit(":", 1)[-1].partition(".")[0]
+        h, v = bool(np.asarray(fh.at(i))), bool(np.asarray(fv.at(i)))
+        dims = [d for d, on in ((2, h), (1, v)) if on]
+        for got, want in ((image, base[key][0]), (mask, base[key][1])):
+            want = want.flip(dims) if dims else want
+            assert torch.equal(torch.from_numpy(np.asarray(got.at(i))[..., 0]).float(), want[0]), (key, h, v)
+        seen.add((h, v))
+    assert len(seen) >= 3     # the coins went several ways, so a swapped flag would be caught
+
+
 def test_no_augmentation_on_eval_and_intensity_augmentations_run(shards):
     dist = DistInfo(0, 0, 1, CPU)
     strong = PRESETS["strong"]

@@ -191,8 +191,17 @@ def geometry_matrix(p: AugmentParams, size: int, params: dict):
     return m
 
 
-def has_geometry(p: AugmentParams) -> bool:
-    return bool(p.flip_p or (p.affine_p and (p.rotate_deg or p.scale or p.translate)))
+def has_affine(p: AugmentParams) -> bool:
+    return bool(p.affine_p and (p.rotate_deg or p.scale or p.translate))
+
+
+def flips(image, mask, p: AugmentParams, params: dict):
+    """Flips alone (no affine, e.g. the `light` preset): `fn.flip` moves pixels without
+    resampling, far cheaper than a warp. Same coins and meaning as in `geometry_matrix`."""
+    from nvidia.dali import fn
+    h, v = fn.random.coin_flip(probability=p.flip_p), fn.random.coin_flip(probability=p.flip_p)
+    params.update(flip_h=h, flip_v=v)
+    return fn.flip(image, horizontal=h, vertical=v), fn.flip(mask, horizontal=h, vertical=v)
 
 
 def resize(image, mask, size: int):
@@ -209,8 +218,8 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, r
     Returns (image, mask, intensity) where `intensity` is None or the per-sample (scale, offset)
     of brightness and contrast, x -> x*scale + offset, for `normalise` to fold into its one pass.
 
-    Geometry: one `warp_affine` for image (linear) and mask (nearest) with the same matrix.
-    With `resized=False` the inputs are still at the source size: samples no larger than
+    Geometry: one `warp_affine` for image (linear) and mask (nearest) with the same matrix, or
+    with flips alone (no affine) `fn.flip`, which needs no resampling. With `resized=False` the inputs are still at the source size: samples no larger than
     size×size have the resize folded into that matrix (one bilinear resample instead of two; no
     antialiasing is needed when not shrinking), larger ones are first resized with antialiasing.
     Gamma and noise run only on the samples whose coin came up (DALI conditionals); the noise is
@@ -222,7 +231,9 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, r
     def dev(node):   # per-sample scalars join GPU arithmetic on the GPU
         return node.gpu() if gpu else node
 
-    if has_geometry(p):
+    if not has_affine(p) and p.flip_p:
+        image, mask = flips(image, mask, p, params)   # inputs already resized (no fold)
+    elif has_affine(p):
         m = geometry_matrix(p, size, params)
         if not resized:
             hw = image.shape(dtype=types.FLOAT)
@@ -332,7 +343,7 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
     # Resize (see `resize`). On CPU, when augmenting with geometry, the resize is folded into the
     # warp; on a GPU it stays a separate resize (cheap there, and it keeps the per-sample shape
     # of GPU data off the CPU).
-    fold = training and aug.enabled and has_geometry(aug) and not gpu
+    fold = training and aug.enabled and has_affine(aug) and not gpu
     if not fold:
         image, mask = resize(image, mask, size)
     params: dict = {}
