@@ -116,3 +116,21 @@ def test_preempt_and_resume_matches_the_uninterrupted_run(engine, tmp_path, synt
     # Validation of a barely trained net amplifies rounding (and DDP evaluates each rank's own
     # BatchNorm statistics, DeepSpeed rank 0's): same ballpark, not bit-equal.
     assert recs[1]["val_loss"] == pytest.approx(ref_records[1]["val_loss"], rel=0.15)
+
+
+def test_bf16_is_torch_autocast_and_matches_ddp_per_step(tmp_path, synthetic_shards):
+    """--amp bf16: DeepSpeed runs torch.autocast over fp32 parameters (BatchNorm's buffers stay
+    fp32; DeepSpeed's own bf16 mode fails on them) and reduces gradients in fp32, so ZeRO-2 on 2
+    ranks gives DDP's bf16 per-step losses."""
+    runs = {}
+    for name, flags, port in (("ddp", [], 29651), ("zero2", ENGINES["zero2"], 29661)):
+        out = tmp_path / name
+        p = run_cli(command(synthetic_shards, out, [*flags, "--amp", "bf16", "--max-steps", "4"], port),
+                    cwd=tmp_path, env={**ENV, "EXIT_CODE_DIR": str(tmp_path / f"codes-{name}")})
+        assert "amp bf16" in p.stdout, p.stdout[-2000:]
+        runs[name] = losses(p.stdout)
+    ds = json.loads((tmp_path / "zero2" / "deepspeed_config.json").read_text())
+    assert ds["torch_autocast"]["enabled"] and "bf16" not in ds
+    assert sorted(runs["ddp"]) == sorted(runs["zero2"]) == [1, 2, 3, 4]
+    for s, ref in runs["ddp"].items():
+        assert runs["zero2"][s] == pytest.approx(ref, rel=2e-3, abs=2e-4), (s, runs["zero2"][s], ref)

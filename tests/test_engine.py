@@ -165,7 +165,11 @@ def test_deepspeed_config_translation():
     ds = deepspeed_config(cfg, world_size=2, amp="bf16")
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 4, 2)
     assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.0
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "bf16" not in ds and not ds["fp16"]["enabled"]
+    fp16 = deepspeed_config(cfg, world_size=2, amp="fp16")
+    assert fp16["fp16"]["enabled"] and fp16["data_types"] == {"buffer_dtype": "fp16"}
+    assert not fp16["torch_autocast"]["enabled"]
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 5e-4
     cfg.optim.optimizer = "adam"
     assert deepspeed_config(cfg, 2, "off")["optimizer"]["params"]["adam_w_mode"] is False

@@ -6,7 +6,11 @@ written to RUN/deepspeed_config.json. Translation:
 
 * batch: `train_micro_batch_size_per_gpu` = --batch-size / world, `gradient_accumulation_steps`
   = --grad-accum, `train_batch_size` = their product x world;
-* `--amp bf16|fp16` -> `bf16.enabled` / `fp16.enabled` (dynamic loss scaling);
+* `--amp bf16` -> `torch_autocast` (bfloat16): fp32 parameters and BatchNorm statistics, the
+  forward under torch.autocast, exactly what DDP does. (DeepSpeed's `bf16` mode casts the
+  parameters but, since 0.19, not the buffers, and BatchNorm then fails on mixed dtypes.)
+  `--amp fp16` -> `fp16.enabled` with dynamic loss scaling and `data_types.buffer_dtype` fp16,
+  so BatchNorm's buffers match its fp16 parameters;
 * `--optimizer/--lr/--weight-decay/--momentum` -> `optimizer` (built by DeepSpeed as the PyTorch
   fused optimizer, `torch_adam` + `fused`, so both engines update weights with the same kernel and
   no CUDA extension has to be compiled);
@@ -26,6 +30,7 @@ and the tag it names intact; stale tags are deleted after the metadata is in pla
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -54,7 +59,7 @@ FLAG_KEYS = {
     ("gradient_accumulation_steps",): "--grad-accum",
     ("gradient_clipping",): "--clip-grad",
     ("zero_optimization", "stage"): "--zero-stage",
-    ("bf16", "enabled"): "--amp",
+    ("torch_autocast", "enabled"): "--amp",
     ("fp16", "enabled"): "--amp",
     ("optimizer", "type"): "--optimizer",
     ("optimizer", "params", "lr"): "--lr",
@@ -86,14 +91,14 @@ def deepspeed_config(cfg: Config, world_size: int, amp: str) -> dict:
         "gradient_clipping": e.clip_grad,
         "optimizer": opt,
         "zero_optimization": {"stage": e.zero_stage},
-        "bf16": {"enabled": amp == "bf16"},
+        # No "lower precision safe" modules: gradients are reduced in fp32, as DDP does.
+        "torch_autocast": {"enabled": amp == "bf16", "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "fp16": {"enabled": amp == "fp16"},
         "steps_per_print": 2 ** 31 - 1,  # our loop logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
-    if amp == "bf16":
-        ds["bf16"]["check_grad_overflow"] = True  # skip non-finite steps (--max-bad-steps)
     if amp == "fp16":
+        ds["data_types"] = {"buffer_dtype": "fp16"}
         ds["fp16"].update({"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                            "hysteresis": 2, "min_loss_scale": 1})
     return ds
@@ -161,7 +166,7 @@ def init_deepspeed(dist: DistInfo):
 
 
 class DeepSpeedEngine:
-    """DeepSpeed engine with ZeRO 0/1/2, AMP via DeepSpeed's bf16/fp16 modes."""
+    """DeepSpeed engine with ZeRO 0/1/2; AMP via torch_autocast (bf16) or DeepSpeed's fp16 mode."""
 
     name = "deepspeed"
 
@@ -201,7 +206,7 @@ class DeepSpeedEngine:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=copy.deepcopy(self.config), lr_scheduler=client_sched, dist_init_required=False)
         self.model = self.ds.module
-        self.dtype = next(self.model.parameters()).dtype  # bf16/fp16 when DeepSpeed casts
+        self.dtype = next(self.model.parameters()).dtype  # fp16 when DeepSpeed casts, else fp32
         if cfg.train.compile:
             # DeepSpeed compiles its module in place (nn.Module.compile), so evaluation runs the
             # compiled forward too and state_dict keys stay those of the plain model.
@@ -209,10 +214,11 @@ class DeepSpeedEngine:
             if self.ema is not None:
                 self.ema.module.compile()
             self.notes.append("torch.compile: on (DeepSpeed engine.compile, inductor)")
-        # ZeRO 1/2 (and DeepSpeed's bf16/fp16 optimizers) check the gradient norm and skip
-        # overflow steps themselves (DeepSpeed pays its own host sync for that); plain fp32
-        # ZeRO-0 uses the bare PyTorch optimizer, which we make skip on the device like DDP.
-        self.own_skip = isinstance(self.ds.optimizer, torch.optim.Optimizer) and self.amp == "off"
+        # ZeRO 1/2 (and DeepSpeed's fp16 optimizer) check the gradient norm and skip overflow
+        # steps themselves (DeepSpeed pays its own host sync for that); ZeRO-0 with fp32
+        # parameters (no AMP, or bf16 autocast) uses the bare PyTorch optimizer, which we make
+        # skip on the device like DDP.
+        self.own_skip = isinstance(self.ds.optimizer, torch.optim.Optimizer) and self.dtype == torch.float32
         self.fused = self.own_skip and bool(self.ds.optimizer.defaults.get("fused"))
         self.health = Health(e.max_bad_steps, self.device)
         self._skipped_seen = 0
@@ -234,7 +240,7 @@ class DeepSpeedEngine:
     def train_step(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One micro-batch: forward, fp32 loss, DeepSpeed backward (scaled by 1/accum) and step
         (an optimizer step at accumulation boundaries). Returns the detached loss."""
-        logits = self.ds(image.to(self.dtype))
+        logits = self.ds(self._input(image))
         loss = self.loss_fn(logits.float(), mask)
         self.ds.backward(loss)
         boundary = self.ds.is_gradient_accumulation_boundary()
@@ -264,11 +270,19 @@ class DeepSpeedEngine:
             self.ema.update(self.model)
         return loss.detach()
 
+    def _input(self, image: torch.Tensor) -> torch.Tensor:
+        # fp16 mode: the parameters are fp16. Otherwise the parameters are fp32 and a bf16 batch
+        # (--amp bf16) goes in as it is: autocast computes the convolutions in bf16 anyway.
+        return image.to(self.dtype) if self.dtype != torch.float32 else image
+
     @torch.no_grad()
     def eval_logits(self, image: torch.Tensor) -> torch.Tensor:
-        if self.ema is not None:
-            return self.ema.module(image.float()).float()
-        return self.model(image.to(self.dtype)).float()
+        # DeepSpeed autocasts only its own forward; evaluation calls the module directly.
+        bf16 = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp == "bf16" else contextlib.nullcontext()
+        with bf16:
+            if self.ema is not None:
+                return self.ema.module(image if self.amp == "bf16" else image.float()).float()
+            return self.model(self._input(image)).float()
 
     def lr(self) -> float:
         return self.ds.get_lr()[0]
