@@ -403,14 +403,16 @@ def _trace_path(args, dist, name: str) -> Path | None:
 
 def stage_model(args, dist, ctx: dict) -> list[dict]:
     """Forward + fp32 loss + backward + optimizer step (the engine's train_step) on synthetic
-    tensors already on the device, in the engine's memory format."""
+    tensors already on the device, in the engine's memory format and the loaders' image dtype."""
     dev, per_rank = dist.device, args.batch_size // dist.world_size
     reset_peak_memory(dev)
     cfg, engine = make_engine(args, dist)
     g = torch.Generator(device=dev).manual_seed(dist.rank)
     image = torch.randn(per_rank, args.in_channels, args.size, args.size, device=dev, generator=g)
     mask = (torch.rand(per_rank, 1, args.size, args.size, device=dev, generator=g) > 0.7).float()
-    image = image.contiguous(memory_format=engine.memory_format)
+    # The dtype and layout the loaders deliver (image_dtype: bf16/fp16 under AMP).
+    from tumorseg_dist.data.loader import image_dtype
+    image = image.to(image_dtype(args.amp, dev)).contiguous(memory_format=engine.memory_format)
     mask = mask.contiguous(memory_format=engine.memory_format)
     engine.train()
     res = timed_steps(lambda: engine.train_step(image, mask), args.warmup, args.steps, dev, per_rank,
