@@ -352,6 +352,7 @@ def stage_data(args, dist, ctx: dict) -> list[dict]:
                     "images_per_run": res["steps"] * per_rank, "runs_images_per_s": []})
                 row["runs_images_per_s"].append(res["images_per_s"])
                 row["images_per_s"] = max(row["runs_images_per_s"])
+                row["median_images_per_s"] = round(statistics.median(row["runs_images_per_s"]), 3)
                 row["step_ms"] = round(per_rank / row["images_per_s"] * 1e3, 3)
                 row.update(peak_memory(dist.device))
                 print(json.dumps({"repeat": rep, "loader": name, "codec": codec, **res}), file=sys.stderr, flush=True)

@@ -410,11 +410,16 @@ def test_throughput_data_stage_reports_rows_with_provenance(tmp_path):
     spec.loader.exec_module(mod)
     doc = mod.main(["--stage", "data", "--loader", "dali,torch,naive", "--codec", "raw", "--size", "32",
                     "--source-size", "32", "--samples", "12", "--batches", "2", "--warmup", "1",
-                    "--batch-size", "4", "--workers", "0", "--device", "cpu", "--data-dir", str(tmp_path)])
+                    "--batch-size", "4", "--workers", "0", "--device", "cpu", "--data-dir", str(tmp_path),
+                    "--repeats", "3"])
     assert {"device", "date", "git_commit", "command", "versions"} <= set(doc)
     assert [(r["loader"], r["codec"]) for r in doc["results"]] == [("dali", "raw"), ("torch", "raw"),
                                                                      ("naive", "png-files")]
     assert all(r["images_per_run"] == 8 and r["images_per_s"] > 0 for r in doc["results"])
+    for r in doc["results"]:   # best and median of the three repeats, each kept
+        assert len(r["runs_images_per_s"]) == 3 and r["images_per_s"] == max(r["runs_images_per_s"])
+        assert r["median_images_per_s"] == pytest.approx(sorted(r["runs_images_per_s"])[1], abs=1e-3)
+        assert r["image_dtype"] == "float32"
 
 
 @pytest.mark.slow
