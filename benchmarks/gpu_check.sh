@@ -6,7 +6,7 @@
 #
 # Output: $OUT (the device tool's result folder) if set, else benchmarks/results/gpu-DATE/.
 #   env.txt           nvidia-smi, python/torch/CUDA versions, what was installed or missing
-#   pytest.txt        the GPU tests (tests/test_throughput.py -k gpu, tests/test_kernel.py, tests/test_losses.py)
+#   pytest.txt        the GPU tests (tests/test_throughput.py + test_dali.py -k gpu; tests/test_kernel.py, tests/test_losses.py)
 #   model.jsonl       model stage 640: fp32 NCHW, fp32 NHWC, bf16 NCHW, bf16 NHWC (alternated, 2 rounds)
 #   sweep.jsonl       model stage 640 bf16 NHWC, --sweep batch_size=8,16,32,64,128 (OOM = the limit)
 #   all.jsonl         data + model + train + breakdown, --loader dali,torch,naive, 640, bf16 NHWC
@@ -66,12 +66,16 @@ if [ $HAVE_SMP = 0 ]; then
   echo "gpu_check.sh: segmentation-models-pytorch is missing and could not be installed; pass --wheels DIR" >&2
 fi
 
-# 1. GPU tests: the throughput GPU checks (fused kernel vs reference, bf16/channels-last model
-# stage with MFU, DALI mixed decode, nccl with >= 2 GPUs), then the kernel and loss suites, which
-# on a GPU also exercise the compiled Triton kernel.
-"$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_throughput.py -k gpu \
-  tests/test_kernel.py tests/test_losses.py 2>&1 | tee "$RES/pytest.txt" | tail -5
+# 1. GPU tests: the GPU checks of the throughput and DALI suites (fused kernel vs reference,
+# bf16/channels-last model stage with MFU, DALI mixed decode, the DALI GPU pipeline against the
+# CPU one, nccl with >= 2 GPUs), then the whole kernel and loss suites, which on a GPU also
+# exercise the compiled Triton kernel. Two runs: `-k gpu` would deselect most of the second.
+"$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_throughput.py tests/test_dali.py -k gpu \
+  2>&1 | tee "$RES/pytest.txt" | tail -5
 TEST_RC=${PIPESTATUS[0]}
+"$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_kernel.py tests/test_losses.py \
+  2>&1 | tee -a "$RES/pytest.txt" | tail -5
+[ "${PIPESTATUS[0]}" -eq 0 ] || TEST_RC=1
 
 # 2. Benchmarks at 640x640 (U-Net/ResNet34, 3 channels, global batch 32).
 TP="$PY benchmarks/throughput.py --device cuda --size 640 --arch unet --encoder resnet34 --in-channels 3"

@@ -473,3 +473,29 @@ def test_build_loader_image_dtype_is_what_amp_computes_in():
     assert image_dtype("off", CPU) == image_dtype("auto", CPU) == torch.float32
     with pytest.raises(ValueError, match="fp16"):
         image_dtype("fp16", CPU)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("codec", ["png", "jpeg"])
+def test_gpu_pipeline_matches_the_cpu_pipeline(shards, codec):
+    """The same definition with device arguments only: mixed decoding and GPU operators give the
+    CPU pipeline's validation samples (resamplers and the JPEG decoder round differently, so a
+    small tolerance), and a bf16 channels-last training epoch with the affine (resize folded into
+    the warp, contrast mean read back to the CPU) delivers sane batches on the device."""
+    gpu = DistInfo(0, 0, 1, torch.device("cuda", 0))
+    spec = spec_for(shards[codec], "val", channels=3, mean=0.3, std=0.2, size=64)
+    ref, got = by_key(DaliLoader(spec, DistInfo(0, 0, 1, CPU))), by_key(DaliLoader(spec, gpu))
+    assert sorted(ref) == sorted(got)
+    tol = 0.1 if codec == "jpeg" else 0.02        # normalised units (std 0.2): 0.02 = 1/250 of range
+    for k in ref:
+        assert got[k][0].device.type == "cuda"
+        assert (got[k][0].cpu() - ref[k][0]).abs().max() < tol, k
+        assert (got[k][1].cpu() != ref[k][1]).float().mean() < 0.005, k
+    train = replace(spec_for(shards[codec], "train", True, aug=PRESETS["standard"], batch=4, channels=3,
+                             mean=0.3, std=0.2, cl=True), image_dtype=torch.bfloat16)
+    batches = list(DaliLoader(train, gpu))
+    assert len(batches) == 3
+    for b in batches:
+        assert b.image.device.type == b.mask.device.type == "cuda" and b.image.dtype == torch.bfloat16
+        assert b.image.is_contiguous(memory_format=torch.channels_last)
+        assert torch.isfinite(b.image.float()).all() and set(b.mask.unique().tolist()) <= {0.0, 1.0}

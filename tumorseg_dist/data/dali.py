@@ -219,8 +219,9 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, r
     of brightness and contrast, x -> x*scale + offset, for `normalise` to fold into its one pass.
 
     Geometry: one `warp_affine` for image (linear) and mask (nearest) with the same matrix, or
-    with flips alone (no affine) `fn.flip`, which needs no resampling. With `resized=False` the inputs are still at the source size: samples no larger than
-    size×size have the resize folded into that matrix (one bilinear resample instead of two; no
+    with flips alone (no affine) `fn.flip`, which needs no resampling. With `resized=False` the
+    inputs are still at the source size: samples no larger than size×size have the resize
+    folded into that matrix (one bilinear resample instead of two; no
     antialiasing is needed when not shrinking), larger ones are first resized with antialiasing.
     Gamma and noise run only on the samples whose coin came up (DALI conditionals); the noise is
     drawn in the units of the final image, so it is divided by the scale that follows it.
@@ -340,10 +341,10 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
         image = fn.decoders.image(encoded, device=decode_on, dtype=types.FLOAT,
                                   output_type=types.GRAY if have == 1 else types.RGB)
     mask = fn.decoders.image(encoded_mask, device=decode_on, output_type=types.GRAY)
-    # Resize (see `resize`). On CPU, when augmenting with geometry, the resize is folded into the
-    # warp; on a GPU it stays a separate resize (cheap there, and it keeps the per-sample shape
-    # of GPU data off the CPU).
-    fold = training and aug.enabled and has_affine(aug) and not gpu
+    # Resize (see `resize`). When augmenting with the affine, the resize is folded into the warp.
+    # On a GPU that reads the per-sample shape on the CPU (metadata, no copy), and the contrast
+    # mean is copied to the CPU: both need DALI's dynamic executor (`exec_dynamic=True`).
+    fold = training and aug.enabled and has_affine(aug)
     if not fold:
         image, mask = resize(image, mask, size)
     params: dict = {}
@@ -457,7 +458,8 @@ class DaliLoader:
                     initial_fill=max(1, min(SHUFFLE_BUFFER, hi - lo)), gpu=self.gpu,
                     with_params=with_params,
                     batch_size=s.batch_size, num_threads=max(1, s.num_workers), device_id=dev_id,
-                    seed=_seed(s.seed, epoch, self.dist.rank, 1), prefetch_queue_depth=PREFETCH)
+                    seed=_seed(s.seed, epoch, self.dist.rank, 1), prefetch_queue_depth=PREFETCH,
+                    exec_dynamic=True)
         pipe.build()
         return pipe, (lo, hi)
 
