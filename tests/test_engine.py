@@ -196,6 +196,10 @@ def test_deepspeed_config_merge_conflicts_name_both_values():
     assert "zero_optimization.stage = 2" in str(err.value) and "--zero-stage gives 1" in str(err.value)
     with pytest.raises(ConfigError, match=r"optimizer.params.lr = 0.1 .*--lr gives 0.001"):
         merge_config(ours, {"optimizer": {"params": {"lr": 0.1}}}, "x.json")
+    with pytest.raises(ConfigError, match=r"x.json enables DeepSpeed's bf16 mode.*--amp bf16"):
+        merge_config(ours, {"bf16": {"enabled": True}}, "x.json")
+    with pytest.raises(ConfigError, match=r"torch_autocast.enabled = true .*--amp gives false"):
+        merge_config(ours, {"torch_autocast": {"enabled": True}}, "x.json")
 
 
 def test_engine_flags_are_validated():

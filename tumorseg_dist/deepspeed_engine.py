@@ -133,6 +133,10 @@ def merge_config(ours: dict, theirs: dict, source: str) -> tuple[dict, list[str]
 
     if not isinstance(theirs, dict):
         raise ConfigError(f"{source}: a DeepSpeed config must be a JSON object")
+    if isinstance(theirs.get("bf16"), dict) and theirs["bf16"].get("enabled") not in (None, False, "auto"):
+        raise ConfigError(f"{source} enables DeepSpeed's bf16 mode, which casts parameters but not "
+                          f"BatchNorm's buffers and then fails in every model here; remove the bf16 "
+                          f"section and pass --amp bf16 (DeepSpeed torch_autocast, as with DDP)")
     return walk(ours, theirs, ()), notes
 
 
