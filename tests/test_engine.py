@@ -179,6 +179,21 @@ def test_deepspeed_config_translation():
         deepspeed_config(cfg, world_size=3, amp="off")
 
 
+def test_deepspeed_accepts_the_generated_precision_sections(monkeypatch):
+    """DeepSpeed's own parser reads our AMP translation as meant (fp16 runs only on a GPU, so
+    this is the CPU-side check of that branch)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from tumorseg_dist.deepspeed_engine import deepspeed_config
+    bf16 = DeepSpeedConfig(deepspeed_config(Config(), 1, "bf16"))
+    assert bf16.torch_autocast_enabled and bf16.torch_autocast_dtype == torch.bfloat16
+    assert bf16.torch_autocast_lower_precision_safe_modules == [] and not bf16.bfloat16_config.enabled
+    fp16 = DeepSpeedConfig(deepspeed_config(Config(), 1, "fp16"))
+    assert fp16.float16_config.enabled and fp16.buffer_dtype == "fp16" and not fp16.torch_autocast_enabled
+    off = DeepSpeedConfig(deepspeed_config(Config(), 1, "off"))
+    assert not (off.float16_config.enabled or off.bfloat16_config.enabled or off.torch_autocast_enabled)
+
+
 def test_deepspeed_config_merge_conflicts_name_both_values():
     from tumorseg_dist.deepspeed_engine import deepspeed_config, merge_config
     cfg = Config()
