@@ -128,6 +128,33 @@ def test_native_size_is_exact_pil_decode(tmp_path, codec, rgb, channels):
         assert np.array_equal(mask[0].numpy(), decode_mask(ref[key]["mask.png"])), key
 
 
+def test_eight_bit_splits_decode_as_uint8_and_sixteen_bit_keeps_full_precision(tmp_path):
+    """8-bit PNG/JPEG splits take the uint8 decode (intensities in units of 255 until the
+    normalisation); a 16-bit PNG split keeps the float decode, so values that differ below
+    1/255 stay apart, exactly as PIL / 65535 gives them, in evaluation and in training."""
+    from tumorseg_dist.data.dali import inspect_split
+    rng = np.random.default_rng(0)
+
+    def gen():
+        for i in range(4):
+            m = np.zeros((64, 64), bool)
+            m[16:40, 20:44] = True
+            img = (rng.integers(0, 256, (64, 64)) * 257 + rng.integers(0, 257, (64, 64))).astype(np.uint16)
+            yield Sample(key=f"s{i}", image=img, mask=m, source=f"{i}.png", split="val" if i else "train")
+    d16 = tmp_path / "sixteen"
+    write_dataset(gen(), d16, fmt="test", input_root="x", codec="png")
+    d8 = make_shards(tmp_path / "eight", {"train": 1, "val": 3, "test": 1}, size=(64, 64))
+    assert inspect_split(d8, "val").eight_bit and not inspect_split(d16, "val").eight_bit
+    got = by_key(DaliLoader(spec_for(d16, size=64), DistInfo(0, 0, 1, CPU)))
+    ref = members(d16, "val")
+    for key, (img, _) in got.items():
+        want = decode_image(ref[key]["image.png"], "image.png")[..., 0]        # / 65535
+        assert np.abs(img[0].numpy() - want).max() <= 1e-6, key
+        assert len(np.unique(np.round(img[0].numpy() * 255))) < len(np.unique(img[0].numpy()))
+    tr = spec_for(d16, "val", True, aug=AugmentParams(brightness_p=1, brightness=0.2), batch=3, size=64)
+    assert all(torch.isfinite(b.image).all() and b.image.max() <= 1.2 + 1e-5 for b in DaliLoader(tr, DistInfo(0, 0, 1, CPU)))
+
+
 def test_layout_dtype_and_normalisation(shards):
     s = spec_for(shards["png"], channels=3, mean=0.2, std=0.5, cl=True)
     b = next(iter(DaliLoader(s, DistInfo(0, 0, 1, CPU))))

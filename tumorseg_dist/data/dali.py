@@ -66,6 +66,7 @@ class SplitLayout:
     image_ext: str
     raw: RawLayout | None
     grey: bool       # every image has one channel (decoded and augmented as one channel)
+    eight_bit: bool = False   # every image is 8-bit PNG/JPEG: decoded as uint8 (see `seg_pipeline`)
 
     def shard_range(self, shard_id: int, num_shards: int) -> tuple[int, int]:
         """DALI's contiguous split of the concatenated samples (`start_index` in DALI's loader)."""
@@ -84,6 +85,17 @@ def _npy_header(data: bytes, where: str) -> tuple[str, tuple[int, ...]]:
     return np.dtype(dtype).name, tuple(shape)
 
 
+def _is_eight_bit(f, ref, codec: str) -> bool:
+    """JPEG is always 8-bit; a PNG says its bit depth in byte 24 (IHDR). 16-bit PNGs keep the
+    float decode, which scales them by 65535 without losing precision."""
+    if codec != "png":
+        return codec == "jpeg"
+    _, off, size = next(m for m in ref.members if m[0] == "image.png")
+    f.seek(off)
+    head = f.read(min(size, 26))
+    return len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] <= 8
+
+
 def inspect_split(shard_dir: Path, split: str) -> SplitLayout:
     """Check the split's shards and indexes before DALI opens them (DALI would abort or hang on
     a bad file) and collect what the pipeline needs. Every error names the file and the fix."""
@@ -96,6 +108,7 @@ def inspect_split(shard_dir: Path, split: str) -> SplitLayout:
     keys: list[str] = []
     raw_seen: set[tuple[str, int, int]] = set()
     grey = True
+    eight_bit = codec in ("png", "jpeg")
     for tar in tars:
         refs = read_index(tar)
         if listed.get(tar.name, len(refs)) != len(refs):
@@ -110,6 +123,7 @@ def inspect_split(shard_dir: Path, split: str) -> SplitLayout:
         keys += [r.key for r in refs]
         with open(tar, "rb") as f:
             for r in refs:   # KEY.json holds the image's channel count (written by pack)
+                eight_bit &= _is_eight_bit(f, r, codec)
                 meta = next((m for m in r.members if m[0] == "json"), None)
                 if meta is None:
                     grey = False
@@ -138,7 +152,7 @@ def inspect_split(shard_dir: Path, split: str) -> SplitLayout:
                                  f"channels={channels}; re-pack with --codec png")
             raw = RawLayout(dtype, ndim, channels)
     return SplitLayout(tuple(tars), tuple(t.with_suffix(".idx") for t in tars), tuple(keys),
-                       IMAGE_EXT[codec], raw, grey)
+                       IMAGE_EXT[codec], raw, grey, eight_bit)
 
 
 # ---------------------------------------------------------------- the pipeline definition
@@ -204,16 +218,19 @@ def flips(image, mask, p: AugmentParams, params: dict):
     return fn.flip(image, horizontal=h, vertical=v), fn.flip(mask, horizontal=h, vertical=v)
 
 
-def resize(image, mask, size: int):
-    """Image: linear with antialiasing (= torch bilinear antialias=True); mask: nearest neighbour
-    at pixel centres (= torch "nearest-exact"), so it stays exactly binary."""
+def resize(image, mask, size: int, to_float: bool = True):
+    """Image: linear with antialiasing (= torch bilinear antialias=True), computed in float and
+    returned as float (or in the input's type with `to_float=False`); mask: nearest neighbour at
+    pixel centres (= torch "nearest-exact"), so it stays exactly binary."""
     from nvidia.dali import fn, types
-    image = fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+    image = fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True,
+                      dtype=types.FLOAT if to_float else None)
     mask = fn.resize(mask, size=[size, size], interp_type=types.INTERP_NN)
     return image, mask
 
 
-def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, resized: bool = True):
+def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, resized: bool = True,
+            unit: float = 1.0):
     """One random parameter set per sample (see augment.py for the order and formulas).
     Returns (image, mask, intensity) where `intensity` is None or the per-sample (scale, offset)
     of brightness and contrast, x -> x*scale + offset, for `normalise` to fold into its one pass.
@@ -225,7 +242,8 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, r
     antialiasing is needed when not shrinking), larger ones are first resized with antialiasing.
     Gamma and noise run only on the samples whose coin came up (DALI conditionals); the noise is
     drawn in the units of the final image, so it is divided by the scale that follows it.
-    `params` receives the per-sample parameters (tests check them against OpenCV and numpy)."""
+    Intensities are in `unit`s (255 for a uint8 decode, else 1): the warp turns uint8 into float
+    without rescaling, and every intensity constant is scaled instead. `params` receives the per-sample parameters (tests check them against OpenCV and numpy)."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
 
@@ -239,19 +257,19 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, r
         if not resized:
             hw = image.shape(dtype=types.FLOAT)
             if (hw[0] > size) | (hw[1] > size):   # shrinking needs the antialiased resize
-                image, mask = resize(image, mask, size)
+                image, mask = resize(image, mask, size, to_float=False)   # both branches: one dtype
             hw = image.shape(dtype=types.FLOAT)
             to_size = fn.transforms.scale(scale=fn.stack(size / hw[1], size / hw[0]))
             m = fn.transforms.combine(to_size, m)   # resize first, then the geometry
         image = fn.warp_affine(image, matrix=m, size=[size, size], fill_value=0.0, inverse_map=False,
-                               interp_type=types.INTERP_LINEAR)
+                               interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)
         mask = fn.warp_affine(mask, matrix=m, size=[size, size], fill_value=0, inverse_map=False,
                               interp_type=types.INTERP_NN)
     if p.gamma_p and p.gamma:
         g, on = _uniform(1.0 - p.gamma, 1.0 + p.gamma), _coin(p.gamma_p)
         params.update(gamma=fn.cast(on, dtype=types.FLOAT) * (g - 1.0) + 1.0)
         if on:
-            image = dmath.pow(dmath.clamp(image, 0.0, 1.0), dev(g))
+            image = dmath.pow(dmath.clamp(image * (1.0 / unit), 0.0, 1.0), dev(g)) * unit
     intensity = None
     bright = p.brightness_p and p.brightness
     contrast = p.contrast_p and p.contrast
@@ -269,7 +287,7 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, r
         intensity = (scale, offset)
         params.update(intensity_scale=intensity[0], intensity_offset=intensity[1])
     if p.noise_p and p.noise:
-        sigma = _uniform(0.0, p.noise)
+        sigma = _uniform(0.0, p.noise * unit)
         if intensity is not None:
             sigma = sigma / intensity[0]
         if _coin(p.noise_p):
@@ -277,11 +295,12 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, r
     return image, mask, intensity
 
 
-def normalise(image, mean, std, intensity):
+def normalise(image, mean, std, intensity, unit: float = 1.0):
     """(x*scale + offset - mean) / std in one `crop_mirror_normalize` pass, H×W×C out: the
-    brightness/contrast map is folded into per-sample normalisation constants."""
+    brightness/contrast map is folded into per-sample normalisation constants. `mean` and `std`
+    are in [0, 1] units, the image in `unit`s."""
     from nvidia.dali import fn, types
-    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    mean, std = np.asarray(mean, np.float32) * unit, np.asarray(std, np.float32) * unit
     if intensity is None:
         return fn.crop_mirror_normalize(image, mean=mean.tolist(), std=std.tolist(), dtype=types.FLOAT,
                                         output_layout="HWC")
@@ -334,11 +353,15 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
             image, have = fn.slice(image, start=[0], shape=[3], axes=[2]), 3
         if in_channels == 1 and have == 3:
             image, have = _to_channels(image, 3, 1), 1
+        unit = 1.0
     else:
         # GRAY: colour -> BT.601 luma (alpha dropped); RGB: grey replicated, alpha dropped.
-        # FLOAT: [0, 1], 16-bit scaled by 65535, exactly like loader.decode_image.
+        # 8-bit splits decode as uint8 (a quarter of the bytes through decode and warp) and become
+        # float in the resize or warp, in units of 255 (`unit`, folded into every intensity
+        # constant). Otherwise FLOAT: [0, 1], 16-bit scaled by 65535, like loader.decode_image.
         have = 1 if in_channels == 1 or layout.grey else 3
-        image = fn.decoders.image(encoded, device=decode_on, dtype=types.FLOAT,
+        unit = 255.0 if layout.eight_bit else 1.0
+        image = fn.decoders.image(encoded, device=decode_on, dtype=types.UINT8 if layout.eight_bit else types.FLOAT,
                                   output_type=types.GRAY if have == 1 else types.RGB)
     mask = fn.decoders.image(encoded_mask, device=decode_on, output_type=types.GRAY)
     # Resize (see `resize`). When augmenting with the affine, the resize is folded into the warp.
@@ -350,13 +373,13 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
     params: dict = {}
     intensity = None
     if training and aug.enabled:
-        image, mask, intensity = augment(image, mask, aug, size, gpu, params, resized=not fold)
+        image, mask, intensity = augment(image, mask, aug, size, gpu, params, resized=not fold, unit=unit)
     if have == 1 and in_channels > 1 and len(set(mean)) == 1 and len(set(std)) == 1:
         # Normalise the one channel and leave the repeat to the loader's copy into torch: the
         # same values, without a pass that writes in_channels× the data only to be copied again.
-        image = normalise(image, mean[:1], std[:1], intensity)
+        image = normalise(image, mean[:1], std[:1], intensity, unit)
     else:
-        image = normalise(_to_channels(image, have, in_channels), mean, std, intensity)
+        image = normalise(_to_channels(image, have, in_channels), mean, std, intensity, unit)
     mask = mask > 0   # bool; the copy into torch makes it float
     outs = [image, mask, info]
     if with_params:
