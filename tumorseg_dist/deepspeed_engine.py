@@ -282,10 +282,10 @@ class DeepSpeedEngine:
     @torch.no_grad()
     def eval_logits(self, image: torch.Tensor) -> torch.Tensor:
         # DeepSpeed autocasts only its own forward; evaluation calls the module directly.
-        bf16 = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp == "bf16" else contextlib.nullcontext()
-        with bf16:
+        bf16 = self.amp == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             if self.ema is not None:
-                return self.ema.module(image if self.amp == "bf16" else image.float()).float()
+                return self.ema.module(image if bf16 else image.float()).float()
             return self.model(self._input(image)).float()
 
     def lr(self) -> float:

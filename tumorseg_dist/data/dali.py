@@ -238,12 +238,13 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, r
     Geometry: one `warp_affine` for image (linear) and mask (nearest) with the same matrix, or
     with flips alone (no affine) `fn.flip`, which needs no resampling. With `resized=False` the
     inputs are still at the source size: samples no larger than size×size have the resize
-    folded into that matrix (one bilinear resample instead of two; no
-    antialiasing is needed when not shrinking), larger ones are first resized with antialiasing.
+    folded into that matrix (one bilinear resample instead of two; no antialiasing is needed
+    when not shrinking), larger ones are first resized with antialiasing.
     Gamma and noise run only on the samples whose coin came up (DALI conditionals); the noise is
     drawn in the units of the final image, so it is divided by the scale that follows it.
     Intensities are in `unit`s (255 for a uint8 decode, else 1): the warp turns uint8 into float
-    without rescaling, and every intensity constant is scaled instead. `params` receives the per-sample parameters (tests check them against OpenCV and numpy)."""
+    without rescaling, and every intensity constant is scaled instead. `params` receives the
+    per-sample parameters (tests check them against OpenCV and numpy)."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
 
