@@ -30,7 +30,6 @@ and the tag it names intact; stale tags are deleted after the metadata is in pla
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -46,8 +45,8 @@ from . import checkpoint
 from . import dist as distmod
 from .config import Config, ConfigError
 from .dist import DistInfo
-from .engine import (EMA, Health, LossFn, Schedule, _optimizer_state_bytes, _tensor_bytes, grad_norm,
-                     optimizer_steps, resolve_amp, weights_of)
+from .engine import (EMA, Health, LossFn, Schedule, _optimizer_state_bytes, _tensor_bytes, amp_autocast,
+                     grad_norm, optimizer_steps, resolve_amp, weights_of)
 
 DS_DIR = "deepspeed"  # RUN/checkpoints/deepspeed/<tag>/
 
@@ -283,7 +282,7 @@ class DeepSpeedEngine:
     def eval_logits(self, image: torch.Tensor) -> torch.Tensor:
         # DeepSpeed autocasts only its own forward; evaluation calls the module directly.
         bf16 = self.amp == "bf16"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        with amp_autocast(self.device, torch.bfloat16 if bf16 else None):
             if self.ema is not None:
                 return self.ema.module(image if bf16 else image.float()).float()
             return self.model(self._input(image)).float()

@@ -223,6 +223,13 @@ def grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads, foreach=True)
 
 
+def amp_autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast in `dtype` on the device, or nothing without AMP (dtype None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def weights_of(ckpt_or_state: dict, prefer_ema: bool = True) -> dict:
     """The model state dict in a checkpoint (its EMA weights when it has them and prefer_ema),
     or the argument itself if it is already a model state dict."""
@@ -263,9 +270,7 @@ class DDPEngine:
         self.eval_net = torch.compile(eval_model) if cfg.train.compile else eval_model
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return amp_autocast(self.device, self.amp_dtype)
 
     def train(self) -> None:
         self.model.train()
