@@ -174,6 +174,14 @@ def _coin(prob: float):
     return fn.cast(fn.random.coin_flip(probability=prob), dtype=types.BOOL)
 
 
+def _flip_coins(p: AugmentParams, params: dict):
+    """Per-sample horizontal and vertical flip coins (recorded in `params` for the tests)."""
+    from nvidia.dali import fn
+    h, v = fn.random.coin_flip(probability=p.flip_p), fn.random.coin_flip(probability=p.flip_p)
+    params.update(flip_h=h, flip_v=v)
+    return h, v
+
+
 def geometry_matrix(p: AugmentParams, size: int, params: dict):
     """Per-sample 2×3 forward (source -> destination) matrix in DALI's pixel-centre coordinates:
     the flips (mirror about the centre), then scale and rotate about the centre, then translate.
@@ -183,8 +191,7 @@ def geometry_matrix(p: AugmentParams, size: int, params: dict):
     c = [size / 2.0, size / 2.0]
     steps = []
     if p.flip_p:
-        h, v = fn.random.coin_flip(probability=p.flip_p), fn.random.coin_flip(probability=p.flip_p)
-        params.update(flip_h=h, flip_v=v)
+        h, v = _flip_coins(p, params)
         fx = 1.0 - 2.0 * fn.cast(h, dtype=types.FLOAT)
         fy = 1.0 - 2.0 * fn.cast(v, dtype=types.FLOAT)
         steps.append((fn.transforms.scale, dict(scale=fn.stack(fx, fy), center=c)))
@@ -213,8 +220,7 @@ def flips(image, mask, p: AugmentParams, params: dict):
     """Flips alone (no affine, e.g. the `light` preset): `fn.flip` moves pixels without
     resampling, far cheaper than a warp. Same coins and meaning as in `geometry_matrix`."""
     from nvidia.dali import fn
-    h, v = fn.random.coin_flip(probability=p.flip_p), fn.random.coin_flip(probability=p.flip_p)
-    params.update(flip_h=h, flip_v=v)
+    h, v = _flip_coins(p, params)
     return fn.flip(image, horizontal=h, vertical=v), fn.flip(mask, horizontal=h, vertical=v)
 
 
