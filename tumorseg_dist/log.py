@@ -17,6 +17,7 @@ class RunLog:
     def __init__(self, run_dir: Path, enabled: bool):
         self.dir, self.enabled = Path(run_dir), enabled
         self.metrics_path = self.dir / "metrics.jsonl"
+        self.steps_path = self.dir / "steps.jsonl"  # per log interval, full precision
 
     def info(self, msg: str) -> None:
         if self.enabled:
@@ -48,6 +49,29 @@ class RunLog:
         if last_record and not any(r.get("epoch") == last_record.get("epoch") for r in kept):
             kept.append(last_record)
         self._write(kept)
+
+    def rewind_steps(self, upto_step: int) -> None:
+        """On resume: drop step lines after the checkpoint's step (they will be trained again)."""
+        if not self.enabled or not self.steps_path.is_file():
+            return
+        kept = []
+        for line in self.steps_path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if r.get("step", 0) <= upto_step:
+                kept.append(line + "\n")
+        tmp = self.steps_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.steps_path)
+
+    def append_step(self, record: dict) -> None:
+        """One steps.jsonl line: the values of a log-interval line, unrounded."""
+        if self.enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self.steps_path, "a") as f:
+                f.write(json.dumps(_finite(record)) + "\n")
 
     def append(self, record: dict) -> None:
         if self.enabled:

@@ -150,6 +150,8 @@ def train_epoch(cfg: Config, engine, loader: Loader, state: TrainState, epoch: i
                 lv, lr = loss.item(), engine.lr()
                 log.info(f"  step {state.step} loss {lv:.4f} lr {lr:.2e}"
                          + (f" ({skipped} non-finite steps skipped)" if skipped else ""))
+                log.append_step({"step": state.step, "epoch": epoch + 1, "loss": lv, "lr": lr,
+                                 "skipped": skipped})
                 if tracker is not None:
                     tracker.log_step(state.step, lv, lr, skipped)
         if t.max_steps is not None and state.step >= t.max_steps:

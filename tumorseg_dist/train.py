@@ -66,13 +66,15 @@ def resume(cfg: Config, engine, run_dir: Path, dist, log: RunLog) -> TrainState:
     """Continue from --resume (full state, or weights only across engines), else start fresh."""
     ckpt_path = resume_checkpoint(cfg, run_dir)
     if ckpt_path is None:
-        if dist.is_main and log.metrics_path.exists():
-            log.metrics_path.unlink()  # a fresh run (--resume never, or nothing to resume): new log
+        if dist.is_main:  # a fresh run (--resume never, or nothing to resume): new logs
+            log.metrics_path.unlink(missing_ok=True)
+            log.steps_path.unlink(missing_ok=True)
         return TrainState()
     ckpt = checkpoint.load(ckpt_path, dist.device)
     weights_only = engine.can_resume(ckpt)
     state = restore(engine, ckpt, ckpt_path)
     log.rewind(state.epoch, state.last_record)
+    log.rewind_steps(state.step)
     if weights_only:
         log.info(f"loaded weights only from {ckpt_path} ({weights_only}); optimizer, lr schedule "
                  f"and progress start fresh (fine-tuning)")
