@@ -364,7 +364,7 @@ def stage_data(args, dist, ctx: dict) -> list[dict]:
 def make_config(args, dist, loader: str = "torch", data_dir: Path | None = None):
     """The training Config these benchmark settings describe (no pretrained weights)."""
     from tumorseg_dist.config import Config
-    from tumorseg_dist.engine import resolve_amp
+    from tumorseg_dist.engines import resolve_amp
     cfg = Config()
     cfg.model.arch, cfg.model.encoder, cfg.model.encoder_weights = args.arch, args.encoder, "none"
     cfg.data.size, cfg.data.in_channels, cfg.data.num_workers = args.size, args.in_channels, args.workers
@@ -381,7 +381,7 @@ def make_config(args, dist, loader: str = "torch", data_dir: Path | None = None)
 
 
 def make_engine(args, dist, loader: str = "torch", data_dir: Path | None = None):
-    from tumorseg_dist.engine import build_engine_for_benchmark
+    from tumorseg_dist.engines import build_engine_for_benchmark
     cfg = make_config(args, dist, loader, data_dir)
     torch.manual_seed(0)
     return cfg, build_engine_for_benchmark(cfg, dist, total_steps=args.warmup + args.steps + 10)

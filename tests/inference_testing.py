@@ -8,7 +8,7 @@ import torch
 from tumorseg_dist.checkpoint import atomic_save
 from tumorseg_dist.config import Config, ModelConfig
 from tumorseg_dist.dist import DistInfo
-from tumorseg_dist.engine import build_engine
+from tumorseg_dist.engines import build_engine
 from tumorseg_dist.loop import TrainState, checkpoint_state
 from tumorseg_dist.models import build_model
 

@@ -4,7 +4,7 @@ import torch
 from tumorseg_dist import checkpoint
 from tumorseg_dist.config import Config
 from tumorseg_dist.dist import DistInfo
-from tumorseg_dist.engine import DDPEngine
+from tumorseg_dist.engines import DDPEngine
 from tumorseg_dist.loop import TrainState, checkpoint_state, restore
 from tumorseg_dist.losses import reference_dice_bce
 from tumorseg_dist.models import build_model

@@ -457,7 +457,7 @@ def test_loop_evaluate_gives_the_same_metrics_with_dali_and_torch(shards):
     sys.path.insert(0, str(Path(__file__).parent))
     from inference_testing import tiny_config
     from tumorseg_dist.data.loader import build_loader
-    from tumorseg_dist.engine import build_engine
+    from tumorseg_dist.engines import build_engine
     from tumorseg_dist.loop import evaluate
     from tumorseg_dist.models import build_model
     cfg = tiny_config(size=64, data=shards["png"])

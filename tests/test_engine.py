@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from tumorseg_dist.config import Config, ConfigError
 from tumorseg_dist.dist import DistInfo
-from tumorseg_dist.engine import DDPEngine, NonFiniteLossError, build_engine_for_benchmark
+from tumorseg_dist.engines import DDPEngine, NonFiniteLossError, build_engine_for_benchmark
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 
@@ -158,7 +158,7 @@ def test_benchmark_hook_builds_a_working_engine():
 # ---------------------------------------------------------------- DeepSpeed config (no process group)
 
 def test_deepspeed_config_translation():
-    from tumorseg_dist.deepspeed_engine import deepspeed_config
+    from tumorseg_dist.engines.deepspeed import deepspeed_config
     cfg = Config()
     cfg.train.batch_size, cfg.engine.grad_accum, cfg.engine.zero_stage = 8, 2, 2
     cfg.engine.clip_grad, cfg.optim.lr = 1.0, 5e-4
@@ -184,7 +184,7 @@ def test_deepspeed_accepts_the_generated_precision_sections(monkeypatch):
     this is the CPU-side check of that branch)."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     from deepspeed.runtime.config import DeepSpeedConfig
-    from tumorseg_dist.deepspeed_engine import deepspeed_config
+    from tumorseg_dist.engines.deepspeed import deepspeed_config
     bf16 = DeepSpeedConfig(deepspeed_config(Config(), 1, "bf16"))
     assert bf16.torch_autocast_enabled and bf16.torch_autocast_dtype == torch.bfloat16
     assert bf16.torch_autocast_lower_precision_safe_modules == [] and not bf16.bfloat16_config.enabled
@@ -195,7 +195,7 @@ def test_deepspeed_accepts_the_generated_precision_sections(monkeypatch):
 
 
 def test_deepspeed_config_merge_conflicts_name_both_values():
-    from tumorseg_dist.deepspeed_engine import deepspeed_config, merge_config
+    from tumorseg_dist.engines.deepspeed import deepspeed_config, merge_config
     cfg = Config()
     cfg.train.batch_size, cfg.engine.zero_stage = 8, 1
     ours = deepspeed_config(cfg, 2, "off")
@@ -229,7 +229,7 @@ def test_engine_flags_are_validated():
 
 def test_example_deepspeed_configs_merge_cleanly():
     from pathlib import Path
-    from tumorseg_dist.deepspeed_engine import deepspeed_config, merge_config
+    from tumorseg_dist.engines.deepspeed import deepspeed_config, merge_config
     files = sorted((Path(__file__).resolve().parents[1] / "launch" / "deepspeed").glob("*.json"))
     assert files
     for f in files:
@@ -252,7 +252,7 @@ def test_deepspeed_single_process_with_channels_last_inputs(monkeypatch):
     import torch.distributed as tdist
     from tumorseg_dist.config import Config
     from tumorseg_dist.dist import DistInfo
-    from tumorseg_dist.engine import build_engine_for_benchmark
+    from tumorseg_dist.engines import build_engine_for_benchmark
     cfg = Config()
     cfg.engine.engine = "deepspeed"
     cfg.model.encoder, cfg.model.encoder_weights = "resnet18", "none"

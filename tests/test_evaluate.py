@@ -14,7 +14,7 @@ from conftest import TORCHRUN, run_cli
 from inference_testing import make_checkpoint, tiny_config
 from tumorseg_dist import evaluate
 from tumorseg_dist.dist import DistInfo
-from tumorseg_dist.engine import build_engine
+from tumorseg_dist.engines import build_engine
 from tumorseg_dist.inference import load_model
 from tumorseg_dist.loop import evaluate as loop_evaluate
 from tumorseg_dist.data.loader import build_loader

@@ -40,8 +40,8 @@ NAN_DS = r"""
 import os, sys, torch, torch.nn as nn, torch.nn.functional as F
 from tumorseg_dist.config import Config
 from tumorseg_dist.dist import DistInfo
-from tumorseg_dist.deepspeed_engine import DeepSpeedEngine
-from tumorseg_dist.engine import NonFiniteLossError
+from tumorseg_dist.engines.deepspeed import DeepSpeedEngine
+from tumorseg_dist.engines import NonFiniteLossError
 cfg = Config(); cfg.train.amp = "off"; cfg.train.channels_last = False; cfg.train.batch_size = 4
 cfg.engine.engine, cfg.engine.zero_stage, cfg.engine.max_bad_steps = "deepspeed", int(sys.argv[1]), 3
 cfg.optim.scheduler = "none"

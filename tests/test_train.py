@@ -137,7 +137,7 @@ def test_compile_trains_like_eager_on_both_engines(tmp_path, synthetic_shards):
         out[name] = records(run)[-1]
         assert ("torch.compile: on" in p.stdout or "torch.compile on" in p.stdout) == (name != "eager"), p.stdout
         from tumorseg_dist.checkpoint import load
-        from tumorseg_dist.engine import weights_of
+        from tumorseg_dist.engines import weights_of
         assert not any("_orig_mod" in k for k in weights_of(load(run / "checkpoints/best.pt")))
     for name in ("ddp", "deepspeed"):
         assert out[name]["train_loss"] == pytest.approx(out["eager"]["train_loss"], rel=1e-4), name

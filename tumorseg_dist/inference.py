@@ -24,7 +24,7 @@ from . import checkpoint
 from .checkpoint import CheckpointError
 from .config import Arch, ModelConfig
 from .data.loader import to_channels
-from .engine import weights_of
+from .engines import weights_of
 from .models import ModelError, build_model
 
 KNOWN_ARCHS = Arch.__args__  # the Literal's choices

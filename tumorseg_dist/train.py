@@ -16,7 +16,7 @@ from .config import Config, parse, save_toml
 from .data.loader import build_loader, resolve_norm
 from .data.shards import read_manifest
 from .data.synthetic import ensure_synthetic
-from .engine import build_engine, resolve_amp
+from .engines import build_engine, resolve_amp
 from .log import RunLog, plot_overlays
 from .loop import TrainState, evaluate, fit, restore
 from .losses import dice_bce_loss, loss_weights

@@ -337,7 +337,7 @@ def resolve_norm(cfg, shard_dir: Path) -> tuple[tuple[float, ...], tuple[float, 
 def image_dtype(amp: str, device: torch.device) -> torch.dtype:
     """The dtype AMP computes in (`--amp`, `auto` resolved for the device), float32 without AMP.
     The model's first op casts to it anyway; delivering it halves the loader's output copy."""
-    from ..engine import AMP_DTYPES, resolve_amp
+    from ..engines.parts import AMP_DTYPES, resolve_amp
     return AMP_DTYPES.get(resolve_amp(amp, device), torch.float32)
 
 

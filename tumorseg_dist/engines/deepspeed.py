@@ -41,12 +41,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import checkpoint
-from . import dist as distmod
-from .config import Config, ConfigError
-from .dist import DistInfo
-from .engine import (EMA, Health, LossFn, Schedule, _optimizer_state_bytes, _tensor_bytes, amp_autocast,
-                     grad_norm, optimizer_steps, resolve_amp, weights_of)
+from .. import checkpoint
+from .. import dist as distmod
+from ..config import Config, ConfigError
+from ..dist import DistInfo
+from .parts import (EMA, Health, LossFn, Schedule, amp_autocast, grad_norm, optimizer_state_bytes,
+                    optimizer_steps, resolve_amp, tensor_bytes, weights_of)
 
 DS_DIR = "deepspeed"  # RUN/checkpoints/deepspeed/<tag>/
 
@@ -393,6 +393,6 @@ class DeepSpeedEngine:
         basic = self.ds.basic_optimizer if hasattr(self.ds, "basic_optimizer") else self.optimizer
         module_ids = {id(p) for p in self.model.parameters()}
         master = [p for g in basic.param_groups for p in g["params"] if id(p) not in module_ids]
-        return {"param_bytes": _tensor_bytes(self.model.parameters()),
-                "optimizer_state_bytes": _optimizer_state_bytes(basic),
-                "master_param_bytes": _tensor_bytes(master)}
+        return {"param_bytes": tensor_bytes(self.model.parameters()),
+                "optimizer_state_bytes": optimizer_state_bytes(basic),
+                "master_param_bytes": tensor_bytes(master)}

@@ -1,0 +1,48 @@
+"""The engine wraps model + optimizer + precision so the loop never branches on them.
+
+Precision (AMP dtype, GradScaler), memory format (channels_last) and torch.compile are decided
+here, once, and written back into the run's config. Two engines share one interface:
+
+* `DDPEngine` (`--engine ddp`): one process, or torch DDP; `engines/ddp.py`.
+* `DeepSpeedEngine` (`--engine deepspeed`): `engines/deepspeed.py` (imported only when chosen).
+* `engines/parts.py`: what both share (Schedule, EMA, Health, optimizer, grad_norm, weights_of).
+
+The loop only calls `train_step`, `eval_logits`, `train`/`eval`, `lr`, `end_epoch`,
+`check_health`, `save_checkpoint` and `load_state_dict`/`load_weights`. Both engines implement
+gradient accumulation (`--grad-accum`), clipping (`--clip-grad`), an EMA of the weights
+(`--ema-decay`, used by `eval_logits` and checkpointed) and the non-finite-step guard
+(`--max-bad-steps`).
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..config import Config
+from ..dist import DistInfo
+from .ddp import DDPEngine
+from .parts import AMP_DTYPES, LossFn, NonFiniteLossError, resolve_amp, weights_of
+
+__all__ = ["AMP_DTYPES", "DDPEngine", "LossFn", "NonFiniteLossError", "build_engine",
+           "build_engine_for_benchmark", "resolve_amp", "weights_of"]
+
+
+def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int):
+    if cfg.engine.engine == "ddp":
+        return DDPEngine(cfg, model, dist, loss_fn, total_steps)
+    from .deepspeed import DeepSpeedEngine
+    return DeepSpeedEngine(cfg, model, dist, loss_fn, total_steps)
+
+
+def build_engine_for_benchmark(cfg: Config, dist: DistInfo | None = None, total_steps: int = 1000):
+    """An engine (cfg.engine.engine: ddp or deepspeed) with the configured model and loss, for
+    synthetic tensors: `engine.train_step(image, mask)` with image [B/world, C, S, S] (in the
+    engine's memory format, on `engine.device`) and mask {0,1} [B/world, 1, S, S].
+
+    `dist` defaults to the torchrun environment (`tumorseg_dist.dist.init`)."""
+    from .. import dist as distmod
+    from ..models import build_model
+    from ..train import make_loss_fn
+    if dist is None:
+        dist = distmod.init(cfg.train.device)
+    cfg.train.amp = resolve_amp(cfg.train.amp, dist.device)
+    return build_engine(cfg, build_model(cfg.model, cfg.data.in_channels), dist, make_loss_fn(cfg), total_steps)

@@ -1,0 +1,239 @@
+"""The pieces both engines share: precision choice, optimizer and lr schedule, EMA, the
+non-finite step guard, gradient norm, and the byte counters behind `memory_report`.
+
+Kept apart from the engines so `ddp.py` and `deepspeed.py` import only downwards and neither
+imports the other.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..config import Config
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+
+
+def resolve_amp(choice: str, device: torch.device) -> str:
+    """auto -> bf16 on GPUs that have it, fp16 on older GPUs, off on CPU."""
+    if choice == "auto":
+        if device.type != "cuda":
+            return "off"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if choice == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device (the GradScaler is CUDA-only here); "
+                         "use --amp bf16 or --amp off on CPU")
+    return choice
+
+
+def build_optimizer(cfg: Config, params, fused: bool = False) -> torch.optim.Optimizer:
+    """`fused=True` uses PyTorch's fused kernels (CPU and CUDA), which can skip a step on the
+    device from a `found_inf` tensor, without a host sync (see `step_skipping_nonfinite`)."""
+    o = cfg.optim
+    kw = {"fused": True} if fused else {}
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **kw)
+    if o.optimizer == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **kw)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           nesterov=True, **kw)
+
+
+def optimizer_steps(total_batches: int, grad_accum: int) -> int:
+    """Optimizer steps for a run of `total_batches` micro-batches (the schedule's length)."""
+    return max(1, math.ceil(total_batches / max(1, grad_accum)))
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "cosine":
+        span = max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+    return 1.0
+
+
+class Schedule:
+    """Per-step warm-up/cosine, or per-epoch ReduceLROnPlateau on the monitored metric.
+
+    Stepped once per optimizer step by both engines (DeepSpeed calls it as its client
+    lr_scheduler), so DDP and DeepSpeed follow the same learning-rate curve."""
+
+    def __init__(self, cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
+        self.cfg, self.opt, self.total = cfg, optimizer, total_steps
+        self.peak = cfg.optim.lr
+        self.step_count = 0
+        self.plateau = None
+        if cfg.optim.scheduler == "plateau":
+            mode = "max" if cfg.train.monitor == "val_dice" else "min"
+            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode=mode, factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience)
+        self._apply()
+
+    def _apply(self) -> None:
+        o = self.cfg.optim
+        if self.plateau is not None:
+            if o.warmup_steps and self.step_count <= o.warmup_steps:
+                for g in self.opt.param_groups:
+                    g["lr"] = self.peak * lr_factor(self.step_count, o.warmup_steps, self.total, "none")
+            return
+        f = lr_factor(self.step_count, o.warmup_steps, self.total, o.scheduler)
+        for g in self.opt.param_groups:
+            g["lr"] = self.peak * f
+
+    def step(self, **_: object) -> None:
+        self.step_count += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.opt.param_groups]
+
+    def end_epoch(self, monitored: float) -> None:
+        if self.plateau is not None and math.isfinite(monitored):
+            self.plateau.step(monitored)
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count,
+                "plateau": self.plateau.state_dict() if self.plateau is not None else None}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step_count = sd["step_count"]
+        if self.plateau is not None and sd.get("plateau"):
+            self.plateau.load_state_dict(sd["plateau"])
+        else:
+            self._apply()
+
+
+class EMA:
+    """Exponential moving average of the weights (fp32 copy), updated after each optimizer step
+    with foreach ops on the device (no host sync). Floating buffers (BatchNorm running stats) are
+    averaged too; integer buffers are copied."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_p = list(self.module.parameters())
+        src_p = [p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(ema_p, src_p, 1.0 - self.decay)
+        for e, b in zip(self.module.buffers(), model.buffers()):
+            if e.is_floating_point():
+                e.lerp_(b.float(), 1.0 - self.decay)
+            else:
+                e.copy_(b)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.module.load_state_dict(sd)
+
+
+class Health:
+    """Counts consecutive skipped (non-finite) optimizer steps.
+
+    Device-side counters updated with tensor ops (no sync); `check()` reads them at log
+    intervals and epoch ends, where the loop syncs anyway. Host-side skips (DeepSpeed reports
+    its own overflow skips as Python ints) are folded in the same way."""
+
+    def __init__(self, max_bad: int, device: torch.device):
+        self.max_bad = max_bad
+        self.run = torch.zeros((), dtype=torch.int64, device=device)     # current consecutive run
+        self.worst = torch.zeros((), dtype=torch.int64, device=device)   # longest run since check
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # skipped since check
+        self.total_skipped = 0
+
+    def update(self, bad: torch.Tensor | bool) -> None:
+        bad_t = torch.as_tensor(bad, device=self.run.device).to(torch.int64)
+        self.run.add_(bad_t).mul_(bad_t)
+        torch.maximum(self.worst, self.run, out=self.worst)
+        self.skipped.add_(bad_t)
+
+    def check(self) -> int:
+        """Raise NonFiniteLossError after --max-bad-steps consecutive skipped steps; else return
+        how many steps were skipped since the last check."""
+        worst, skipped = (int(v) for v in torch.stack([self.worst, self.skipped]).tolist())
+        self.worst.copy_(self.run)
+        self.skipped.zero_()
+        self.total_skipped += skipped
+        if worst >= self.max_bad:
+            raise NonFiniteLossError(
+                f"{worst} consecutive optimizer steps had a non-finite loss or gradient "
+                f"(--max-bad-steps {self.max_bad}); the steps were skipped and training stopped. "
+                f"The checkpoints in RUN/checkpoints/ are from before these steps and were not "
+                f"overwritten. Try a lower --lr, --clip-grad 1.0, a longer --warmup-steps, or "
+                f"--amp bf16 instead of fp16.")
+        return skipped
+
+    def state_dict(self) -> dict:
+        return {"run": int(self.run.item()), "total_skipped": self.total_skipped}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.run.fill_(int(sd.get("run", 0)))
+        self.worst.copy_(self.run)
+        self.total_skipped = int(sd.get("total_skipped", 0))
+
+
+def step_skipping_nonfinite(optimizer: torch.optim.Optimizer, bad: torch.Tensor, fused: bool) -> None:
+    """optimizer.step() unless `bad` (a 0-dim bool tensor) is set. With a fused optimizer the
+    decision stays on the device (the same `found_inf` mechanism GradScaler uses: the update
+    and the step counter are left unchanged); otherwise it costs one host sync."""
+    if fused:
+        optimizer.grad_scale, optimizer.found_inf = None, bad.to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not bool(bad):
+        optimizer.step()
+
+
+def grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
+    """Total gradient norm (device tensor); clips in place to `clip` when clip > 0."""
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+
+def amp_autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast in `dtype` on the device, or nothing without AMP (dtype None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def weights_of(ckpt_or_state: dict, prefer_ema: bool = True) -> dict:
+    """The model state dict in a checkpoint (its EMA weights when it has them and prefer_ema),
+    or the argument itself if it is already a model state dict."""
+    if "format_version" in ckpt_or_state or "model" in ckpt_or_state:
+        if prefer_ema and ckpt_or_state.get("ema"):
+            return ckpt_or_state["ema"]
+        return ckpt_or_state["model"]
+    return ckpt_or_state
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes held by `tensors` (parameters, master copies)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's per-parameter state tensors (moments etc.; scalars excluded)."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values()
+               for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
