@@ -53,6 +53,10 @@ class DataConfig:
     statistics from the dataset's manifest.json (recorded here in the run's config)."""
     std: tuple[float, ...] = ()
     """Input normalisation std per model channel (empty: from manifest.json)."""
+    verify_shards: Literal["full", "quick", "off"] = "quick"
+    """Before the first epoch, check the shards against manifest.json's sha256 and size:
+    `quick` hashes only shards new or changed since the last check (cache keyed by path, size
+    and mtime), `full` rehashes all, `off` skips (docs/pack.md "Verified shards")."""
 
 
 @dataclass

@@ -33,6 +33,7 @@ from . import dist as distmod
 from .cli import guarded
 from .data.loader import IndexedShards, decode_image, decode_mask, rank_indices
 from .data.shards import ShardError, read_manifest, shard_paths
+from .data.verify import MODES, verify_shards
 from .inference import InferenceModel, load_model, preprocess, resolve_threshold, to_original_size
 from .metrics import per_image_scores, summarize
 
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="decoding worker processes per rank")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--cases", type=int, default=4, help="worst and best images in cases.png")
+    p.add_argument("--verify-shards", choices=MODES, default="quick",
+                   help="check the split's shards against manifest.json first: quick (default: size + "
+                        "cached sha256), full (rehash) or off")
     return p
 
 
@@ -203,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.checkpoint} does not record its data; pass --data shards/NAME")
     data = Path(data)
     manifest = read_manifest(data)
+    verify_shards(data, [args.split], args.verify_shards, d)
     shards = IndexedShards(shard_paths(data, args.split, manifest))
     n = len(shards)
     if n == 0:

@@ -14,8 +14,9 @@ from . import checkpoint, dist as distmod, tracking
 from .cli import guarded
 from .config import Config, parse, save_toml
 from .data.loader import build_loader, resolve_norm
-from .data.shards import read_manifest
+from .data.shards import SPLITS, read_manifest
 from .data.synthetic import ensure_synthetic
+from .data.verify import verify_shards
 from .engines import build_engine, resolve_amp
 from .log import RunLog, plot_overlays
 from .loop import TrainState, evaluate, fit, restore
@@ -107,6 +108,8 @@ def run(cfg: Config, preset: str | None) -> int:
     cfg.data.mean, cfg.data.std = resolve_norm(cfg, data_dir)  # recorded in config + checkpoints
     run_dir = resolve_run_dir(cfg, data_dir)
     log = RunLog(run_dir, dist.is_main)
+    # Before anything is written or trained: a corrupt shard would otherwise train silently.
+    verify_shards(data_dir, SPLITS, cfg.data.verify_shards, dist, log.info)
     if preset:
         log.info(f"no --data: built-in synthetic set {data_dir} with the {preset} preset "
                  f"(size {cfg.data.size}, {cfg.model.arch}/{cfg.model.encoder}, {cfg.train.epochs} epochs"

@@ -192,7 +192,7 @@ class ShardWriter:
             os.fsync(f.fileno())
         write_dali_index(self._path)
         self.shards.append({"name": self._path.name, "samples": self._count,
-                            "sha256": sha256_file(self._path)})
+                            "bytes": self._path.stat().st_size, "sha256": sha256_file(self._path)})
         self._tar = None
 
     def close(self) -> list[dict]:
