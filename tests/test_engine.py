@@ -1,5 +1,7 @@
-"""Engine unit tests (one process, CPU, tiny models): accumulation, clipping, EMA, the
-non-finite step guard, checkpoint round trips and the DeepSpeed config translation/merging."""
+"""Engine unit tests (one process, CPU, tiny models): the Engine protocol, accumulation,
+clipping, EMA, the non-finite step guard, checkpoint round trips and the DeepSpeed config
+translation/merging."""
+import inspect
 import json
 
 import pytest
@@ -10,6 +12,8 @@ import torch.nn.functional as F
 from tumorseg_dist.config import Config, ConfigError
 from tumorseg_dist.dist import DistInfo
 from tumorseg_dist.engines import DDPEngine, NonFiniteLossError, build_engine_for_benchmark
+from tumorseg_dist.engines.deepspeed import DeepSpeedEngine
+from tumorseg_dist.engines.protocol import Engine
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 
@@ -39,6 +43,29 @@ def data(n=4, seed=1):
 
 def params(e):
     return [p.detach().clone() for p in e.model.parameters()]
+
+
+def _protocol_methods() -> list[str]:
+    return [n for n, v in vars(Engine).items() if callable(v) and not n.startswith("_")]
+
+
+def _params(fn) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+@pytest.mark.parametrize("cls", [DDPEngine, DeepSpeedEngine])
+def test_both_engines_have_the_protocol_methods_with_its_signatures(cls):
+    assert len(_protocol_methods()) >= 15
+    for name in _protocol_methods():
+        assert callable(getattr(cls, name, None)), f"{cls.__name__} has no {name}()"
+        assert _params(getattr(cls, name)) == _params(getattr(Engine, name)), \
+            f"{cls.__name__}.{name}{inspect.signature(getattr(cls, name))} differs from the protocol"
+
+
+def test_a_ddp_engine_is_an_engine():
+    e = make()
+    assert isinstance(e, Engine)
+    assert isinstance(e.name, str) and e.device == CPU.device
 
 
 def test_grad_accumulation_equals_the_full_batch():
@@ -258,6 +285,7 @@ def test_deepspeed_single_process_with_channels_last_inputs(monkeypatch):
     cfg.model.encoder, cfg.model.encoder_weights = "resnet18", "none"
     cfg.data.in_channels, cfg.train.channels_last, cfg.train.batch_size = 1, True, 2
     eng = build_engine_for_benchmark(cfg, DistInfo(0, 0, 1, torch.device("cpu")), total_steps=4)
+    assert isinstance(eng, Engine)
     x = torch.randn(2, 1, 64, 64).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(2, 1, 64, 64) > 0.8).float()
     try:

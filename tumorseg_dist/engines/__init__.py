@@ -7,11 +7,10 @@ here, once, and written back into the run's config. Two engines share one interf
 * `DeepSpeedEngine` (`--engine deepspeed`): `engines/deepspeed.py` (imported only when chosen).
 * `engines/parts.py`: what both share (Schedule, EMA, Health, optimizer, grad_norm, weights_of).
 
-The loop only calls `train_step`, `eval_logits`, `train`/`eval`, `lr`, `end_epoch`,
-`check_health`, `save_checkpoint` and `load_state_dict`/`load_weights`. Both engines implement
-gradient accumulation (`--grad-accum`), clipping (`--clip-grad`), an EMA of the weights
-(`--ema-decay`, used by `eval_logits` and checkpointed) and the non-finite-step guard
-(`--max-bad-steps`).
+The loop, train.py and the benchmarks call only the members of the `Engine` protocol
+(`engines/protocol.py`). Both engines implement gradient accumulation (`--grad-accum`),
+clipping (`--clip-grad`), an EMA of the weights (`--ema-decay`, used by `eval_logits` and
+checkpointed) and the non-finite-step guard (`--max-bad-steps`).
 """
 from __future__ import annotations
 
@@ -21,19 +20,20 @@ from ..config import Config
 from ..dist import DistInfo
 from .ddp import DDPEngine
 from .parts import AMP_DTYPES, LossFn, NonFiniteLossError, resolve_amp, weights_of
+from .protocol import Engine
 
-__all__ = ["AMP_DTYPES", "DDPEngine", "LossFn", "NonFiniteLossError", "build_engine",
+__all__ = ["AMP_DTYPES", "DDPEngine", "Engine", "LossFn", "NonFiniteLossError", "build_engine",
            "build_engine_for_benchmark", "resolve_amp", "weights_of"]
 
 
-def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int):
+def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int) -> Engine:
     if cfg.engine.engine == "ddp":
         return DDPEngine(cfg, model, dist, loss_fn, total_steps)
     from .deepspeed import DeepSpeedEngine
     return DeepSpeedEngine(cfg, model, dist, loss_fn, total_steps)
 
 
-def build_engine_for_benchmark(cfg: Config, dist: DistInfo | None = None, total_steps: int = 1000):
+def build_engine_for_benchmark(cfg: Config, dist: DistInfo | None = None, total_steps: int = 1000) -> Engine:
     """An engine (cfg.engine.engine: ddp or deepspeed) with the configured model and loss, for
     synthetic tensors: `engine.train_step(image, mask)` with image [B/world, C, S, S] (in the
     engine's memory format, on `engine.device`) and mask {0,1} [B/world, 1, S, S].
