@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import SHARED_DATA
 from inference_testing import make_checkpoint, tiny_config
-from tumorseg_dist import predict
+from tumorseg_dist import figures, imageio, predict
 from tumorseg_dist.checkpoint import CheckpointError
 from tumorseg_dist.data.loader import IndexedShards, decode_mask
 from tumorseg_dist.data.shards import shard_paths
@@ -92,10 +92,10 @@ def test_overlay_draws_prediction_red_and_ground_truth_green():
     pred[2:8, 2:8] = True
     gt = np.zeros((20, 20), bool)
     gt[10:16, 10:16] = True
-    o = predict.overlay_image(img, pred, gt)
+    o = figures.overlay_image(img, pred, gt)
     assert o.shape == (20, 20, 3) and o.dtype == np.uint8
-    assert tuple(o[2, 2]) == predict.RED and tuple(o[5, 5]) == (0, 0, 0)   # contour, not filled
-    assert tuple(o[10, 12]) == predict.GREEN
+    assert tuple(o[2, 2]) == figures.RED and tuple(o[5, 5]) == (0, 0, 0)   # contour, not filled
+    assert tuple(o[10, 12]) == figures.GREEN
 
 
 class Pointwise(nn.Module):
@@ -139,19 +139,19 @@ def test_flip_tta_averages_un_flipped_probabilities():
 def test_read_image_scales_modes_to_unit_range(tmp_path, mode, array, expect):
     p = tmp_path / "x.png"
     Image.fromarray(array).convert(mode).save(p) if mode == "1" else Image.fromarray(array).save(p)
-    got = predict.read_image(p)
+    got = imageio.read_image(p)
     np.testing.assert_allclose(got, expect, atol=1e-6)
 
 
 def test_read_image_tiff_rgb_and_palette(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "a.tif", compression="tiff_lzw")
-    np.testing.assert_allclose(predict.read_image(tmp_path / "a.tif"), rgb / 255.0, atol=1e-6)
+    np.testing.assert_allclose(imageio.read_image(tmp_path / "a.tif"), rgb / 255.0, atol=1e-6)
     Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
-    assert predict.read_image(tmp_path / "p.png").shape == (9, 7, 3)
-    with pytest.raises(predict.UnreadableImage, match="cannot be decoded as an image"):
+    assert imageio.read_image(tmp_path / "p.png").shape == (9, 7, 3)
+    with pytest.raises(imageio.ImageFileError, match="cannot be decoded as an image"):
         (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
-        predict.read_image(tmp_path / "bad.tif")
+        imageio.read_image(tmp_path / "bad.tif")
 
 
 # ---------------------------------------------------------------- checkpoints from other versions

@@ -34,7 +34,8 @@ from .cli import guarded
 from .data.loader import IndexedShards, decode_image, decode_mask, rank_indices
 from .data.shards import ShardError, read_manifest, shard_paths
 from .data.verify import MODES, verify_shards
-from .inference import InferenceModel, load_model, preprocess, resolve_threshold, to_original_size
+from .figures import overlay_image
+from .inference import Predictor, load_model, resolve_threshold, to_original_size
 from .metrics import per_image_scores, summarize
 
 CSV_FIELDS = ["key", "source", "group", "dice", "iou", "target_area", "prediction_area", "hd95"]
@@ -66,9 +67,9 @@ def hausdorff95(pred: np.ndarray, target: np.ndarray) -> float:
 class EvalSamples(torch.utils.data.Dataset):
     """Sample i of a split -> model input, original mask and its metadata."""
 
-    def __init__(self, shards: IndexedShards, model: InferenceModel, indices: list[int]):
+    def __init__(self, shards: IndexedShards, model: Predictor, indices: list[int]):
         self.shards, self.indices = shards, indices
-        self.pre = (model.in_channels, model.size, model.mean, model.std)
+        self.pre = model.pre
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -85,7 +86,7 @@ class EvalSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, j: int) -> dict:
         s = self.load(self.indices[j])
-        s["tensor"] = preprocess(s["image"], *self.pre)
+        s["tensor"] = self.pre(s["image"])
         del s["image"]  # not needed for metrics; the figure re-reads its few cases
         return s
 
@@ -117,13 +118,12 @@ def score(prob: torch.Tensor, mask: np.ndarray, threshold: float, resolution: st
 
 # ---------------------------------------------------------------- figure
 
-def plot_cases(rows: list[dict], samples: EvalSamples, model: InferenceModel, path: Path,
+def plot_cases(rows: list[dict], samples: EvalSamples, model: Predictor, path: Path,
                threshold: float, tta: bool, per_side: int = 4) -> None:
     """Worst `per_side` images by Dice (top row) and best ones with a non-empty target (bottom)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from .predict import overlay_image
 
     if not rows:
         return
@@ -142,8 +142,7 @@ def plot_cases(rows: list[dict], samples: EvalSamples, model: InferenceModel, pa
                 continue
             row = chosen[c]
             s = samples.load(row["_index"])
-            prob = model.probabilities(preprocess(s["image"], *samples.pre)[None], tta=tta)[0]
-            pred = (to_original_size(prob, *s["mask"].shape) > threshold).numpy()
+            pred = model.predict_image(s["image"], tta, threshold)
             ax.imshow(overlay_image(s["image"], pred, s["mask"]))
             ax.set_title(f"{label}: {row['key'][:28]}\nDice {row['dice']:.3f}", fontsize=8)
     fig.suptitle("green: ground truth, red: prediction (original size)", fontsize=9)

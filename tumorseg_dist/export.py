@@ -24,14 +24,14 @@ import torch
 from .cli import guarded
 from .data.loader import IndexedShards, decode_image
 from .data.shards import MANIFEST, read_manifest, shard_paths
-from .inference import InferenceModel, load_model
+from .imageio import read_image
+from .inference import Predictor, load_model
 
 
-def real_input(model: InferenceModel, given: Path | None) -> tuple[np.ndarray | None, str]:
+def real_input(model: Predictor, given: Path | None) -> tuple[np.ndarray | None, str]:
     """An image in [0, 1] to check the export on, and where it came from.
 
     --input (an image file or a shard dir), else the checkpoint's data set (test, val, train)."""
-    from .predict import read_image
     candidates = [given] if given is not None else []
     if given is None and model.config.get("data", {}).get("path"):
         candidates.append(Path(model.config["data"]["path"]))
@@ -52,7 +52,7 @@ def real_input(model: InferenceModel, given: Path | None) -> tuple[np.ndarray | 
     return None, ""
 
 
-def export_onnx(model: InferenceModel, path: Path, size: int, dynamic_batch: bool, opset: int,
+def export_onnx(model: Predictor, path: Path, size: int, dynamic_batch: bool, opset: int,
                 example: torch.Tensor) -> None:
     import onnx
     net = model.model.float().cpu().eval()

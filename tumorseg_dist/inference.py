@@ -1,10 +1,13 @@
-"""A trained model ready for inference: loaded from a checkpoint, with the training preprocessing.
+"""The predictor: a trained model ready for inference, loaded from a checkpoint.
 
-Shared by `evaluate`, `predict` and `export`, so the three commands see an image exactly as the
-training loader did: `[0, 1]` pixels -> the model's channel count (grey repeated, colour to BT.601
-luma) -> bilinear antialiased resize to the training size -> (x - mean) / std. Everything comes
-from the checkpoint (architecture, encoder, size, channels, normalisation, threshold); no training
-flag has to be repeated.
+The one path from an image to a mask, used by `evaluate`, `predict` and `export`'s check:
+`load_model` rebuilds the model from a checkpoint (weights only; the checkpoint decides the
+architecture, encoder, size, channels, normalisation and threshold, so no training flag has to
+be repeated), `Preprocess` feeds an image as the training loader's evaluation path does
+(`[0, 1]` pixels -> the model's channel count, grey repeated, colour to BT.601 luma -> bilinear
+antialiased resize to the training size -> (x - mean) / std), `Predictor.probabilities` runs it
+(with optional flip TTA) and `to_original_size` brings the probabilities back to the image's
+own size.
 
 Flip test-time augmentation averages the *probabilities* of the identity, horizontal, vertical
 and both-axes flips (each un-flipped before averaging).
@@ -30,8 +33,22 @@ from .models import ModelError, build_model
 KNOWN_ARCHS = Arch.__args__  # the Literal's choices
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """The model's input transform; small and picklable, so DataLoader workers can run it."""
+
+    in_channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, image: np.ndarray, size: int | None = None) -> torch.Tensor:
+        """H×W or H×W×C float image in [0, 1] -> normalised [C, size, size] float32 tensor."""
+        return preprocess(image, self.in_channels, size or self.size, self.mean, self.std)
+
+
 @dataclass
-class InferenceModel:
+class Predictor:
     """An eval-mode model plus everything needed to feed it and read its output."""
 
     model: nn.Module
@@ -51,22 +68,35 @@ class InferenceModel:
         """`unet/resnet34`, or just the architecture when it has no encoder."""
         return self.arch if self.arch == "unet-classic" else f"{self.arch}/{self.encoder}"
 
-    # ------------------------------------------------------------ preprocessing
+    @property
+    def pre(self) -> Preprocess:
+        return Preprocess(self.in_channels, self.size, self.mean, self.std)
 
     def preprocess(self, image: np.ndarray, size: int | None = None) -> torch.Tensor:
         """H×W or H×W×C float image in [0, 1] -> normalised [C, size, size] float32 tensor."""
-        return preprocess(image, self.in_channels, size or self.size, self.mean, self.std)
-
-    # ------------------------------------------------------------ forward
+        return self.pre(image, size)
 
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
         """[B, C, S, S] normalised -> [B, 1, S, S] tumour probabilities (float32)."""
         return flip_tta_probs(self.model, batch.to(self.device), tta)
 
+    def predict(self, tensors: list[torch.Tensor], shapes: list[tuple[int, int]], tta: bool = False,
+                threshold: float | None = None) -> list[np.ndarray]:
+        """Preprocessed images and their original (H, W) -> one boolean mask per image at its
+        original size (probabilities resized back, then thresholded)."""
+        t = self.threshold if threshold is None else threshold
+        probs = self.probabilities(torch.stack(tensors), tta)
+        return [(to_original_size(p, h, w) > t).numpy() for p, (h, w) in zip(probs, shapes)]
+
+    def predict_image(self, image: np.ndarray, tta: bool = False,
+                      threshold: float | None = None) -> np.ndarray:
+        """One [0, 1] image -> its boolean mask at the image's size."""
+        return self.predict([self.preprocess(image)], [image.shape[:2]], tta, threshold)[0]
+
 
 def preprocess(image: np.ndarray, in_channels: int, size: int, mean, std) -> torch.Tensor:
-    """The training loader's eval transform (data/loader.py `_Collate`), for one image."""
+    """The torch loader's evaluation transform (its collate), for one image."""
     arr = np.asarray(image, dtype=np.float32)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -167,7 +197,7 @@ def _strip_prefixes(state: dict) -> dict:
     return out
 
 
-def load_model(path: Path | str, device: str | torch.device = "cpu") -> InferenceModel:
+def load_model(path: Path | str, device: str | torch.device = "cpu") -> Predictor:
     """Rebuild the trained model from a checkpoint (no encoder weights are loaded or downloaded:
     the checkpoint has them all; its EMA weights if it has them), in eval mode on `device`."""
     path = Path(path)
@@ -188,13 +218,13 @@ def load_model(path: Path | str, device: str | torch.device = "cpu") -> Inferenc
                               f"{info['in_channels']} input channel(s) ({first}); the checkpoint's "
                               f"config and weights disagree") from None
     model.to(device).eval()
-    return InferenceModel(model=model, arch=info["arch"], encoder=info["encoder"],
-                          in_channels=info["in_channels"], size=info["size"], mean=info["mean"],
-                          std=info["std"], threshold=info["threshold"], device=device, source=path,
-                          config=info["config"])
+    return Predictor(model=model, arch=info["arch"], encoder=info["encoder"],
+                     in_channels=info["in_channels"], size=info["size"], mean=info["mean"],
+                     std=info["std"], threshold=info["threshold"], device=device, source=path,
+                     config=info["config"])
 
 
-def resolve_threshold(flag: float | None, model: InferenceModel) -> float:
+def resolve_threshold(flag: float | None, model: Predictor) -> float:
     """--threshold if given, else the one the model was trained and validated with."""
     t = model.threshold if flag is None else flag
     if not 0.0 < t < 1.0:

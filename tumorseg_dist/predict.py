@@ -29,65 +29,13 @@ import torch
 from PIL import Image
 
 from .cli import guarded
-from .data.formats.common import IMAGE_EXTS, PackInputError, read_array
 from .data.loader import IndexedShards, decode_image, decode_mask
 from .data.shards import MANIFEST, ShardError, read_manifest, shard_paths
-from .inference import InferenceModel, load_model, resolve_threshold, to_original_size
+from .figures import overlay_image
+from .imageio import IMAGE_EXTS, ImageFileError, read_image
+from .inference import Predictor, load_model, resolve_threshold
 
 MASK_NAME = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
-RED, GREEN = (255, 40, 40), (40, 255, 40)
-
-
-class UnreadableImage(ValueError):
-    """An input that is not a decodable image; the message names the file and the reason."""
-
-
-# ---------------------------------------------------------------- reading images
-
-def read_image(path: Path) -> np.ndarray:
-    """Read an image file as float32 H×W or H×W×C in [0, 1]; UnreadableImage if it cannot be.
-
-    Decoded exactly as `pack` decodes it (TIFF via tifffile, 16-bit colour PNG, palette, 1-bit)
-    and scaled as the loader scales packed images (16-bit / 65535, else / 255), so a raw file
-    reaches the model with the same values it would have had in training."""
-    path = Path(path)
-    if not path.is_file():
-        raise UnreadableImage(f"{path}: no such file")
-    try:
-        arr = read_array(path, str(path))
-    except PackInputError as e:
-        raise UnreadableImage(str(e)) from None
-    scale = 65535.0 if arr.dtype == np.uint16 else 255.0
-    return arr.astype(np.float32) / scale
-
-
-# ---------------------------------------------------------------- overlays
-
-def contour(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
-    """Boundary pixels of a boolean mask, thickened inwards to `thickness` pixels."""
-    from scipy import ndimage
-    mask = mask.astype(bool)
-    if not mask.any():
-        return mask
-    inner = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), iterations=thickness,
-                                   border_value=0)
-    return mask & ~inner
-
-
-def overlay_image(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None) -> np.ndarray:
-    """uint8 RGB H×W×3: the image in grey/colour with ground-truth (green) and prediction (red)
-    contours; the line width grows with the image so it stays visible when shown small."""
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    rgb = (np.clip(img[:, :, :3], 0, 1) * 255).round().astype(np.uint8).copy()
-    thick = max(1, round(max(rgb.shape[:2]) / 256))
-    if gt is not None:
-        rgb[contour(gt > 0, thick)] = GREEN
-    rgb[contour(pred > 0, thick)] = RED
-    return rgb
 
 
 # ---------------------------------------------------------------- inputs
@@ -146,15 +94,14 @@ def collect_inputs(inputs: list[Path], splits: list[str] | None) -> tuple[list[I
 class PredictDataset(torch.utils.data.Dataset):
     """Item i -> decoded original image, preprocessed tensor, ground truth if known, or the error."""
 
-    def __init__(self, items: list[InputItem], shards: list[IndexedShards], model: InferenceModel):
+    def __init__(self, items: list[InputItem], shards: list[IndexedShards], model: Predictor):
         self.items, self.shards = items, shards
-        self.pre = (model.in_channels, model.size, model.mean, model.std)
+        self.pre = model.pre
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        from .inference import preprocess
         item = self.items[i]
         gt, name = None, item.name
         try:
@@ -167,9 +114,9 @@ class PredictDataset(torch.utils.data.Dataset):
                 image = decode_image(members[img_ext], img_ext)
                 gt = decode_mask(members["mask.png"]) > 0
                 name = _mask_png_name(PurePosixPath(meta.get("source") or item.key))
-            tensor = preprocess(image, *self.pre)
-        except (UnreadableImage, ShardError, KeyError, StopIteration, OSError, ValueError) as e:
-            return {"item": item, "error": str(e) if isinstance(e, UnreadableImage)
+            tensor = self.pre(image)
+        except (ImageFileError, ShardError, KeyError, StopIteration, OSError, ValueError) as e:
+            return {"item": item, "error": str(e) if isinstance(e, ImageFileError)
                     else f"{item.display}: {type(e).__name__}: {e}"}
         return {"item": item, "name": name, "image": image, "tensor": tensor, "gt": gt, "error": None}
 
@@ -237,10 +184,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"predict: skipped {r['error']}", file=sys.stderr)
         if not good:
             continue
-        probs = model.probabilities(torch.stack([r["tensor"] for r in good]), tta=args.tta)
-        for r, p in zip(good, probs):
-            h, w = r["image"].shape[:2]
-            pred = (to_original_size(p, h, w) > threshold).numpy()
+        preds = model.predict([r["tensor"] for r in good], [r["image"].shape[:2] for r in good],
+                              args.tta, threshold)
+        for r, pred in zip(good, preds):
+            h, w = pred.shape
             name = unique_name(r["name"], taken)
             if name != r["name"]:
                 renamed.append((r["item"].display, name))

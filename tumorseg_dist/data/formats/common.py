@@ -6,19 +6,15 @@ one image and its mask source(s). Decoding happens later, in `load_item`, in wor
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
 
+from ... import imageio
+from ...imageio import IMAGE_EXTS, JPEG_EXTS, TIFF_EXTS  # noqa: F401 - the formats' names
 from ..shards import safe_key
-
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-TIFF_EXTS = {".tif", ".tiff"}
-JPEG_EXTS = {".jpg", ".jpeg"}
 
 
 class PackInputError(ValueError):
@@ -127,71 +123,13 @@ def assign_keys(items: list[Item]) -> None:
 
 # ---------------------------------------------------------------- decoding
 
-def _png_is_16bit_colour(data: bytes) -> bool:
-    # IHDR: bit depth at byte 24, colour type at byte 25 (2 = RGB, 6 = RGBA, 4 = grey+alpha).
-    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 26 and data[24] == 16 and data[25] in (2, 4, 6)
-
-
 def read_array(path: Path, source: str, *, as_mask: bool = False) -> np.ndarray:
-    """Decode an image file to H×W or H×W×C, keeping dtype and channels.
-
-    TIFF goes through tifffile (uncompressed, LZW, deflate, ... via imagecodecs), 16-bit colour
-    PNG through imagecodecs (Pillow would drop it to 8 bit), everything else through Pillow.
-    For masks, palette images keep their indices and alpha channels are dropped."""
+    """Decode an image file with the one reader every command uses (`tumorseg_dist.imageio`);
+    its error becomes this sample's PackInputError, so pack skips the file and says why."""
     try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise PackInputError(source, f"cannot be read ({e.strerror})", "check the path and permissions") from e
-    if size == 0:
-        raise PackInputError(source, "is an empty (0-byte) file", "re-copy it from the original data or remove it")
-    ext = path.suffix.lower()
-    try:
-        data = path.read_bytes()
-        if ext in TIFF_EXTS:
-            import tifffile
-            with tifffile.TiffFile(io.BytesIO(data)) as tf:
-                arr = tf.pages[0].asarray()
-        elif ext == ".png" and _png_is_16bit_colour(data):
-            import imagecodecs
-            arr = imagecodecs.png_decode(data)
-        else:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                arr = _pil_to_array(im, as_mask)
-    except PackInputError:
-        raise
-    except Exception as e:  # PIL/tifffile raise many types for corrupt data
-        raise PackInputError(source, f"cannot be decoded as an image ({type(e).__name__}: {e}); "
-                                     f"it is truncated, corrupt or not an image",
-                             "re-export or re-copy it, or remove it") from e
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim not in (2, 3) or arr.size == 0:
-        raise PackInputError(source, f"has shape {arr.shape}, not a 2D image", "export one 2D slice per file")
-    if as_mask and arr.ndim == 3 and arr.shape[2] in (2, 4):
-        arr = arr[:, :, :-1]   # drop alpha: LA -> L, RGBA -> RGB
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    return arr
-
-
-def _pil_to_array(im: Image.Image, as_mask: bool) -> np.ndarray:
-    mode = im.mode
-    if mode == "P" and as_mask:
-        return np.asarray(im)                  # label indices: non-zero = tumour
-    if mode in ("P", "PA"):
-        im = im.convert("RGBA" if "transparency" in im.info or mode == "PA" else "RGB")
-    elif mode == "1":
-        im = im.convert("L")
-    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-        im = im.convert("RGB")
-    elif mode == "I":
-        arr = np.asarray(im)
-        if arr.min() >= 0 and arr.max() <= 65535:
-            return arr.astype(np.uint16)
-        return arr
-    return np.asarray(im)
+        return imageio.read_array(path, source, as_mask=as_mask)
+    except imageio.ImageFileError as e:
+        raise PackInputError(e.source, e.reason, e.fix) from e
 
 
 def read_mask(path: Path, source: str) -> tuple[np.ndarray, bool]:
