@@ -1,11 +1,11 @@
 """Segmentation models: segmentation-models-pytorch architectures and the seeds' classic U-Net.
 
 Every model maps [B, C, H, W] -> one logit channel [B, 1, H, W]. Nothing is downloaded: ImageNet
-encoder weights must already be in the Hugging Face cache (where smp keeps them).
+encoder weights are looked up in the local Hugging Face cache (where smp keeps them) by us,
+never through the hub client, which would try the network first.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -57,53 +57,80 @@ class ClassicUNet(nn.Module):
 
 # ---------------------------------------------------------------- smp models
 
-def _hf_cache() -> str:
+def hf_cache() -> Path:
+    """Where huggingface_hub, and so smp, keeps its files (HF_HUB_CACHE, else HF_HOME/hub, else
+    ~/.cache/huggingface/hub, as read when the library was imported)."""
     from huggingface_hub import constants
-    return constants.HF_HUB_CACHE
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_imagenet_weights(encoder: str) -> Path:
+    """The smp ImageNet weights file of `encoder`, found in the local cache only.
+
+    smp would call hf_hub_download, which goes to the network first (several retried requests,
+    ~40 s on an offline node) and reads HF_HUB_OFFLINE only at import time; looking the file up
+    ourselves never opens a connection and fails at once."""
+    from huggingface_hub import try_to_load_from_cache
+    from segmentation_models_pytorch.encoders import encoders
+    if encoder not in encoders:
+        raise ModelError(f"--encoder-weights imagenet: {encoder!r} is not one of smp's own encoders "
+                         f"(timm 'tu-' encoders would download their weights): pass --encoder-weights "
+                         f"none, or one of {', '.join(sorted(encoders)[:6])}, ...")
+    settings = encoders[encoder]["pretrained_settings"].get("imagenet")
+    if settings is None:
+        raise ModelError(f"--encoder-weights imagenet: encoder {encoder!r} has no ImageNet weights in "
+                         f"smp (it has {', '.join(encoders[encoder]['pretrained_settings']) or 'none'}); "
+                         f"pass --encoder-weights none or a local file")
+    cache = hf_cache()
+    found = try_to_load_from_cache(settings["repo_id"], "model.safetensors", cache_dir=cache,
+                                   revision=settings["revision"])
+    if not isinstance(found, str):
+        raise ModelError(
+            f"ImageNet weights for encoder {encoder!r} are not in the local cache {cache} (looked for "
+            f"{settings['repo_id']} at revision {settings['revision'][:12]}) and nothing is downloaded "
+            f"at run time: pass --encoder-weights none to train from scratch, or --encoder-weights PATH "
+            f"to a local encoder state dict; or fetch them on a machine with internet (python -c "
+            f"\"import segmentation_models_pytorch as smp; smp.Unet('{encoder}')\") and copy its cache "
+            f"here (or point HF_HUB_CACHE at it)")
+    return Path(found)
 
 
 def _build_smp(cfg: ModelConfig, in_channels: int) -> nn.Module:
     import segmentation_models_pytorch as smp
     arch = getattr(smp, SMP_ARCHS[cfg.arch])
     weights = cfg.encoder_weights
-    if weights == "imagenet":
-        # Offline by construction: a cache miss must fail fast with a useful message, never
-        # hang on a network that compute nodes usually do not have.
-        old = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            return arch(encoder_name=cfg.encoder, encoder_weights="imagenet",
-                        in_channels=in_channels, classes=1)
-        except Exception as e:  # huggingface_hub raises several kinds for a cache miss
-            raise ModelError(
-                f"ImageNet weights for encoder {cfg.encoder!r} are not in the local cache "
-                f"({_hf_cache()}) and nothing is downloaded at run time ({type(e).__name__}: {e}). "
-                f"Either pre-fetch them on a machine with internet (python -c \"import "
-                f"segmentation_models_pytorch as smp; smp.Unet('{cfg.encoder}')\") and copy the cache, "
-                f"pass --encoder-weights none to train from scratch, or --encoder-weights PATH to a "
-                f"local encoder state dict.") from None
-        finally:
-            if old is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = old
+    local = cached_imagenet_weights(cfg.encoder) if weights == "imagenet" else None  # before the build: fail fast
     try:
         model = arch(encoder_name=cfg.encoder, encoder_weights=None, in_channels=in_channels, classes=1)
     except KeyError as e:
         raise ModelError(f"unknown encoder {cfg.encoder!r} for {cfg.arch}: {e}") from None
-    if weights != "none":
+    if local is not None:
+        load_encoder_weights(model.encoder, local, in_channels, complete=True)
+    elif weights != "none":
         load_encoder_weights(model.encoder, Path(weights), in_channels)
     return model
 
 
-def load_encoder_weights(encoder: nn.Module, path: Path, in_channels: int) -> None:
-    """Load a local encoder state dict; a 3-channel first conv is summed for grey input
-    (what smp does for ImageNet weights)."""
+def _read_state(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path), device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def load_encoder_weights(encoder: nn.Module, path: Path, in_channels: int, complete: bool = False) -> None:
+    """Load a local encoder state dict (torch or .safetensors); a 3-channel first conv is summed
+    for grey input (what smp does for ImageNet weights). `complete`: every encoder tensor must
+    come from the file (a cached ImageNet file that lacks some is damaged)."""
     if not path.is_file():
         raise ModelError(f"--encoder-weights {path}: no such file (use imagenet, none, or a path "
                          f"to a saved encoder state dict)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        state = _read_state(path)
+    except Exception as e:  # a damaged file: torch and safetensors raise several kinds
+        raise ModelError(f"encoder weights {path} cannot be read ({type(e).__name__}: {e}); "
+                         f"use another file or --encoder-weights none") from None
     own = encoder.state_dict()
     for k, v in list(state.items()):
         if k in own and v.ndim == 4 and own[k].ndim == 4 and v.shape[1] != own[k].shape[1]:
@@ -113,11 +140,16 @@ def load_encoder_weights(encoder: nn.Module, path: Path, in_channels: int) -> No
     if not matched:
         raise ModelError(f"--encoder-weights {path}: none of its keys match encoder "
                          f"{type(encoder).__name__} (its keys are e.g. {list(state)[:3]})")
+    missing = [k for k in own if k not in state]
+    if complete and missing:
+        raise ModelError(f"encoder weights {path} lack {len(missing)} of the encoder's tensors "
+                         f"(e.g. {missing[0]}): the file is damaged; delete it or use --encoder-weights none")
     try:
         # smp encoders override load_state_dict (dropping classifier keys) and return nothing
         encoder.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise ModelError(f"--encoder-weights {path} does not fit encoder {type(encoder).__name__}: {e}") from None
+        raise ModelError(f"--encoder-weights {path} does not fit encoder {type(encoder).__name__}: "
+                         f"{str(e).splitlines()[-1].strip()[:200]}") from None
 
 
 def build_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
