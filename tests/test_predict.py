@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import SHARED_DATA
 from inference_testing import make_checkpoint, tiny_config
-from tumorseg_dist import figures, imageio, predict
+from tumorseg_dist import imageio, predict
 from tumorseg_dist.checkpoint import CheckpointError
 from tumorseg_dist.data.loader import IndexedShards, decode_mask
 from tumorseg_dist.data.shards import shard_paths
@@ -84,18 +84,6 @@ def test_shard_input_writes_source_names_and_ground_truth(tmp_path, ckpt, synthe
         assert (int(r["height"]), int(r["width"])) == (meta["height"], meta["width"])
     assert len(list((out / "overlays").rglob("*.png"))) == 4
     assert not (out / "skipped.csv").exists()
-
-
-def test_overlay_draws_prediction_red_and_ground_truth_green():
-    img = np.zeros((20, 20), np.float32)
-    pred = np.zeros((20, 20), bool)
-    pred[2:8, 2:8] = True
-    gt = np.zeros((20, 20), bool)
-    gt[10:16, 10:16] = True
-    o = figures.overlay_image(img, pred, gt)
-    assert o.shape == (20, 20, 3) and o.dtype == np.uint8
-    assert tuple(o[2, 2]) == figures.RED and tuple(o[5, 5]) == (0, 0, 0)   # contour, not filled
-    assert tuple(o[10, 12]) == figures.GREEN
 
 
 class Pointwise(nn.Module):

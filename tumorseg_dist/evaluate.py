@@ -34,7 +34,7 @@ from .cli import guarded
 from .data.loader import IndexedShards, decode_image, decode_mask, rank_indices
 from .data.shards import ShardError, read_manifest, shard_paths
 from .data.verify import MODES, verify_shards
-from .figures import overlay_image
+from .figures import overlay_image, save_grid
 from .inference import Predictor, load_model, resolve_threshold, to_original_size
 from .metrics import per_image_scores, summarize
 
@@ -121,34 +121,22 @@ def score(prob: torch.Tensor, mask: np.ndarray, threshold: float, resolution: st
 def plot_cases(rows: list[dict], samples: EvalSamples, model: Predictor, path: Path,
                threshold: float, tta: bool, per_side: int = 4) -> None:
     """Worst `per_side` images by Dice (top row) and best ones with a non-empty target (bottom)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not rows:
         return
     by_dice = sorted(rows, key=lambda r: (r["dice"], r["key"]))
     worst = by_dice[:per_side]
     positive = [r for r in reversed(by_dice) if r["target_area"] > 0 and r not in worst]
     best = (positive or [r for r in reversed(by_dice) if r not in worst])[:per_side]
-    panels = [("worst", worst), ("best", best)]
-    cols = max(len(worst), len(best), 1)
-    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 7.4), squeeze=False)
-    for r_i, (label, chosen) in enumerate(panels):
-        for c in range(cols):
-            ax = axes[r_i, c]
-            ax.axis("off")
-            if c >= len(chosen):
-                continue
-            row = chosen[c]
+    grid = []
+    for label, chosen in (("worst", worst), ("best", best)):
+        panels = []
+        for row in chosen:
             s = samples.load(row["_index"])
             pred = model.predict_image(s["image"], tta, threshold)
-            ax.imshow(overlay_image(s["image"], pred, s["mask"]))
-            ax.set_title(f"{label}: {row['key'][:28]}\nDice {row['dice']:.3f}", fontsize=8)
-    fig.suptitle("green: ground truth, red: prediction (original size)", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97), h_pad=2.0)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+            panels.append((overlay_image(s["image"], pred, s["mask"]),
+                           f"{label}: {row['key'][:28]}\nDice {row['dice']:.3f}"))
+        grid.append(panels)
+    save_grid(grid, path, "green: ground truth, red: prediction (original size)")
 
 
 # ---------------------------------------------------------------- main

@@ -7,9 +7,6 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
-import torch
-
 
 class RunLog:
     """Everything rank 0 writes about a run; on other ranks every method is a no-op."""
@@ -118,35 +115,3 @@ def plot_curves(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
-def plot_overlays(images: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor, path: Path,
-                  mean, std, threshold: float = 0.5, max_images: int = 8) -> None:
-    """Grid of images with ground-truth (green) and prediction (red) contours."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = min(max_images, images.shape[0])
-    if n == 0:
-        return
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
-    m = torch.tensor(mean).view(-1, 1, 1)
-    s = torch.tensor(std).view(-1, 1, 1)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= n:
-            continue
-        img = (images[i].float().cpu() * s + m).clamp(0, 1)
-        img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
-        ax.imshow(np.asarray(img), cmap="gray")
-        gt = masks[i, 0].float().cpu().numpy()
-        pr = (probs[i, 0].float().cpu().numpy() > threshold).astype(float)
-        if gt.any():
-            ax.contour(gt, levels=[0.5], colors="lime", linewidths=1)
-        if pr.any():
-            ax.contour(pr, levels=[0.5], colors="red", linewidths=1)
-    fig.suptitle("green: ground truth, red: prediction")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

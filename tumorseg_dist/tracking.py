@@ -82,7 +82,7 @@ class Tracker:
                 data["epoch/gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
                 torch.cuda.reset_peak_memory_stats()
             if first is not None and self.wants_images:
-                from .log import plot_overlays
+                from .figures import plot_overlays
                 media = self.run_dir / "wandb"
                 media.mkdir(parents=True, exist_ok=True)
                 with tempfile.NamedTemporaryFile(suffix=".png", dir=media, delete=False) as f:

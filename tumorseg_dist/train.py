@@ -18,7 +18,8 @@ from .data.shards import SPLITS, read_manifest
 from .data.synthetic import ensure_synthetic
 from .data.verify import verify_shards
 from .engines import build_engine, resolve_amp
-from .log import RunLog, plot_overlays
+from .figures import plot_overlays
+from .log import RunLog
 from .loop import TrainState, evaluate, fit, restore
 from .losses import dice_bce_loss, loss_weights
 from .models import build_model
