@@ -47,6 +47,23 @@ def test_hausdorff95_matches_monai():
         assert evaluate.hausdorff95(p, t) == pytest.approx(want, abs=1e-4)
 
 
+def test_score_counts_as_training_counts():
+    """evaluate's per-image counts come from the metrics module: at the model resolution they
+    equal training's confusion() of the logits, probabilities exactly at the threshold included."""
+    from tumorseg_dist.metrics import confusion
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 1, 16, 16, generator=g)
+    logits[0, 0, 0, :4] = 0.0  # sigmoid exactly 0.5: not tumour, in both paths
+    mask = (torch.rand(16, 16, generator=g) > 0.5).numpy()
+    pred, target, counts = evaluate.score(torch.sigmoid(logits)[0], mask, 0.5, "model", 16)
+    want = confusion(logits, torch.from_numpy(mask)[None, None].float())[0]
+    assert counts.dtype == torch.float64 and torch.equal(counts, want)
+    assert counts.sum() == 256 and counts[0] == (pred & target).sum()
+    big = np.kron(mask, np.ones((2, 2), bool))  # original 32 px: probabilities resized back
+    _, _, c32 = evaluate.score(torch.sigmoid(logits)[0], big, 0.5, "original", 16)
+    assert c32.sum() == 32 * 32
+
+
 @pytest.fixture(scope="module")
 def ckpt_32(tmp_path_factory, synthetic_shards) -> Path:
     """A 32 px model on 64 px data: evaluation must resize exactly as the training loader does."""

@@ -36,7 +36,7 @@ from .data.shards import ShardError, read_manifest, shard_paths
 from .data.verify import MODES, verify_shards
 from .figures import overlay_image, save_grid
 from .inference import Predictor, load_model, resolve_threshold, to_original_size
-from .metrics import per_image_scores, summarize
+from .metrics import mask_confusion, per_image_scores, summarize
 
 CSV_FIELDS = ["key", "source", "group", "dice", "iou", "target_area", "prediction_area", "hd95"]
 
@@ -102,18 +102,15 @@ def model_size_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def score(prob: torch.Tensor, mask: np.ndarray, threshold: float, resolution: str, size: int):
-    """One image: (prediction, target) at the chosen resolution and its [TP, FP, FN, TN]."""
+    """One image: (prediction, target) at the chosen resolution and its float64 [TP, FP, FN, TN],
+    counted by the metrics module as training counts them."""
     if resolution == "original":
-        pred = (to_original_size(prob, *mask.shape) > threshold).numpy()
-        target = mask
+        pred = to_original_size(prob, *mask.shape) > threshold
+        target = torch.from_numpy(mask)
     else:
-        pred = (prob.float().cpu()[0] > threshold).numpy()
-        target = model_size_mask(mask, size)
-    tp = int(np.count_nonzero(pred & target))
-    fp = int(np.count_nonzero(pred & ~target))
-    fn = int(np.count_nonzero(~pred & target))
-    tn = pred.size - tp - fp - fn
-    return pred, target, (tp, fp, fn, tn)
+        pred = prob.float().cpu()[0] > threshold
+        target = torch.from_numpy(model_size_mask(mask, size))
+    return pred.numpy(), target.numpy(), mask_confusion(pred[None], target[None])[0]
 
 
 # ---------------------------------------------------------------- figure
@@ -219,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
                          "group": s["meta"].get("group") or "", "target_area": int(target.sum()),
                          "prediction_area": int(pred.sum()), "hd95": hausdorff95(pred, target),
                          "_index": s["index"]})
-    c = torch.tensor(counts, dtype=torch.float64).view(-1, 4)
+    c = torch.stack(counts) if counts else torch.zeros(0, 4, dtype=torch.float64)
     dice, iou = per_image_scores(c)
     for r, di, ii in zip(rows, dice.tolist(), iou.tolist()):
         r["dice"], r["iou"] = di, ii

@@ -12,8 +12,13 @@ from .dist import all_reduce_sum
 
 def confusion(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Per-image [TP, FP, FN, TN] as float64 [B, 4] (threshold on the probability)."""
-    pred = (torch.sigmoid(logits.float()) > threshold).flatten(1)
-    t = (target > 0.5).flatten(1)
+    return mask_confusion(torch.sigmoid(logits.float()) > threshold, target > 0.5)
+
+
+def mask_confusion(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image [TP, FP, FN, TN] as float64 [B, 4] of boolean predictions and targets [B, ...]
+    (evaluate's path: its probabilities are thresholded after the resize to the original size)."""
+    pred, t = pred.flatten(1), target.flatten(1)
     tp = (pred & t).sum(1)
     fp = (pred & ~t).sum(1)
     fn = (~pred & t).sum(1)
