@@ -17,7 +17,7 @@ from .data.loader import build_loader, resolve_norm
 from .data.shards import SPLITS, read_manifest
 from .data.synthetic import ensure_synthetic
 from .data.verify import verify_shards
-from .engines import build_engine, resolve_amp
+from .engines import NonFiniteLossError, build_engine, resolve_amp
 from .figures import plot_overlays
 from .log import RunLog
 from .loop import TrainState, evaluate, fit, restore
@@ -120,6 +120,8 @@ def run(cfg: Config, preset: str | None) -> int:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_toml(cfg, run_dir / "config.toml")
+        for tmp in checkpoint.remove_stale_temps(run_dir / "checkpoints"):
+            log.info(f"removed {tmp}: the temp file of a checkpoint write that was killed")
 
     train_loader = build_loader(cfg, data_dir, "train", dist, training=True)
     val_loader = build_loader(cfg, data_dir, "val", dist, training=False)
@@ -137,8 +139,11 @@ def run(cfg: Config, preset: str | None) -> int:
         reason = "done"
     else:
         tracker = tracking.start(cfg, run_dir, run_dir.name, dist.is_main, log.info)
-        state, reason = fit(cfg, engine, train_loader, val_loader, loss_fn, state, run_dir, dist, log,
-                            tracker=tracker)
+        try:
+            state, reason = fit(cfg, engine, train_loader, val_loader, loss_fn, state, run_dir, dist, log,
+                                tracker=tracker)
+        except NonFiniteLossError as e:  # say which files on disk are still good, read from them
+            raise NonFiniteLossError(f"{e} {checkpoint.last_good(run_dir / 'checkpoints')}") from None
         if tracker is not None:
             tracker.finish(distmod.REQUEUE_EXIT_CODE if reason == "preempted" else 0)
     if reason == "preempted":

@@ -143,9 +143,11 @@ class DDPEngine:
                 f"torch.compile {'on' if self.cfg.train.compile else 'off'}"]
 
     def save_checkpoint(self, path: Path, meta: dict) -> None:
-        """Called on every rank at the same step; rank 0 writes one atomic file."""
-        if self.dist.is_main:
-            checkpoint.atomic_save({**meta, **self.state_dict()}, path)
+        """Called on every rank at the same step; rank 0 writes one atomic file, unless a tensor
+        is non-finite or the disk is full: then every rank raises the same CheckpointError.
+        (The ranks hold the same weights, optimizer state and, broadcast from rank 0, buffers.)"""
+        error = checkpoint.save_checked({**meta, **self.state_dict()}, path) if self.dist.is_main else None
+        checkpoint.raise_agreed(error)
 
     def load_weights(self, ckpt_or_state: dict) -> None:
         """Weights only: from a checkpoint dict (either engine's) or a model state dict. The

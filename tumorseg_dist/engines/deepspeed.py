@@ -45,6 +45,7 @@ from .. import checkpoint
 from .. import dist as distmod
 from ..config import Config, ConfigError
 from ..dist import DistInfo
+from . import deepspeed_io
 from .parts import (EMA, Health, LossFn, Schedule, amp_autocast, grad_norm, optimizer_state_bytes,
                     optimizer_steps, resolve_amp, tensor_bytes, weights_of)
 
@@ -309,28 +310,49 @@ class DeepSpeedEngine:
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "health": self.health.state_dict()}
 
+    def _optimizer_tensors(self) -> dict:
+        """This rank's optimizer state and the fp32 master partitions it updates (what its ZeRO
+        shard holds); the module's own weights are in `state_dict()`."""
+        basic = getattr(self.ds, "basic_optimizer", None) or self.optimizer
+        return {"state": list(basic.state.values()),
+                "params": [p for g in basic.param_groups for p in g["params"]]}
+
     def save_checkpoint(self, path: Path, meta: dict) -> None:
         """Collective: every rank writes its ZeRO shard under RUN/checkpoints/deepspeed/<tag>/;
-        then rank 0 writes the metadata file atomically and deletes the tags it replaced."""
+        then rank 0 writes the metadata file atomically and deletes the tags it replaced.
+
+        Nothing is written if any rank holds a non-finite tensor; a failed write (disk full)
+        deletes the new tag and leaves the previous metadata and its tag as they were. Either
+        way every rank raises the same CheckpointError."""
         path = Path(path)
         kind = path.stem
         step = int(meta.get("train_state", {}).get("step", 0))
         tag = distmod.broadcast_object(f"{kind}-step{step:08d}-{time.time_ns()}")
         root = path.parent / DS_DIR
-        self.ds.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
-        distmod.barrier()
+        info = {"dir": DS_DIR, "tag": tag, "zero_stage": self.zero_stage,
+                "world_size": self.dist.world_size, "config": json.dumps(self.config)}
+        state = {**meta, **self.state_dict(), "deepspeed": info} if self.dist.is_main else {}
+        named = [*checkpoint.named_tensors(state),
+                 *checkpoint.named_tensors(self._optimizer_tensors(), f"optimizer(rank {self.dist.rank})")]
+        checkpoint.raise_agreed(checkpoint.nonfinite_message(path, checkpoint.nonfinite(named)))
+        with deepspeed_io.writing(self.ds, previous=path) as write_errors:
+            self.ds.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+        error = checkpoint.agreed_error(write_errors[0] if write_errors else None)
+        if error is None and self.dist.is_main:
+            error = checkpoint.save_checked(state, path)
+        error = checkpoint.agreed_error(error)
         if self.dist.is_main:
-            info = {"dir": DS_DIR, "tag": tag, "zero_stage": self.zero_stage,
-                    "world_size": self.dist.world_size, "config": json.dumps(self.config)}
-            checkpoint.atomic_save({**meta, **self.state_dict(), "deepspeed": info}, path)
-            for old in root.glob(f"{kind}-step*"):
-                if old.name != tag:
-                    shutil.rmtree(old, ignore_errors=True)
+            stale = [root / tag] if error else [p for p in root.glob(f"{kind}-step*") if p.name != tag]
+            for old in stale:
+                shutil.rmtree(old, ignore_errors=True)
         distmod.barrier()
+        if error:
+            raise checkpoint.CheckpointError(error)
 
     def load_state_dict(self, sd: dict, ckpt_dir: Path | None = None) -> None:
         """Full resume from a DeepSpeed checkpoint written by `save_checkpoint` (same world size
-        and ZeRO stage; otherwise use the weights, see `can_resume`)."""
+        and ZeRO stage; otherwise use the weights, see `can_resume`). No shard can run code:
+        see `deepspeed_io.reading`."""
         info = sd.get("deepspeed")
         if not info:
             raise checkpoint.CheckpointError("this checkpoint has no DeepSpeed state; load it with "
@@ -342,15 +364,16 @@ class DeepSpeedEngine:
             raise checkpoint.CheckpointError(
                 f"{load_dir / info['tag']} (the DeepSpeed shards this checkpoint names) is missing; "
                 f"resume from another checkpoint or with --resume never")
-        path, _ = self.ds.load_checkpoint(str(load_dir), tag=info["tag"], load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+        with deepspeed_io.reading(load_dir / info["tag"]):
+            path, _ = self.ds.load_checkpoint(str(load_dir), tag=info["tag"], load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
         if path is None:
             raise checkpoint.CheckpointError(f"DeepSpeed could not load {load_dir / info['tag']}")
         if self.ema is not None:
             self.ema.load_state_dict(sd.get("ema") or self._weights())
         if sd.get("health"):
             self.health.load_state_dict(sd["health"])
-        self._skipped_seen = self.ds.skipped_steps
+        self.health.own_skips_seen = self.ds.skipped_steps  # restored with the checkpoint
 
     def can_resume(self, sd: dict) -> str | None:
         """None if `sd` can be fully resumed by this engine, else why not (weights only)."""

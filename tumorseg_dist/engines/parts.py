@@ -173,8 +173,7 @@ class Health:
             raise NonFiniteLossError(
                 f"{worst} consecutive optimizer steps had a non-finite loss or gradient "
                 f"(--max-bad-steps {self.max_bad}); the steps were skipped and training stopped. "
-                f"The checkpoints in RUN/checkpoints/ are from before these steps and were not "
-                f"overwritten. Try a lower --lr, --clip-grad 1.0, a longer --warmup-steps, or "
+                f"Try a lower --lr, --clip-grad 1.0, a longer --warmup-steps, or "
                 f"--amp bf16 instead of fp16.")
         return skipped
 
