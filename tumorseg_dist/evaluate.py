@@ -36,6 +36,7 @@ from .data.shards import ShardError, read_manifest, shard_paths
 from .data.verify import MODES, verify_shards
 from .figures import overlay_image, save_grid
 from .inference import Predictor, load_model, resolve_threshold, to_original_size
+from .log import fmt
 from .metrics import mask_confusion, per_image_scores, summarize
 
 CSV_FIELDS = ["key", "source", "group", "dice", "iou", "target_area", "prediction_area", "hd95"]
@@ -228,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
     if len(keys) != n or len(set(keys)) != n or totals[6] != n:  # the contract this command promises
         raise RuntimeError(f"evaluated {len(keys)} rows ({len(set(keys))} distinct) for {n} samples")
     if d.is_main:
+        # NaN where a ratio is undefined: null in metrics.json, n/a printed
         metrics = {k: v for k, v in summarize(totals).items() if k != "loss"}
         hd = np.array([r["hd95"] for r in rows if math.isfinite(r["hd95"])])
         metrics.update({
@@ -253,9 +255,9 @@ def run(args: argparse.Namespace) -> int:
             plot_cases(rows, EvalSamples(shards, model, []), model, out / "cases.png", threshold,
                        args.tta, args.cases)
         hd_txt = f"{metrics['hd95_mean']:.2f}" if metrics["hd95_mean"] is not None else "n/a"
-        print(f"evaluate: dice {metrics['dice']:.4f} iou {metrics['iou']:.4f} precision "
-              f"{metrics['precision']:.4f} recall {metrics['recall']:.4f} mean image dice "
-              f"{metrics['mean_image_dice']:.4f} hd95 {hd_txt} ({metrics['samples']} images) -> {out}")
+        print(f"evaluate: dice {fmt(metrics['dice'])} iou {fmt(metrics['iou'])} precision "
+              f"{fmt(metrics['precision'])} recall {fmt(metrics['recall'])} mean image dice "
+              f"{fmt(metrics['mean_image_dice'])} hd95 {hd_txt} ({metrics['samples']} images) -> {out}")
     distmod.barrier()
     distmod.cleanup()
     return 0

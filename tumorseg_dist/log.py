@@ -91,9 +91,14 @@ def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
+def fmt(v: float | None, spec: str = ".4f") -> str:
+    """A metric for a log line: "n/a" when it is undefined (NaN, or null read back from JSON)."""
+    return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
+
+
 def epoch_line(r: dict) -> str:
-    return (f"epoch {r['epoch']:>3} step {r['step']:>6}  train_loss {r['train_loss']:.4f}  "
-            f"val_loss {r['val_loss']:.4f}  val_dice {r['val_dice']:.4f}  val_iou {r['val_iou']:.4f}  "
+    return (f"epoch {r['epoch']:>3} step {r['step']:>6}  train_loss {fmt(r['train_loss'])}  "
+            f"val_loss {fmt(r['val_loss'])}  val_dice {fmt(r['val_dice'])}  val_iou {fmt(r['val_iou'])}  "
             f"lr {r['lr']:.2e}  {r['images_per_s']:.1f} img/s  {r['seconds']:.1f}s")
 
 

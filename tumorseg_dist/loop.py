@@ -226,8 +226,10 @@ def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, 
                 plot_curves(log.records(), run_dir / "curves.png")
             if reason != "done":
                 if reason == "early_stop":
+                    best = f"no epoch had a defined {t.monitor}" if state.best is None \
+                        else f"best {state.best:.4f} at epoch {state.best_epoch}"
                     log.info(f"early stopping: {t.monitor} has not improved for {t.patience} epochs "
-                             f"(best {state.best:.4f} at epoch {state.best_epoch})")
+                             f"({best})")
                 break
     finally:
         stop.restore()

@@ -2,12 +2,27 @@
 
 Each rank accumulates per-image TP/FP/FN/TN and per-image Dice/IoU sums for the samples it
 owns (padding excluded); one all-reduce of a float64 vector gives the dataset-level numbers.
+
+Dataset-level Dice, IoU, precision, recall and accuracy are ratios of the summed counts. A ratio
+whose denominator is 0 is undefined and reported as NaN (null in JSON, "n/a" in logs), as MONAI's
+ConfusionMatrixMetric does: a model that predicts nothing has no precision, and a split with no
+tumour and no prediction has no Dice. It is never 1.0, so it cannot be chosen as "best".
+The per-image scores follow a rule instead: an image whose target and prediction are both empty
+scores Dice = IoU = 1 (MONAI's DiceMetric/MeanIoU with ignore_empty=False); mean_image_dice and
+mean_image_iou average those, and are undefined only for a split with no images.
 """
 from __future__ import annotations
 
 import torch
 
 from .dist import all_reduce_sum
+
+UNDEFINED = float("nan")
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, or NaN (undefined) when b is 0."""
+    return a / b if b > 0 else UNDEFINED
 
 
 def confusion(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -27,7 +42,8 @@ def mask_confusion(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def per_image_scores(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dice and IoU per image; an image with empty target and empty prediction scores 1."""
+    """Dice and IoU per image. The rule (not a ratio): an image whose target and prediction are
+    both empty scores 1, a correct "no tumour here"."""
     tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
     dice_den, iou_den = 2 * tp + fp + fn, tp + fp + fn
     dice = torch.where(dice_den > 0, 2 * tp / dice_den.clamp_min(1), torch.ones_like(tp))
@@ -60,12 +76,11 @@ class MetricAccumulator:
 
 
 def summarize(s: list[float]) -> dict[str, float]:
+    """Dataset-level metrics from the summed counts; NaN where a ratio is undefined."""
     tp, fp, fn, tn, dsum, isum, n, lsum, ln = s
-    def ratio(a: float, b: float, empty: float = 1.0) -> float:
-        return a / b if b > 0 else empty
     return {
         "dice": ratio(2 * tp, 2 * tp + fp + fn), "iou": ratio(tp, tp + fp + fn),
         "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn),
         "accuracy": ratio(tp + tn, tp + fp + fn + tn), "mean_image_dice": ratio(dsum, n),
-        "mean_image_iou": ratio(isum, n), "loss": ratio(lsum, ln, float("nan")), "samples": int(n),
+        "mean_image_iou": ratio(isum, n), "loss": ratio(lsum, ln), "samples": int(n),
     }

@@ -9,12 +9,14 @@
 
 Logged: the resolved config; per log interval the loss, learning rate and skipped non-finite
 steps (the values the loop already synced for its log line: no extra syncs); per epoch the
-metrics record (incl. images/s), peak GPU memory, and an overlay figure of the first
-validation images. Any wandb error is reported once and turns tracking off; training goes on,
-and metrics.jsonl is written whatever the mode.
+metrics record (incl. images/s; an undefined metric, NaN, is left out of that point rather
+than charted), peak GPU memory, and an overlay figure of the first validation images. Any
+wandb error is reported once and turns tracking off; training goes on, and metrics.jsonl is
+written whatever the mode.
 """
 from __future__ import annotations
 
+import math
 import netrc
 import os
 import tempfile
@@ -48,6 +50,11 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
+def defined(values: dict) -> dict:
+    """Drop undefined (NaN) metrics: W&B would chart a NaN point; a gap says "undefined"."""
+    return {k: v for k, v in values.items() if not (isinstance(v, float) and not math.isfinite(v))}
+
+
 class Tracker:
     """A wandb run that never raises: the first failure is reported and disables it."""
 
@@ -76,8 +83,8 @@ class Tracker:
     def log_epoch(self, record: dict, first=None) -> None:
         def do():
             import wandb
-            data = {(k if k in ("epoch", "lr") else f"epoch/{k}"): v for k, v in record.items()
-                    if isinstance(v, (int, float)) and k != "step"}
+            data = defined({(k if k in ("epoch", "lr") else f"epoch/{k}"): v for k, v in record.items()
+                            if isinstance(v, (int, float)) and k != "step"})
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 data["epoch/gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
                 torch.cuda.reset_peak_memory_stats()
@@ -100,7 +107,7 @@ class Tracker:
         self._safe("logging an epoch", do)
 
     def summary(self, values: dict) -> None:
-        self._safe("writing the summary", lambda: self.run.summary.update(values))
+        self._safe("writing the summary", lambda: self.run.summary.update(defined(values)))
 
     def finish(self, exit_code: int = 0) -> None:
         run, self.run = self.run, None

@@ -19,7 +19,7 @@ from .data.synthetic import ensure_synthetic
 from .data.verify import verify_shards
 from .engines import NonFiniteLossError, build_engine, resolve_amp
 from .figures import plot_overlays
-from .log import RunLog
+from .log import RunLog, fmt
 from .loop import TrainState, evaluate, fit, restore
 from .losses import dice_bce_loss, loss_weights
 from .models import build_model
@@ -94,8 +94,8 @@ def evaluate_test_split(cfg: Config, engine, data_dir: Path, dist, loss_fn, log:
     log.write_json("test_metrics.json", {"best_epoch": state.best_epoch, "stopped": reason, **test})
     if dist.is_main and first is not None:
         plot_overlays(*first, run_dir / "overlays.png", cfg.data.mean, cfg.data.std, cfg.train.threshold)
-    log.info(f"test ({test['samples']} images, best epoch {state.best_epoch}): dice {test['dice']:.4f} "
-             f"iou {test['iou']:.4f} precision {test['precision']:.4f} recall {test['recall']:.4f} "
+    log.info(f"test ({test['samples']} images, best epoch {state.best_epoch}): dice {fmt(test['dice'])} "
+             f"iou {fmt(test['iou'])} precision {fmt(test['precision'])} recall {fmt(test['recall'])} "
              f"-> {run_dir}")
 
 
