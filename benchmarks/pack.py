@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tumorseg_dist.data.formats import Options  # noqa: E402
-from tumorseg_dist.data.formats.pipeline import PackConfig, run  # noqa: E402
+from tumorseg_dist.packing.pipeline import PackConfig, run  # noqa: E402
 from tumorseg_dist.data.phantoms import phantom  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tumorseg_dist.data.formats import Options
-from tumorseg_dist.data.formats.pipeline import PackConfig, plan
+from tumorseg_dist.packing.pipeline import PackConfig, plan
 from tumorseg_dist.data.shards import (SPLITS, Sample, ShardError, assign_splits, encode_image, encode_sample,
                                        write_dataset)
 

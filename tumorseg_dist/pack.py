@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .data.formats import ALL_FORMATS, LayoutError, Options, PackInputError
-from .data.formats.pipeline import PackAbort, PackConfig, run
+from .packing.pipeline import PackAbort, PackConfig, run
 from .data.shards import CODECS, ShardError
 from .data.synthetic import pack_synthetic
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     fmt = args.format or ("auto" if args.input is not None else "synthetic")
     try:
         if args.merge:
-            from .data.formats.merge import merge_parts
+            from .packing.merge import merge_parts
             merge_parts(args.out, overwrite=args.overwrite)
             return 0
         if fmt == "synthetic":

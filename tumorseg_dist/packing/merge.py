@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..shards import (MANIFEST, SPLITS, ShardError, SplitStats, check_output, output_is_complete,
+from ..data.shards import (MANIFEST, SPLITS, ShardError, SplitStats, check_output, output_is_complete,
                       publish, read_manifest, sha256_file)
 
 

@@ -22,10 +22,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..shards import (CODECS, SPLITS, EncodedSample, Sample, ShardError, assign_splits, check_output,
+from ..data.shards import (CODECS, SPLITS, EncodedSample, Sample, ShardError, assign_splits, check_output,
                       encode_sample, write_dataset)
-from . import FORMATS, detect
-from .common import JPEG_EXTS, Item, LayoutError, Options, PackInputError, Scan, load_item, walk
+from ..data.formats import FORMATS, detect
+from ..data.formats.common import JPEG_EXTS, Item, LayoutError, Options, PackInputError, Scan, load_item, walk
 
 CHUNK = 4   # items per worker task
 
