@@ -13,6 +13,7 @@ from tumorseg_dist.config import Config, ConfigError
 from tumorseg_dist.dist import DistInfo
 from tumorseg_dist.engines import DDPEngine, NonFiniteLossError, build_engine_for_benchmark
 from tumorseg_dist.engines.deepspeed import DeepSpeedEngine
+from tumorseg_dist.engines.parts import Health, nonfinite_gradients
 from tumorseg_dist.engines.protocol import Engine
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
@@ -121,6 +122,34 @@ def nan_after(n_good):
         loss = bce(logits, target)
         return loss if calls["n"] <= n_good else loss * float("nan")
     return loss_fn
+
+
+@pytest.mark.parametrize("fused,host_skip,steps", [(True, True, False), (False, True, False), (False, False, True)])
+def test_health_step_skips_on_the_device_or_the_host_or_only_counts(fused, host_skip, steps):
+    w = nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1, fused=fused)
+    health = Health(max_bad=5, device=CPU.device)
+    w.grad = torch.full((3,), float("nan"))
+    health.step(opt, nonfinite_gradients(nn.ParameterList([w]), 0.0), fused, host_skip=host_skip)
+    assert torch.isnan(w).all() == steps, "the bad step ran" if not steps else "host_skip=False must step"
+    w.data.fill_(1.0)
+    w.grad = torch.ones(3)
+    if steps:   # the NaN step ran and left NaN moments behind
+        opt = torch.optim.AdamW([w], lr=0.1, fused=fused)
+    health.step(opt, nonfinite_gradients(nn.ParameterList([w]), 0.0), fused, host_skip=host_skip)
+    assert (w < 1).all(), "a finite step was skipped"
+    assert health.check() == 1
+
+
+def test_health_counts_an_optimizers_own_skips():
+    health = Health(max_bad=2, device=CPU.device)
+    for total in (0, 1, 1, 2, 2):   # DeepSpeed's running count after each optimizer step
+        health.count_own_skips(total)
+    assert health.check() == 2   # two separate skips: below --max-bad-steps 2 in a row
+    health.count_own_skips(3)
+    health.count_own_skips(4)
+    with pytest.raises(NonFiniteLossError, match="^2 consecutive"):
+        health.check()
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run():

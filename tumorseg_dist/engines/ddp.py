@@ -12,9 +12,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .. import checkpoint
 from ..config import Config
 from ..dist import DistInfo
-from .parts import (AMP_DTYPES, EMA, Health, LossFn, Schedule, amp_autocast, build_optimizer, grad_norm,
-                    optimizer_state_bytes, optimizer_steps, resolve_amp, step_skipping_nonfinite,
-                    tensor_bytes, weights_of)
+from .parts import (AMP_DTYPES, EMA, Health, LossFn, Schedule, amp_autocast, build_optimizer,
+                    nonfinite_gradients, optimizer_state_bytes, optimizer_steps, resolve_amp, tensor_bytes,
+                    weights_of)
 
 
 class DDPEngine:
@@ -72,15 +72,13 @@ class DDPEngine:
 
     def _optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        # The norm is taken after DDP's all-reduce, so every rank makes the same decision.
-        bad = ~torch.isfinite(grad_norm(params, self.clip))
+        bad = nonfinite_gradients(self.model, self.clip)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # skips on inf/NaN itself
             self.scaler.update()
+            self.health.update(bad)
         else:
-            step_skipping_nonfinite(self.optimizer, bad, self.fused)
-        self.health.update(bad)
+            self.health.step(self.optimizer, bad, self.fused)
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         if self.ema is not None:

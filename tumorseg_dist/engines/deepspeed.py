@@ -46,7 +46,7 @@ from .. import dist as distmod
 from ..config import Config, ConfigError
 from ..dist import DistInfo
 from . import deepspeed_io
-from .parts import (EMA, Health, LossFn, Schedule, amp_autocast, grad_norm, optimizer_state_bytes,
+from .parts import (EMA, Health, LossFn, Schedule, amp_autocast, nonfinite_gradients, optimizer_state_bytes,
                     optimizer_steps, resolve_amp, tensor_bytes, weights_of)
 
 DS_DIR = "deepspeed"  # RUN/checkpoints/deepspeed/<tag>/
@@ -225,7 +225,6 @@ class DeepSpeedEngine:
         self.own_skip = isinstance(self.ds.optimizer, torch.optim.Optimizer) and self.dtype == torch.float32
         self.fused = self.own_skip and bool(self.ds.optimizer.defaults.get("fused"))
         self.health = Health(e.max_bad_steps, self.device)
-        self._skipped_seen = 0
 
     # ------------------------------------------------------------------ training
     def train(self) -> None:
@@ -249,27 +248,14 @@ class DeepSpeedEngine:
         self.ds.backward(loss)
         boundary = self.ds.is_gradient_accumulation_boundary()
         if boundary and self.own_skip:
-            # ZeRO-0 fp32: gradients are all-reduced in backward at the boundary, so this norm
-            # (and the decision) is the same on every rank. A fused optimizer skips on the
-            # device; a non-fused one (an expert config with "fused": false) cannot skip without
-            # a sync, so there the bad steps are only counted (and stop the run).
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            bad = ~torch.isfinite(grad_norm(params, 0.0))
-            opt = self.ds.optimizer
-            if self.fused:
-                opt.grad_scale, opt.found_inf = None, bad.to(torch.float32)
-            try:
-                self.ds.step()
-            finally:
-                if self.fused:
-                    del opt.grad_scale, opt.found_inf
-            self.health.update(bad)
+            # ZeRO-0 fp32: gradients are all-reduced in backward at the boundary, so the norm
+            # (and the decision) is the same on every rank. DeepSpeed clips inside ds.step.
+            self.health.step(self.ds.optimizer, nonfinite_gradients(self.model, 0.0), self.fused,
+                             step=self.ds.step, host_skip=False)
         else:
             self.ds.step()
             if boundary:
-                skipped = self.ds.skipped_steps - self._skipped_seen
-                self._skipped_seen = self.ds.skipped_steps
-                self.health.update(skipped > 0)
+                self.health.count_own_skips(self.ds.skipped_steps)
         if boundary and self.ema is not None:
             self.ema.update(self.model)
         return loss.detach()

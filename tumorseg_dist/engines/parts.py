@@ -38,7 +38,7 @@ def resolve_amp(choice: str, device: torch.device) -> str:
 
 def build_optimizer(cfg: Config, params, fused: bool = False) -> torch.optim.Optimizer:
     """`fused=True` uses PyTorch's fused kernels (CPU and CUDA), which can skip a step on the
-    device from a `found_inf` tensor, without a host sync (see `step_skipping_nonfinite`)."""
+    device from a `found_inf` tensor, without a host sync (see `Health.step`)."""
     o = cfg.optim
     kw = {"fused": True} if fused else {}
     if o.optimizer == "adamw":
@@ -143,11 +143,12 @@ class EMA:
 
 
 class Health:
-    """Counts consecutive skipped (non-finite) optimizer steps.
+    """The non-finite step guard of both engines: skips an optimizer step whose gradient norm is
+    inf/NaN (`step`) or learns of a skip the optimizer made itself (`count_own_skips`), and
+    counts consecutive skipped steps.
 
     Device-side counters updated with tensor ops (no sync); `check()` reads them at log
-    intervals and epoch ends, where the loop syncs anyway. Host-side skips (DeepSpeed reports
-    its own overflow skips as Python ints) are folded in the same way."""
+    intervals and epoch ends, where the loop syncs anyway."""
 
     def __init__(self, max_bad: int, device: torch.device):
         self.max_bad = max_bad
@@ -155,6 +156,32 @@ class Health:
         self.worst = torch.zeros((), dtype=torch.int64, device=device)   # longest run since check
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # skipped since check
         self.total_skipped = 0
+        self.own_skips_seen = 0  # the optimizer's own running count of skipped steps
+
+    def step(self, optimizer: torch.optim.Optimizer, bad: torch.Tensor, fused: bool,
+             step: Callable[[], object] | None = None, host_skip: bool = True) -> None:
+        """`step()` (default `optimizer.step`) unless `bad` (a 0-dim bool tensor), then count it.
+
+        With a fused optimizer the decision stays on the device (the `found_inf` mechanism
+        GradScaler uses: update and step counter unchanged). Otherwise one host sync decides;
+        with `host_skip=False` (a step that must run: DeepSpeed's also zeroes the gradients and
+        advances its schedule) the bad step is only counted, and stops the run."""
+        if fused:
+            optimizer.grad_scale, optimizer.found_inf = None, bad.to(torch.float32)
+            try:
+                (step or optimizer.step)()
+            finally:
+                del optimizer.grad_scale, optimizer.found_inf
+        elif not host_skip or not bool(bad):
+            (step or optimizer.step)()
+        self.update(bad)
+
+    def count_own_skips(self, total: int) -> None:
+        """An optimizer that skips overflow steps itself and keeps a running count (DeepSpeed's
+        ZeRO and fp16 optimizers): call after each optimizer step; a count that grew is one
+        skipped step."""
+        self.update(total > self.own_skips_seen)
+        self.own_skips_seen = total
 
     def update(self, bad: torch.Tensor | bool) -> None:
         bad_t = torch.as_tensor(bad, device=self.run.device).to(torch.int64)
@@ -186,20 +213,6 @@ class Health:
         self.total_skipped = int(sd.get("total_skipped", 0))
 
 
-def step_skipping_nonfinite(optimizer: torch.optim.Optimizer, bad: torch.Tensor, fused: bool) -> None:
-    """optimizer.step() unless `bad` (a 0-dim bool tensor) is set. With a fused optimizer the
-    decision stays on the device (the same `found_inf` mechanism GradScaler uses: the update
-    and the step counter are left unchanged); otherwise it costs one host sync."""
-    if fused:
-        optimizer.grad_scale, optimizer.found_inf = None, bad.to(torch.float32)
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale, optimizer.found_inf
-    elif not bool(bad):
-        optimizer.step()
-
-
 def grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
     """Total gradient norm (device tensor); clips in place to `clip` when clip > 0."""
     if clip > 0:
@@ -208,6 +221,12 @@ def grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+
+def nonfinite_gradients(model: nn.Module, clip: float) -> torch.Tensor:
+    """0-dim bool tensor: the total gradient norm is inf/NaN (after clipping in place to `clip`
+    when clip > 0). Taken after the gradient all-reduce, so every rank decides the same."""
+    return ~torch.isfinite(grad_norm([p for p in model.parameters() if p.grad is not None], clip))
 
 
 def amp_autocast(device: torch.device, dtype: torch.dtype | None):
