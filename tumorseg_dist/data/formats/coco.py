@@ -17,9 +17,7 @@ import json
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-import numpy as np
-
-from .common import (Item, LayoutError, Options, PackInputError, Problem, Scan, SPLIT_NAMES,
+from .common import (Item, LayoutError, Options, Problem, Scan, SPLIT_NAMES,
                      assign_keys, is_image_name)
 
 _NAME = re.compile(r"(_annotations\.coco|.*coco.*|instances.*|annotations.*)\.json", re.I)
@@ -150,29 +148,3 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
     return Scan(items, problems, [f for f in files if f not in listed and f not in jsons], notes,
                 given_splits=given, extra_files=list(jsons))
 
-
-def rasterize(segmentations: list, h: int, w: int, source: str) -> np.ndarray:
-    """Union of annotations as bool H×W, the same pixels as pycocotools `COCO.annToMask`."""
-    from pycocotools import mask as mask_utils
-    out = np.zeros((h, w), dtype=bool)
-    for ann_id, segm in segmentations:
-        try:
-            if isinstance(segm, list):
-                if not segm:
-                    raise ValueError("empty polygon list")
-                rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-            elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
-                rle = mask_utils.frPyObjects(segm, h, w)
-            elif isinstance(segm, dict) and isinstance(segm.get("counts"), (str, bytes)):
-                rle = dict(segm)
-                if isinstance(rle["counts"], str):
-                    rle["counts"] = rle["counts"].encode()
-            else:
-                raise ValueError(f"unknown segmentation type {type(segm).__name__}")
-            if list(rle.get("size", [h, w])) != [h, w]:
-                raise ValueError(f"RLE size {rle.get('size')} is not the image's {h}x{w}")
-            out |= mask_utils.decode(rle).astype(bool)
-        except (ValueError, TypeError, KeyError, IndexError) as e:
-            raise PackInputError(source, f"annotation {ann_id} cannot be rasterised ({e})",
-                                 "fix its segmentation in the annotation file") from e
-    return out

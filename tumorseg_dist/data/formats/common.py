@@ -150,13 +150,40 @@ def fuse(masks: list[np.ndarray], rule: str) -> np.ndarray:
     return np.logical_or.reduce(masks)
 
 
+def rasterize(segmentations: list, h: int, w: int, source: str) -> np.ndarray:
+    """Union of COCO annotations as bool H×W, the same pixels as pycocotools `COCO.annToMask`.
+    Here rather than in `coco` so that `load_item` never imports a format."""
+    from pycocotools import mask as mask_utils
+    out = np.zeros((h, w), dtype=bool)
+    for ann_id, segm in segmentations:
+        try:
+            if isinstance(segm, list):
+                if not segm:
+                    raise ValueError("empty polygon list")
+                rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
+            elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+                rle = mask_utils.frPyObjects(segm, h, w)
+            elif isinstance(segm, dict) and isinstance(segm.get("counts"), (str, bytes)):
+                rle = dict(segm)
+                if isinstance(rle["counts"], str):
+                    rle["counts"] = rle["counts"].encode()
+            else:
+                raise ValueError(f"unknown segmentation type {type(segm).__name__}")
+            if list(rle.get("size", [h, w])) != [h, w]:
+                raise ValueError(f"RLE size {rle.get('size')} is not the image's {h}x{w}")
+            out |= mask_utils.decode(rle).astype(bool)
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise PackInputError(source, f"annotation {ann_id} cannot be rasterised ({e})",
+                                 "fix its segmentation in the annotation file") from e
+    return out
+
+
 def load_item(item: Item, root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode one item: (image, bool mask, mask sources that were not binary)."""
     image = read_array(root / item.source, item.source)
     h, w = image.shape[:2]
     nonbinary = []
     if item.coco is not None:
-        from .coco import rasterize
         ch, cw = item.coco["height"], item.coco["width"]
         if (ch, cw) != (h, w):
             raise PackInputError(item.source, f"is {w}×{h} but {item.mask_sources[0]} says {cw}×{ch}",
