@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tumorseg_dist.checkpoint import atomic_save
@@ -32,3 +33,56 @@ def make_checkpoint(path: Path, cfg: Config, seed: int = 0) -> Path:
     engine = build_engine(cfg, model, DistInfo(0, 0, 1, torch.device("cpu")), lambda a, b: a.sum(), 1)
     atomic_save(checkpoint_state(cfg, engine, TrainState()), path)
     return path
+
+
+# ---------------------------------------------------------------- multi-channel and stacked TIFFs
+
+TIFF_H, TIFF_W = 40, 56  # not square, so a transposed or mis-read plane shows in the shape
+# (name, array shape, tifffile.imwrite keywords, what the one reader makes of it: the image's
+# shape, or the start of the refusal). The keywords are explicit so the files do not depend on
+# tifffile's default guesses, which are changing (see imageio's module docstring for the rule).
+TIFF_CASES = [
+    ("hw5-pages", (TIFF_H, TIFF_W, 5), {"photometric": "minisblack"}, f"is a stack of {TIFF_H} images"),
+    ("hw5-samples", (TIFF_H, TIFF_W, 5), {"photometric": "minisblack", "planarconfig": "contig"},
+     "has 5 samples per pixel"),
+    ("4hw-planes", (4, TIFF_H, TIFF_W), {"photometric": "minisblack"}, "is a stack of 4 images"),
+    ("4hw-rgba", (4, TIFF_H, TIFF_W), {"photometric": "rgb", "planarconfig": "separate"},
+     (TIFF_H, TIFF_W, 4)),
+    ("hw3", (TIFF_H, TIFF_W, 3), {"photometric": "rgb"}, (TIFF_H, TIFF_W, 3)),
+    ("3hw", (3, TIFF_H, TIFF_W), {"photometric": "rgb", "planarconfig": "separate"}, (TIFF_H, TIFF_W, 3)),
+    ("1hw", (1, TIFF_H, TIFF_W), {"photometric": "minisblack"}, (TIFF_H, TIFF_W)),
+    ("hw1", (TIFF_H, TIFF_W, 1), {"photometric": "minisblack"}, (TIFF_H, TIFF_W)),
+    ("2hw3", (2, TIFF_H, TIFF_W, 3), {"photometric": "rgb"}, "is a stack of 2 images"),
+]
+TIFF_GOOD = [c for c in TIFF_CASES if isinstance(c[3], tuple)]
+TIFF_BAD = [c for c in TIFF_CASES if isinstance(c[3], str)]
+
+
+def write_tiff(path: Path, shape: tuple[int, ...], kwargs: dict, seed: int = 0) -> np.ndarray:
+    """A real TIFF of random uint8 pixels; returns the image as the reader should see it:
+    channels-last, single planes squeezed (only meaningful for the readable cases)."""
+    import tifffile
+    arr = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    tifffile.imwrite(path, arr, **kwargs)
+    if kwargs.get("planarconfig") == "separate":
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.shape[0] == 1:
+        arr = arr[0]
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
+def tiff_folder(root: Path, with_masks: bool = False) -> dict[str, np.ndarray]:
+    """One TIFF per case in root (named after the case), with `X_mask.png` masks if asked;
+    returns name -> the image the reader should return (readable cases only)."""
+    from PIL import Image
+    root.mkdir(parents=True, exist_ok=True)
+    want = {}
+    for i, (name, shape, kwargs, expect) in enumerate(TIFF_CASES):
+        img = write_tiff(root / f"{name}.tif", shape, kwargs, seed=i)
+        if isinstance(expect, tuple):
+            want[name] = img
+        if with_masks:
+            m = np.zeros((TIFF_H, TIFF_W), np.uint8)
+            m[5:15 + i, 10:30] = 255
+            Image.fromarray(m).save(root / f"{name}_mask.png")
+    return want

@@ -141,3 +141,29 @@ def test_bad_inputs_are_clear_errors(tmp_path, ckpt_32, capsys):
     assert "no split 'nosuch'" in capsys.readouterr().err
     assert evaluate.main(["--checkpoint", str(ckpt_32), "--threshold", "1.5"]) == 2
     assert "--threshold" in capsys.readouterr().err
+
+
+def test_tiff_dataset_is_evaluated_at_each_image_true_size(tmp_path):
+    """Packed from channels-last, planar and grey TIFFs (stacks refused at pack time by the same
+    reader): every image is scored against its own 40x56 mask, whatever its channel layout."""
+    from inference_testing import TIFF_CASES, TIFF_H, TIFF_W, tiff_folder
+    from tumorseg_dist.pack import main as pack
+    want = tiff_folder(tmp_path / "tiffs", with_masks=True)
+    data = tmp_path / "packed"
+    assert pack([str(tmp_path / "tiffs"), "--out", str(data), "--format", "suffix",
+                 "--on-error", "skip", "--no-progress"]) == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    ckpt = make_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", tiny_config(size=32, in_channels=3, data=data))
+    rows = []
+    for split, info in manifest["splits"].items():
+        if info["samples"]:
+            out = tmp_path / f"ev-{split}"
+            assert evaluate.main(["--checkpoint", str(ckpt), "--split", split, "--out", str(out),
+                                  "--workers", "0", "--cases", "1"]) == 0
+            rows += read_rows(out / "per_image.csv")
+    area = {name: (10 + i) * 20 for i, (name, *_) in enumerate(TIFF_CASES)}  # tiff_folder's masks
+    assert sorted(r["source"] for r in rows) == sorted(f"{n}.tif" for n in want)
+    for r in rows:
+        name = r["source"][:-4]
+        assert int(r["target_area"]) == area[name]
+        assert 0 <= int(r["prediction_area"]) <= TIFF_H * TIFF_W

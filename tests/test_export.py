@@ -61,3 +61,24 @@ def test_fixed_size_export_from_an_image_file_and_errors(tmp_path, ckpt, capsys)
                         "--input", str(tmp_path / "nope.png")]) == 2
     assert "no such image file" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_checks_on_tiffs_by_the_one_reader_rule(tmp_path, ckpt, capsys):
+    """--input TIFF: channels-last, planar and grey files check the export on their real pixels;
+    stacks and 5-channel files are a one-line error naming the file and shape, nothing written.
+    (Every case is read by test_predict's reader test; here each refusal, and one export per
+    planar layout: RGB and RGBA.)"""
+    from inference_testing import TIFF_CASES, write_tiff
+    for name, shape, kwargs, expect in TIFF_CASES:
+        if name in ("hw3", "1hw", "hw1"):
+            continue
+        src, out = tmp_path / f"{name}.tif", tmp_path / f"{name}.onnx"
+        write_tiff(src, shape, kwargs)
+        rc = export.main(["--checkpoint", str(ckpt), "--onnx", str(out), "--input", str(src)])
+        cap = capsys.readouterr()
+        if isinstance(expect, tuple):
+            assert rc == 0 and out.is_file() and f"{name}.tif" in cap.out, (name, cap.err)
+        else:
+            assert rc == 2 and not out.exists(), name
+            line = cap.err.strip()
+            assert len(line.splitlines()) == 1 and f"{name}.tif: {expect}" in line and str(shape) in line

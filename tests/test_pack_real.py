@@ -234,3 +234,32 @@ def test_workers_1_and_2_byte_identical(tmp_path):
     for m in (ma, mb):
         m.pop("created")
     assert ma == mb
+
+
+# ---------------------------------------------------------------- multi-channel and stacked TIFFs
+
+def test_tiff_channels_and_stacks_follow_the_one_reader_rule(tmp_path, capsys):
+    """pack reads grey, RGB(A), channels-last and planar TIFFs at their true size and refuses
+    stacks and 5-channel files (and a stacked mask) by name, shape and what is supported."""
+    import tifffile
+    from inference_testing import TIFF_BAD, TIFF_H, TIFF_W, tiff_folder
+    root = tmp_path / "tiffs"
+    want = tiff_folder(root, with_masks=True)
+    tifffile.imwrite(root / "mask-stack.tif", np.zeros((TIFF_H, TIFF_W), np.uint8), photometric="minisblack")
+    tifffile.imwrite(root / "mask-stack_mask.tif", np.ones((2, TIFF_H, TIFF_W), np.uint8) * 255,
+                     photometric="minisblack")
+    out = tmp_path / "out"
+    run_pack(root, "--out", out, "--format", "suffix", "--on-error", "skip", "--codec", "raw")
+    manifest, samples = read_out(out)
+    by_source = {meta(s)["source"]: s for s in samples.values()}
+    assert set(by_source) == {f"{n}.tif" for n in want}
+    for name, img in want.items():
+        m = meta(by_source[f"{name}.tif"])
+        assert (m["height"], m["width"]) == (TIFF_H, TIFF_W), name
+        assert m["channels"] == (img.shape[2] if img.ndim == 3 else 1), name
+        assert np.array_equal(decode_image(by_source[f"{name}.tif"]), img), name
+    skipped = {s["source"]: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == {f"{n}.tif" for n, *_ in TIFF_BAD} | {"mask-stack_mask.tif"}
+    for name, shape, _, expect in TIFF_BAD:
+        assert skipped[f"{name}.tif"].startswith(expect) and str(shape) in skipped[f"{name}.tif"]
+    assert skipped["mask-stack_mask.tif"].startswith("is a stack of 2 images")

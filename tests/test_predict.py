@@ -14,7 +14,8 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import SHARED_DATA
-from inference_testing import make_checkpoint, tiny_config
+from inference_testing import (TIFF_BAD, TIFF_CASES, TIFF_H, TIFF_W, make_checkpoint, tiff_folder,
+                               tiny_config, write_tiff)
 from tumorseg_dist import imageio, predict
 from tumorseg_dist.checkpoint import CheckpointError
 from tumorseg_dist.data.loader import IndexedShards, decode_mask
@@ -187,3 +188,34 @@ def test_ema_weights_are_preferred(tmp_path, ckpt):
 def test_incompatible_checkpoints_name_the_problem(tmp_path, ckpt, edit, message):
     with pytest.raises(CheckpointError, match=message):
         load_model(edited(ckpt, tmp_path / "x.pt", edit))
+
+
+# ---------------------------------------------------------------- multi-channel and stacked TIFFs
+
+@pytest.mark.parametrize("name,shape,kwargs,expect", TIFF_CASES, ids=[c[0] for c in TIFF_CASES])
+def test_one_reader_rule_for_tiffs(tmp_path, name, shape, kwargs, expect):
+    """Channels-last, planar and stacked TIFFs: read as the file's tags say, or refused with
+    the file, its shape and what is supported."""
+    want = write_tiff(tmp_path / f"{name}.tif", shape, kwargs)
+    if isinstance(expect, tuple):
+        got = imageio.read_array(tmp_path / f"{name}.tif", name)
+        assert got.shape == expect and np.array_equal(got, want)
+    else:
+        with pytest.raises(imageio.ImageFileError) as e:
+            imageio.read_array(tmp_path / f"{name}.tif", f"{name}.tif")
+        msg = str(e.value)
+        assert msg.startswith(f"{name}.tif: {expect}") and str(shape) in msg and "supported:" in msg
+
+
+def test_predict_writes_image_sized_masks_for_tiffs_and_refuses_stacks(tmp_path, ckpt):
+    want = tiff_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    assert predict.main(["--checkpoint", str(ckpt), str(tmp_path / "in"), "--out", str(out),
+                         "--workers", "0", "--overlay"]) == 1  # the refused ones are skipped
+    for name in want:
+        for d in ("masks", "overlays"):
+            assert Image.open(out / d / f"{name}.png").size == (TIFF_W, TIFF_H), (d, name)
+    skipped = {Path(r["input"]).stem: r["reason"] for r in read_csv(out / "skipped.csv")}
+    assert set(skipped) == {c[0] for c in TIFF_BAD}
+    for name, shape, _, expect in TIFF_BAD:
+        assert expect in skipped[name] and str(shape) in skipped[name] and f"{name}.tif" in skipped[name]

@@ -3,6 +3,14 @@
 Ground floor (imports nothing from the package), so the data formats and the entry points can
 both use it. A file that cannot be read is an `ImageFileError` naming the file, the problem and
 the fix; `pack` turns it into a skipped sample, `predict` into a line of skipped.csv.
+
+What counts as an image is decided here, once: one 2D picture per file, grey, grey+alpha, RGB or
+RGBA. For TIFF the file's own tags decide, never the array's shape (a (3, H, W) array is colour
+planes or a 3-slice stack only by its tags): one page (a multi-page file is a stack and is
+refused, whatever its shape), whose samples per pixel are 1 (grey), 3 marked RGB (or YCbCr), 4
+marked RGB + alpha, or 2 marked grey + alpha, stored interleaved (H, W, C) or planar (C, H, W);
+planar samples are moved to channels-last. Anything else (5 channels, 4 unmarked planes, CMYK)
+is refused with the file, its shape and what is supported.
 """
 from __future__ import annotations
 
@@ -47,9 +55,7 @@ def read_array(path: Path, source: str, *, as_mask: bool = False) -> np.ndarray:
     try:
         data = path.read_bytes()
         if ext in TIFF_EXTS:
-            import tifffile
-            with tifffile.TiffFile(io.BytesIO(data)) as tf:
-                arr = tf.pages[0].asarray()
+            arr = _read_tiff(data, source)
         elif ext == ".png" and _png_is_16bit_colour(data):
             import imagecodecs
             arr = imagecodecs.png_decode(data)
@@ -72,6 +78,41 @@ def read_array(path: Path, source: str, *, as_mask: bool = False) -> np.ndarray:
         arr = arr[:, :, :-1]   # drop alpha: LA -> L, RGBA -> RGB
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
+    return arr
+
+
+SUPPORTED = ("supported: one 2D image per file, grey (H, W), or grey+alpha, RGB or RGBA as the "
+             "TIFF's photometric/extra-sample tags mark them, interleaved (H, W, C) or planar (C, H, W)")
+
+
+def _read_tiff(data: bytes, source: str) -> np.ndarray:
+    """The file's one image as H×W or H×W×C, by the rule in the module docstring."""
+    import tifffile
+    from tifffile import EXTRASAMPLE, PHOTOMETRIC, PLANARCONFIG
+    with tifffile.TiffFile(io.BytesIO(data)) as tf:
+        series = tf.series[0]
+        if len(series.pages) > 1:
+            raise ImageFileError(source, f"is a stack of {len(series.pages)} images (shape "
+                                         f"{tuple(series.shape)}, axes {series.axes}), not one 2D image; "
+                                 + SUPPORTED, "save each slice as its own file, e.g. "
+                                 "tifffile.imwrite(path, plane, photometric='minisblack')")
+        page = series.pages[0]
+        arr = page.asarray()
+        spp, photo = page.samplesperpixel, page.photometric
+        extras = tuple(page.extrasamples)
+    alpha = extras in ((EXTRASAMPLE.ASSOCALPHA,), (EXTRASAMPLE.UNASSALPHA,))
+    grey = photo in (PHOTOMETRIC.MINISBLACK, PHOTOMETRIC.MINISWHITE, PHOTOMETRIC.PALETTE)
+    colour = photo in (PHOTOMETRIC.RGB, PHOTOMETRIC.YCBCR)
+    if not (spp == 1 or (spp == 2 and grey and alpha) or (spp == 3 and colour and not extras)
+            or (spp == 4 and colour and alpha)):
+        name = getattr(PHOTOMETRIC(photo), "name", photo)
+        raise ImageFileError(source, f"has {spp} samples per pixel (shape {arr.shape}, photometric "
+                                     f"{name}{', no alpha tag' if spp in (2, 4) and not alpha else ''}), "
+                                     f"not a grey or colour image; " + SUPPORTED,
+                             "save each channel as its own grey file, or the image as RGB/RGBA "
+                             "(tifffile.imwrite(path, rgb, photometric='rgb'))")
+    if spp > 1 and page.planarconfig == PLANARCONFIG.SEPARATE:
+        arr = np.moveaxis(arr, 0, -1)   # planar (C, H, W) -> (H, W, C)
     return arr
 
 
