@@ -7,14 +7,16 @@ Where the definitions coincide (binary targets; one channel for MONAI's per-chan
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 from monai.losses import DiceCELoss, DiceLoss as MonaiDiceLoss
 from segmentation_models_pytorch.losses import DiceLoss as SmpDiceLoss
 
-from tumorseg_dist.losses import (dice_bce_loss, dice_from_sums, dice_sums, loss_weights,
-                                  reference_dice_bce)
+from tumorseg_dist.losses import (DiceBCELoss, dice_bce_loss, dice_from_sums, dice_sums,
+                                  loss_weights, reference_dice_bce)
 
 
 def batch(shape=(4, 1, 24, 20), seed=0, p_pos=0.3, scale=3.0):
@@ -148,3 +150,56 @@ def test_compiled_reference_matches_eager():
     eager.backward()
     comp.backward()
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-9)
+
+
+# ---------------------------------------------------------------- the loss of a whole split
+
+def split_into(x, t, sizes):
+    """Consecutive chunks of the given sizes (a partition into rank-batches, empty ones too)."""
+    out, i = [], 0
+    for k in sizes:
+        out.append((x[i:i + k], t[i:i + k]))
+        i += k
+    assert i == len(x)
+    return out
+
+
+@pytest.mark.parametrize("reduction", ["batch", "image"])
+@pytest.mark.parametrize("pos_weight", [None, 2.5])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.3, 2.0), (0.0, 1.0), (1.0, 0.0)])
+def test_summed_parts_give_the_loss_of_the_whole_split(reduction, pos_weight, weights):
+    """Summing `parts` over any partition into batches gives the loss of all samples as one
+    batch (what val_loss is), whereas averaging per-batch losses does not under "batch"."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(11, 1, 16, 12, generator=gen) * 3 - 2
+    area = torch.rand(11, 1, 1, 1, generator=gen)  # images with very different tumour areas
+    t = (torch.rand(x.shape, generator=gen) < area * 0.4).float()
+    t[3] = 0  # an empty image
+    loss = DiceBCELoss(*weights, dice_reduction=reduction, pos_weight=pos_weight)
+    whole = reference_dice_bce(x, t, bce_weight=weights[0], dice_weight=weights[1],
+                               dice_reduction=reduction, pos_weight=pos_weight).item()
+    assert loss(x, t).item() == pytest.approx(whole, rel=1e-6)  # called: the training loss
+    for sizes in ([11], [4, 4, 3], [1] * 11, [0, 5, 0, 6]):
+        parts = sum(loss.parts(a, b) for a, b in split_into(x, t, sizes))
+        assert parts.dtype == torch.float64
+        assert loss.from_parts(parts) == pytest.approx(whole, rel=1e-6), sizes
+    if reduction == "batch" and weights[1]:
+        per_batch = [loss(a, b).item() * len(a) for a, b in split_into(x, t, [4, 4, 3])]
+        assert sum(per_batch) / 11 != pytest.approx(whole, rel=1e-3)
+
+
+def test_split_loss_of_no_sample_is_undefined_and_empty_targets_follow_smp():
+    loss = DiceBCELoss()
+    empty = loss.parts(torch.zeros(0, 1, 4, 4), torch.zeros(0, 1, 4, 4))
+    assert empty.tolist() == [0.0] * DiceBCELoss.N_PARTS
+    assert math.isnan(loss.from_parts(empty))
+    # no positive pixel in the whole split: the Dice term is 0 (smp semantics), BCE remains
+    x, t = batch(p_pos=0.0)
+    assert loss.from_parts(loss.parts(x, t)) == pytest.approx(reference_dice_bce(x, t).item(), rel=1e-6)
+
+
+def test_loss_object_rejects_bad_options():
+    with pytest.raises(ValueError, match="dice_reduction"):
+        DiceBCELoss(dice_reduction="pixel")
+    with pytest.raises(ValueError, match="fused"):
+        DiceBCELoss(fused="yes")

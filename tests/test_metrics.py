@@ -7,7 +7,8 @@ import torch
 from tumorseg_dist import tracking
 from tumorseg_dist.log import RunLog, epoch_line
 from tumorseg_dist.losses import reference_dice_bce
-from tumorseg_dist.metrics import MetricAccumulator, confusion, per_image_scores, summarize
+from tumorseg_dist.metrics import (N_COUNTS, MetricAccumulator, confusion, per_image_scores,
+                                   summarize)
 
 BIG = 20.0  # a logit whose sigmoid is 1 - 2e-9: a "certain" prediction
 
@@ -30,8 +31,9 @@ def test_accumulator_ignores_padding_and_sums_dataset_level():
     logits[0, 0, 0, 0] = BIG   # TP
     logits[0, 0, 1, 1] = BIG   # FP
     logits[2] = BIG            # a padding sample full of FPs: must not count
-    acc = MetricAccumulator(torch.device("cpu"))
-    acc.update(logits, target, torch.tensor([True, True, False]), loss=torch.tensor(2.0))
+    acc = MetricAccumulator(torch.device("cpu"), extra=2)
+    acc.update(logits, target, torch.tensor([True, True, False]), extra=torch.tensor([2.0, 3.0]))
+    acc.update(logits, target, torch.tensor([False, False, False]), extra=torch.tensor([1.0, 0.0]))
     m = acc.compute()
     assert m["samples"] == 2
     assert m["dice"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 0))
@@ -39,7 +41,7 @@ def test_accumulator_ignores_padding_and_sums_dataset_level():
     assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(1.0)
     assert m["accuracy"] == pytest.approx(7 / 8)
     assert m["mean_image_dice"] == pytest.approx((2 / 3 + 1.0) / 2)
-    assert m["loss"] == pytest.approx(2.0)
+    assert acc.reduce()[1] == [3.0, 3.0]   # the caller's sums ride along in the same reduce
 
 
 def test_reference_loss_by_hand():
@@ -85,7 +87,7 @@ def test_an_all_empty_split_has_no_dice_iou_precision_or_recall():
 
 
 def test_no_images_at_all_is_undefined_everywhere():
-    m = summarize([0.0] * 9)
+    m = summarize([0.0] * N_COUNTS)
     assert m["samples"] == 0
     assert all(math.isnan(v) for k, v in m.items() if k != "samples")
 

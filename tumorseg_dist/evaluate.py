@@ -221,16 +221,14 @@ def run(args: argparse.Namespace) -> int:
     dice, iou = per_image_scores(c)
     for r, di, ii in zip(rows, dice.tolist(), iou.tolist()):
         r["dice"], r["iou"] = di, ii
-    totals = torch.cat([c.sum(0), torch.stack([dice.sum(), iou.sum(), c.new_tensor(len(rows))]),
-                        c.new_zeros(2)]).to(d.device)
+    totals = torch.cat([c.sum(0), torch.stack([dice.sum(), iou.sum(), c.new_tensor(len(rows))])]).to(d.device)
     totals = distmod.all_reduce_sum(totals).tolist()
     rows = gather_rows(rows)  # every rank gets all rows, so every rank can check (and fail) alike
     keys = [r["key"] for r in rows]
     if len(keys) != n or len(set(keys)) != n or totals[6] != n:  # the contract this command promises
         raise RuntimeError(f"evaluated {len(keys)} rows ({len(set(keys))} distinct) for {n} samples")
     if d.is_main:
-        # NaN where a ratio is undefined: null in metrics.json, n/a printed
-        metrics = {k: v for k, v in summarize(totals).items() if k != "loss"}
+        metrics = summarize(totals)  # NaN where a ratio is undefined: null in JSON, n/a printed
         hd = np.array([r["hd95"] for r in rows if math.isfinite(r["hd95"])])
         metrics.update({
             "hd95_mean": float(hd.mean()) if hd.size else None,

@@ -18,7 +18,8 @@ from .config import Config, to_dict
 from .data.loader import Batch, Loader
 from .dist import DistInfo, all_reduce_sum
 from .log import RunLog, epoch_line, plot_curves
-from .metrics import MetricAccumulator
+from .losses import DiceBCELoss
+from .metrics import MetricAccumulator, summarize
 
 
 @dataclass
@@ -62,26 +63,28 @@ def train_step(engine, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, loader: Loader, loss_fn, threshold: float, log: RunLog | None = None,
-             desc: str = "val", keep_first: bool = False):
+def evaluate(engine, loader: Loader, loss_fn: DiceBCELoss | None, threshold: float,
+             log: RunLog | None = None, desc: str = "val", keep_first: bool = False):
     """Dataset-level metrics over every real sample of the split, counted once across ranks.
 
-    With keep_first, also returns this rank's first batch and its probabilities (for figures)."""
+    "loss" is `loss_fn` over the whole split as one batch (its parts are summed over batches
+    and ranks before the ratio, see docs/loss.md), so it does not depend on the world size or
+    the batch size; NaN without a loss_fn. With keep_first, also returns this rank's first
+    batch and its probabilities (for figures)."""
     engine.eval()
-    acc = MetricAccumulator(engine.device)
+    acc = MetricAccumulator(engine.device, extra=DiceBCELoss.N_PARTS)
     first = None
     it = loader if log is None else log.progress(loader, len(loader), desc)
     for batch in it:
         logits = engine.eval_logits(batch.image)
-        loss = None
-        if batch.valid.any():
-            v = batch.valid
-            loss = loss_fn(logits[v], batch.mask[v])
-        acc.update(logits, batch.mask, batch.valid, threshold, loss)
+        v = batch.valid
+        parts = None if loss_fn is None else loss_fn.parts(logits[v], batch.mask[v])
+        acc.update(logits, batch.mask, v, threshold, parts)
         if keep_first and first is None:
-            first = (batch.image[batch.valid].float(), batch.mask[batch.valid],
-                     torch.sigmoid(logits[batch.valid].float()))
-    metrics = acc.compute()
+            first = (batch.image[v].float(), batch.mask[v], torch.sigmoid(logits[v].float()))
+    counts, parts = acc.reduce()
+    metrics = summarize(counts)
+    metrics["loss"] = float("nan") if loss_fn is None else loss_fn.from_parts(parts)
     return (metrics, first) if keep_first else metrics
 
 

@@ -17,6 +17,7 @@ import torch
 
 from .dist import all_reduce_sum
 
+N_COUNTS = 7  # TP, FP, FN, TN, Σdice_i, Σiou_i, n_images
 UNDEFINED = float("nan")
 
 
@@ -52,35 +53,38 @@ def per_image_scores(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class MetricAccumulator:
-    """Sums [TP, FP, FN, TN, Σdice_i, Σiou_i, n_images, Σloss·n, n_loss] on the device."""
+    """Sums [TP, FP, FN, TN, Σdice_i, Σiou_i, n_images] and `extra` caller-defined sums (the
+    validation loss's parts) in one float64 vector on the device: one all-reduce for both."""
 
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(9, dtype=torch.float64, device=device)
+    def __init__(self, device: torch.device, extra: int = 0):
+        self.sums = torch.zeros(N_COUNTS + extra, dtype=torch.float64, device=device)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-               threshold: float = 0.5, loss: torch.Tensor | None = None) -> None:
+               threshold: float = 0.5, extra: torch.Tensor | None = None) -> None:
         counts = confusion(logits, target, threshold)[valid]
         dice, iou = per_image_scores(counts)
-        n = valid.sum().double()
         self.sums[:4] += counts.sum(0)
         self.sums[4] += dice.sum()
         self.sums[5] += iou.sum()
-        self.sums[6] += n
-        if loss is not None:
-            self.sums[7] += loss.detach().double() * n
-            self.sums[8] += n
+        self.sums[6] += valid.sum().double()
+        if extra is not None:
+            self.sums[N_COUNTS:] += extra.double()
+
+    def reduce(self) -> tuple[list[float], list[float]]:
+        """(the counts for `summarize`, the extra sums), summed over every rank."""
+        s = all_reduce_sum(self.sums.clone()).tolist()
+        return s[:N_COUNTS], s[N_COUNTS:]
 
     def compute(self, prefix: str = "") -> dict[str, float]:
-        s = all_reduce_sum(self.sums.clone()).tolist()
-        return {f"{prefix}{k}": v for k, v in summarize(s).items()}
+        return {f"{prefix}{k}": v for k, v in summarize(self.reduce()[0]).items()}
 
 
 def summarize(s: list[float]) -> dict[str, float]:
-    """Dataset-level metrics from the summed counts; NaN where a ratio is undefined."""
-    tp, fp, fn, tn, dsum, isum, n, lsum, ln = s
+    """Dataset-level metrics from the 7 summed counts; NaN where a ratio is undefined."""
+    tp, fp, fn, tn, dsum, isum, n = s
     return {
         "dice": ratio(2 * tp, 2 * tp + fp + fn), "iou": ratio(tp, tp + fp + fn),
         "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn),
         "accuracy": ratio(tp + tn, tp + fp + fn + tn), "mean_image_dice": ratio(dsum, n),
-        "mean_image_iou": ratio(isum, n), "loss": ratio(lsum, ln), "samples": int(n),
+        "mean_image_iou": ratio(isum, n), "samples": int(n),
     }
