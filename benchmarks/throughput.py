@@ -282,16 +282,24 @@ def _epochs(loader, to_item):
         epoch += 1
 
 
+def bench_precision(args, dist):
+    """The Precision these settings give on this device (decided in tumorseg_dist/precision.py)."""
+    from tumorseg_dist.config import TrainConfig
+    from tumorseg_dist.precision import resolve_precision
+    return resolve_precision(TrainConfig(amp=args.amp, channels_last=args.channels_last, compile=args.compile),
+                             dist.device)
+
+
 def open_loader(name: str, shard_dir: Path, args, dist, training_batch: int):
     """An endless iterator of `Batch`es from loader `name` (dali, torch or naive) on this rank."""
     from tumorseg_dist.data.augment import PRESETS
-    from tumorseg_dist.data.loader import Batch, LoaderSpec, TorchLoader, image_dtype, norm_stats
+    from tumorseg_dist.data.loader import Batch, LoaderSpec, TorchLoader, norm_stats
     from tumorseg_dist.data.shards import read_manifest
     c, dev = args.in_channels, dist.device
     mean, std = (norm_stats(read_manifest(shard_dir), c) if (shard_dir / "manifest.json").is_file()
                  else ((0.5,) * c, (0.25,) * c))
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    aug, dtype = PRESETS[args.augment], image_dtype(args.amp, dev)   # what training would get
+    prec = bench_precision(args, dist)
+    fmt, aug, dtype = prec.memory_format, PRESETS[args.augment], prec.image_dtype   # what training would get
     if name == "naive":
         from naive_loader import naive_loader
         dl = naive_loader(shard_dir, args.size, c, training_batch, args.workers, aug, mean, std,
@@ -305,7 +313,7 @@ def open_loader(name: str, shard_dir: Path, args, dist, training_batch: int):
         return _epochs(dl, to_batch)
     spec = LoaderSpec(shard_dir=shard_dir, split="train", training=True, size=args.size,
                       in_channels=c, batch_size=training_batch, mean=mean, std=std, augment=aug,
-                      seed=0, num_workers=args.workers, channels_last=args.channels_last, image_dtype=dtype)
+                      seed=0, num_workers=args.workers, channels_last=fmt == torch.channels_last, image_dtype=dtype)
     if name == "dali":
         from tumorseg_dist.data.dali import DaliLoader
         dl = DaliLoader(spec, dist)
@@ -323,7 +331,6 @@ def common_settings(args, dist) -> dict:
 # ---------------------------------------------------------------- stage: data
 
 def stage_data(args, dist, ctx: dict) -> list[dict]:
-    from tumorseg_dist.data.loader import image_dtype
     loaders = _naive_rows_possible(args, args.loader.split(","))
     codecs = args.codec.split(",")
     data = datasets(args, dist, loaders, codecs)
@@ -348,7 +355,7 @@ def stage_data(args, dist, ctx: dict) -> list[dict]:
                     "stage": "data", "loader": name, "codec": codec, **common_settings(args, dist),
                     "source_size": args.source_size if args.data is None else None,
                     "data": str(shard_dir), "workers": args.workers, "augment": args.augment,
-                    "image_dtype": str(image_dtype(args.amp, dist.device)).removeprefix("torch."),
+                    "image_dtype": str(bench_precision(args, dist).image_dtype).removeprefix("torch."),
                     "images_per_run": res["steps"] * per_rank, "runs_images_per_s": []})
                 row["runs_images_per_s"].append(res["images_per_s"])
                 row["images_per_s"] = max(row["runs_images_per_s"])
@@ -364,7 +371,6 @@ def stage_data(args, dist, ctx: dict) -> list[dict]:
 def make_config(args, dist, loader: str = "torch", data_dir: Path | None = None):
     """The training Config these benchmark settings describe (no pretrained weights)."""
     from tumorseg_dist.config import Config
-    from tumorseg_dist.engines import resolve_amp
     cfg = Config()
     cfg.model.arch, cfg.model.encoder, cfg.model.encoder_weights = args.arch, args.encoder, "none"
     cfg.data.size, cfg.data.in_channels, cfg.data.num_workers = args.size, args.in_channels, args.workers
@@ -373,7 +379,7 @@ def make_config(args, dist, loader: str = "torch", data_dir: Path | None = None)
     cfg.optim.optimizer, cfg.optim.scheduler, cfg.optim.warmup_steps = args.optimizer, "none", 0
     cfg.loss.fused_loss = args.fused_loss
     cfg.train.batch_size = args.batch_size
-    cfg.train.amp = resolve_amp(args.amp, dist.device)
+    cfg.train.amp = args.amp   # resolved (and written back) by build_engine_for_benchmark
     cfg.train.channels_last, cfg.train.compile = args.channels_last, args.compile
     cfg.train.device = dist.device.type
     cfg.engine.engine, cfg.engine.zero_stage = args.engine, args.zero_stage
@@ -412,9 +418,9 @@ def stage_model(args, dist, ctx: dict) -> list[dict]:
     image = torch.randn(per_rank, args.in_channels, args.size, args.size, device=dev, generator=g)
     mask = (torch.rand(per_rank, 1, args.size, args.size, device=dev, generator=g) > 0.7).float()
     # The dtype and layout the loaders deliver (image_dtype: bf16/fp16 under AMP).
-    from tumorseg_dist.data.loader import image_dtype
-    image = image.to(image_dtype(args.amp, dev)).contiguous(memory_format=engine.memory_format)
-    mask = mask.contiguous(memory_format=engine.memory_format)
+    prec = engine.precision
+    image = image.to(prec.image_dtype).contiguous(memory_format=prec.memory_format)
+    mask = mask.contiguous(memory_format=prec.memory_format)
     engine.train()
     res = timed_steps(lambda: engine.train_step(image, mask), args.warmup, args.steps, dev, per_rank,
                       _trace_path(args, dist, "model"))

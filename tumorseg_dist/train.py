@@ -17,21 +17,22 @@ from .data.loader import build_loader, resolve_norm
 from .data.shards import SPLITS, read_manifest
 from .data.synthetic import ensure_synthetic
 from .data.verify import verify_shards
-from .engines import NonFiniteLossError, build_engine, resolve_amp
+from .engines import NonFiniteLossError, build_engine
 from .figures import plot_overlays
 from .log import RunLog, fmt
 from .loop import TrainState, evaluate, fit, restore
-from .losses import DiceBCELoss, loss_weights
+from .losses import dice_bce_loss, loss_weights
 from .models import build_model
+from .precision import resolve_precision
 
 SHARDS_ROOT = Path("shards")
 
 
-def make_loss_fn(cfg: Config) -> DiceBCELoss:
-    # An object, not a closure: evaluation sums its parts over batches and ranks (exact val_loss).
+def make_loss_fn(cfg: Config):
     bce_w, dice_w = loss_weights(cfg.loss.loss, cfg.loss.bce_weight, cfg.loss.dice_weight)
-    return DiceBCELoss(bce_weight=bce_w, dice_weight=dice_w,
-                       dice_reduction=cfg.loss.dice_reduction, fused=cfg.loss.fused_loss)
+    return lambda logits, target: dice_bce_loss(
+        logits, target, bce_weight=bce_w, dice_weight=dice_w,
+        dice_reduction=cfg.loss.dice_reduction, fused=cfg.loss.fused_loss)
 
 
 def prepare_data(cfg: Config, dist: distmod.DistInfo) -> Path:
@@ -89,7 +90,7 @@ def resume(cfg: Config, engine, run_dir: Path, dist, log: RunLog) -> TrainState:
 def evaluate_test_split(cfg: Config, engine, data_dir: Path, dist, loss_fn, log: RunLog, state, reason: str,
               run_dir: Path) -> None:
     """Test-split metrics and the overlay figure with the weights now in the engine."""
-    test_loader = build_loader(cfg, data_dir, "test", dist, training=False)
+    test_loader = build_loader(cfg, data_dir, "test", dist, training=False, precision=engine.precision)
     test, first = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep_first=True)
     log.write_json("test_metrics.json", {"best_epoch": state.best_epoch, "stopped": reason, **test})
     if dist.is_main and first is not None:
@@ -102,7 +103,8 @@ def evaluate_test_split(cfg: Config, engine, data_dir: Path, dist, loss_fn, log:
 def run(cfg: Config, preset: str | None) -> int:
     dist = distmod.init(cfg.train.device)
     cfg.train.device = dist.device.type
-    cfg.train.amp = resolve_amp(cfg.train.amp, dist.device)
+    precision = resolve_precision(cfg.train, dist.device)  # the one decision, handed down
+    cfg.train.amp = precision.amp  # config.toml records what runs ("auto" resolved)
     torch.manual_seed(cfg.train.seed)
     data_dir = prepare_data(cfg, dist)
     cfg.data.path = data_dir
@@ -123,12 +125,12 @@ def run(cfg: Config, preset: str | None) -> int:
         for tmp in checkpoint.remove_stale_temps(run_dir / "checkpoints"):
             log.info(f"removed {tmp}: the temp file of a checkpoint write that was killed")
 
-    train_loader = build_loader(cfg, data_dir, "train", dist, training=True)
-    val_loader = build_loader(cfg, data_dir, "val", dist, training=False)
+    train_loader = build_loader(cfg, data_dir, "train", dist, training=True, precision=precision)
+    val_loader = build_loader(cfg, data_dir, "val", dist, training=False, precision=precision)
     steps = len(train_loader) * cfg.train.epochs
     total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
     loss_fn = make_loss_fn(cfg)
-    engine = build_engine(cfg, build_model(cfg.model, cfg.data.in_channels), dist, loss_fn, total_steps)
+    engine = build_engine(cfg, build_model(cfg.model, cfg.data.in_channels), dist, loss_fn, total_steps, precision)
     for line in engine.describe():
         log.info(f"engine: {line}")
     engine.write_run_files(run_dir)  # DeepSpeed: RUN/deepspeed_config.json

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..dist import DistInfo
+from ..precision import Precision, resolve_precision
 from .augment import AugmentParams
 from .shards import ShardError, read_manifest, shard_paths
 
@@ -334,15 +335,12 @@ def resolve_norm(cfg, shard_dir: Path) -> tuple[tuple[float, ...], tuple[float, 
     return norm_stats(read_manifest(shard_dir), c)
 
 
-def image_dtype(amp: str, device: torch.device) -> torch.dtype:
-    """The dtype AMP computes in (`--amp`, `auto` resolved for the device), float32 without AMP.
-    The model's first op casts to it anyway; delivering it halves the loader's output copy."""
-    from ..engines.parts import AMP_DTYPES, resolve_amp
-    return AMP_DTYPES.get(resolve_amp(amp, device), torch.float32)
-
-
-def build_loader(cfg, shard_dir: Path, split: str, dist: DistInfo, training: bool) -> Loader:
-    """The configured loader (`--loader torch|dali`) for one split of a packed dataset."""
+def build_loader(cfg, shard_dir: Path, split: str, dist: DistInfo, training: bool,
+                 precision: Precision | None = None) -> Loader:
+    """The configured loader (`--loader torch|dali`) for one split of a packed dataset, delivering
+    `precision`'s image dtype and memory format (the run's; omitted, resolved from cfg.train).
+    The model's first op casts to that dtype anyway; delivering it halves the output copy."""
+    precision = precision or resolve_precision(cfg.train, dist.device)
     from .augment import PRESETS, resolve
     if cfg.train.batch_size % dist.world_size:
         raise ValueError(f"--batch-size {cfg.train.batch_size} is the GLOBAL batch and must be divisible "
@@ -352,8 +350,8 @@ def build_loader(cfg, shard_dir: Path, split: str, dist: DistInfo, training: boo
         shard_dir=Path(shard_dir), split=split, training=training, size=cfg.data.size,
         in_channels=cfg.data.in_channels, batch_size=cfg.train.batch_size // dist.world_size,
         mean=mean, std=std, augment=resolve(cfg.augment) if training else PRESETS["none"],
-        seed=cfg.train.seed, num_workers=cfg.data.num_workers, channels_last=cfg.train.channels_last,
-        image_dtype=image_dtype(cfg.train.amp, dist.device))
+        seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+        channels_last=precision.memory_format == torch.channels_last, image_dtype=precision.image_dtype)
     if cfg.data.loader == "dali":
         from .dali import DaliLoader
         return DaliLoader(spec, dist)

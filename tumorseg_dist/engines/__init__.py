@@ -1,7 +1,8 @@
 """The engine wraps model + optimizer + precision so the loop never branches on them.
 
-Precision (AMP dtype, GradScaler), memory format (channels_last) and torch.compile are decided
-here, once, and written back into the run's config. Two engines share one interface:
+Precision (AMP dtype, GradScaler, memory format, torch.compile) is decided once, in
+`tumorseg_dist/precision.py`, and handed to the engine as a `Precision`. Two engines share one
+interface:
 
 * `DDPEngine` (`--engine ddp`): one process, or torch DDP; `engines/ddp.py`.
 * `DeepSpeedEngine` (`--engine deepspeed`): `engines/deepspeed.py` (imported only when chosen).
@@ -18,19 +19,22 @@ import torch.nn as nn
 
 from ..config import Config
 from ..dist import DistInfo
+from ..precision import Precision, resolve_precision
 from .ddp import DDPEngine
-from .parts import AMP_DTYPES, LossFn, NonFiniteLossError, resolve_amp, weights_of
+from .parts import LossFn, NonFiniteLossError, weights_of
 from .protocol import Engine
 
-__all__ = ["AMP_DTYPES", "DDPEngine", "Engine", "LossFn", "NonFiniteLossError", "build_engine",
-           "build_engine_for_benchmark", "resolve_amp", "weights_of"]
+__all__ = ["DDPEngine", "Engine", "LossFn", "NonFiniteLossError", "build_engine",
+           "build_engine_for_benchmark", "weights_of"]
 
 
-def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int) -> Engine:
+def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int,
+                 precision: Precision | None = None) -> Engine:
+    """`precision`: the run's (train.run resolves it once); omitted, it is resolved from cfg.train."""
     if cfg.engine.engine == "ddp":
-        return DDPEngine(cfg, model, dist, loss_fn, total_steps)
+        return DDPEngine(cfg, model, dist, loss_fn, total_steps, precision)
     from .deepspeed import DeepSpeedEngine
-    return DeepSpeedEngine(cfg, model, dist, loss_fn, total_steps)
+    return DeepSpeedEngine(cfg, model, dist, loss_fn, total_steps, precision)
 
 
 def build_engine_for_benchmark(cfg: Config, dist: DistInfo | None = None, total_steps: int = 1000) -> Engine:
@@ -44,5 +48,7 @@ def build_engine_for_benchmark(cfg: Config, dist: DistInfo | None = None, total_
     from ..train import make_loss_fn
     if dist is None:
         dist = distmod.init(cfg.train.device)
-    cfg.train.amp = resolve_amp(cfg.train.amp, dist.device)
-    return build_engine(cfg, build_model(cfg.model, cfg.data.in_channels), dist, make_loss_fn(cfg), total_steps)
+    precision = resolve_precision(cfg.train, dist.device)
+    cfg.train.amp = precision.amp
+    return build_engine(cfg, build_model(cfg.model, cfg.data.in_channels), dist, make_loss_fn(cfg), total_steps,
+                        precision)

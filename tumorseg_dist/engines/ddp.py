@@ -12,9 +12,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .. import checkpoint
 from ..config import Config
 from ..dist import DistInfo
-from .parts import (AMP_DTYPES, EMA, Health, LossFn, Schedule, amp_autocast, build_optimizer,
-                    nonfinite_gradients, optimizer_state_bytes, optimizer_steps, resolve_amp, tensor_bytes,
-                    weights_of)
+from ..precision import Precision, resolve_precision
+from .parts import (EMA, Health, LossFn, Schedule, amp_autocast, build_optimizer, nonfinite_gradients,
+                    optimizer_state_bytes, optimizer_steps, tensor_bytes, weights_of)
 
 
 class DDPEngine:
@@ -22,19 +22,18 @@ class DDPEngine:
 
     name = "ddp"
 
-    def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int):
+    def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int,
+                 precision: Precision | None = None):
         self.cfg, self.dist, self.loss_fn = cfg, dist, loss_fn
         e = cfg.engine
         self.device = dist.device
-        self.amp = resolve_amp(cfg.train.amp, self.device)
-        self.amp_dtype = AMP_DTYPES.get(self.amp)
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=self.memory_format)  # unwrapped: eval/save
+        self.precision = p = precision or resolve_precision(cfg.train, dist.device)
+        self.model = model.to(self.device, memory_format=p.memory_format)  # unwrapped: eval/save
         self.fused = self.device.type in ("cpu", "cuda")
         self.optimizer = build_optimizer(cfg, self.model.parameters(), fused=self.fused)
         self.accum, self.clip = e.grad_accum, e.clip_grad
         self.schedule = Schedule(cfg, self.optimizer, optimizer_steps(total_steps, self.accum))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=p.grad_scaler)
         self.health = Health(e.max_bad_steps, self.device)
         self.ema = EMA(self.model, e.ema_decay) if e.ema_decay > 0 else None
         self.micro_step = 0  # micro-batches seen; an optimizer step every `accum` of them
@@ -42,12 +41,12 @@ class DDPEngine:
         self.ddp: DDP | None = None
         if dist.distributed:
             net = self.ddp = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.net = torch.compile(net) if cfg.train.compile else net
+        self.net = torch.compile(net) if p.compile else net
         eval_model = self.ema.module if self.ema is not None else self.model
-        self.eval_net = torch.compile(eval_model) if cfg.train.compile else eval_model
+        self.eval_net = torch.compile(eval_model) if p.compile else eval_model
 
     def autocast(self):
-        return amp_autocast(self.device, self.amp_dtype)
+        return amp_autocast(self.device, self.precision.compute_dtype)
 
     def train(self) -> None:
         self.model.train()
@@ -138,7 +137,7 @@ class DDPEngine:
         return [f"{ddp}, {self.cfg.optim.optimizer}{' (fused)' if self.fused else ''}, "
                 f"accum {self.accum}, clip {self.clip or 'off'}, "
                 f"EMA {self.ema.decay if self.ema is not None else 'off'}, "
-                f"torch.compile {'on' if self.cfg.train.compile else 'off'}"]
+                f"{self.precision.describe()}"]
 
     def save_checkpoint(self, path: Path, meta: dict) -> None:
         """Called on every rank at the same step; rank 0 writes one atomic file, unless a tensor

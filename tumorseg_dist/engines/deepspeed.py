@@ -45,9 +45,10 @@ from .. import checkpoint
 from .. import dist as distmod
 from ..config import Config, ConfigError
 from ..dist import DistInfo
+from ..precision import Precision, resolve_precision
 from . import deepspeed_io
 from .parts import (EMA, Health, LossFn, Schedule, amp_autocast, nonfinite_gradients, optimizer_state_bytes,
-                    optimizer_steps, resolve_amp, tensor_bytes, weights_of)
+                    optimizer_steps, tensor_bytes, weights_of)
 
 DS_DIR = "deepspeed"  # RUN/checkpoints/deepspeed/<tag>/
 
@@ -174,13 +175,13 @@ class DeepSpeedEngine:
 
     name = "deepspeed"
 
-    def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int):
+    def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int,
+                 precision: Precision | None = None):
         self.cfg, self.dist, self.loss_fn = cfg, dist, loss_fn
         e = cfg.engine
         self.device = dist.device
-        self.amp = resolve_amp(cfg.train.amp, self.device)
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        self.config = deepspeed_config(cfg, dist.world_size, self.amp)
+        self.precision = p = precision or resolve_precision(cfg.train, dist.device)
+        self.config = deepspeed_config(cfg, dist.world_size, p.amp)
         self.notes: list[str] = []
         if e.deepspeed_config is not None:
             self.config, self.notes = merge_config(self.config, load_config_file(e.deepspeed_config),
@@ -192,7 +193,7 @@ class DeepSpeedEngine:
         # flattens them into buffers, both of which need stride(-1) == 1. The loader still
         # delivers channels_last inputs when asked, so convolutions run NHWC on the GPU.
         model = model.to(self.device)
-        if cfg.train.channels_last:
+        if p.memory_format != torch.contiguous_format:
             self.notes.append("channels_last: inputs only; DeepSpeed needs contiguous parameters")
         self.ema = EMA(model, e.ema_decay) if e.ema_decay > 0 else None  # fp32, before any cast
         self.schedule: Schedule | None = None
@@ -211,7 +212,7 @@ class DeepSpeedEngine:
             config=copy.deepcopy(self.config), lr_scheduler=client_sched, dist_init_required=False)
         self.model = self.ds.module
         self.dtype = next(self.model.parameters()).dtype  # fp16 when DeepSpeed casts, else fp32
-        if cfg.train.compile:
+        if p.compile:
             # DeepSpeed compiles its module in place (nn.Module.compile), so evaluation runs the
             # compiled forward too and state_dict keys stay those of the plain model.
             self.ds.compile()
@@ -268,8 +269,8 @@ class DeepSpeedEngine:
     @torch.no_grad()
     def eval_logits(self, image: torch.Tensor) -> torch.Tensor:
         # DeepSpeed autocasts only its own forward; evaluation calls the module directly.
-        bf16 = self.amp == "bf16"
-        with amp_autocast(self.device, torch.bfloat16 if bf16 else None):
+        bf16 = self.precision.amp == "bf16"
+        with amp_autocast(self.device, self.precision.compute_dtype if bf16 else None):
             if self.ema is not None:
                 return self.ema.module(image if bf16 else image.float()).float()
             return self.model(self._input(image)).float()

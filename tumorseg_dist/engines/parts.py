@@ -1,5 +1,6 @@
-"""The pieces both engines share: precision choice, optimizer and lr schedule, EMA, the
-non-finite step guard, gradient norm, and the byte counters behind `memory_report`.
+"""The pieces both engines share: optimizer and lr schedule, EMA, the non-finite step guard,
+gradient norm, autocast, and the byte counters behind `memory_report`. (Precision itself is
+decided in `tumorseg_dist/precision.py`.)
 
 Kept apart from the engines so `ddp.py` and `deepspeed.py` import only downwards and neither
 imports the other.
@@ -17,23 +18,10 @@ import torch.nn as nn
 from ..config import Config
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps with a non-finite loss or gradient."""
-
-
-def resolve_amp(choice: str, device: torch.device) -> str:
-    """auto -> bf16 on GPUs that have it, fp16 on older GPUs, off on CPU."""
-    if choice == "auto":
-        if device.type != "cuda":
-            return "off"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if choice == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device (the GradScaler is CUDA-only here); "
-                         "use --amp bf16 or --amp off on CPU")
-    return choice
 
 
 def build_optimizer(cfg: Config, params, fused: bool = False) -> torch.optim.Optimizer:

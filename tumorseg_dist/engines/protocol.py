@@ -11,11 +11,14 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..precision import Precision
+
 
 @runtime_checkable
 class Engine(Protocol):
     name: str               # "ddp" or "deepspeed": recorded in checkpoints
     device: torch.device    # where batches must be for train_step / eval_logits
+    precision: Precision    # AMP, GradScaler, memory format, compile: what this engine runs
 
     def train(self) -> None:
         """Training mode (dropout, BatchNorm batch statistics)."""
