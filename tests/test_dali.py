@@ -459,6 +459,7 @@ def test_loop_evaluate_gives_the_same_metrics_with_dali_and_torch(shards):
     from tumorseg_dist.data.loader import build_loader
     from tumorseg_dist.engines import build_engine
     from tumorseg_dist.loop import evaluate
+    from tumorseg_dist.losses import DiceBCELoss
     from tumorseg_dist.models import build_model
     cfg = tiny_config(size=64, data=shards["png"])
     d = DistInfo(0, 0, 1, CPU)
@@ -468,7 +469,7 @@ def test_loop_evaluate_gives_the_same_metrics_with_dali_and_torch(shards):
     for name in ("dali", "torch"):
         cfg.data.loader = name
         got[name] = evaluate(engine, build_loader(cfg, shards["png"], "val", d, training=False),
-                             torch.nn.functional.binary_cross_entropy_with_logits, cfg.train.threshold)
+                             DiceBCELoss(dice_weight=0.0), cfg.train.threshold)
     assert got["dali"]["samples"] == got["torch"]["samples"] == 11
     assert got["dali"]["loss"] == pytest.approx(got["torch"]["loss"], abs=1e-4)
     for k in ("dice", "iou", "precision", "recall", "accuracy"):

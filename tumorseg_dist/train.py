@@ -21,18 +21,18 @@ from .engines import NonFiniteLossError, build_engine
 from .figures import plot_overlays
 from .log import RunLog, fmt
 from .loop import TrainState, evaluate, fit, restore
-from .losses import dice_bce_loss, loss_weights
+from .losses import DiceBCELoss, loss_weights
 from .models import build_model
 from .precision import resolve_precision
 
 SHARDS_ROOT = Path("shards")
 
 
-def make_loss_fn(cfg: Config):
+def make_loss_fn(cfg: Config) -> DiceBCELoss:
+    # An object, not a closure: evaluation sums its parts over batches and ranks (exact val_loss).
     bce_w, dice_w = loss_weights(cfg.loss.loss, cfg.loss.bce_weight, cfg.loss.dice_weight)
-    return lambda logits, target: dice_bce_loss(
-        logits, target, bce_weight=bce_w, dice_weight=dice_w,
-        dice_reduction=cfg.loss.dice_reduction, fused=cfg.loss.fused_loss)
+    return DiceBCELoss(bce_weight=bce_w, dice_weight=dice_w,
+                       dice_reduction=cfg.loss.dice_reduction, fused=cfg.loss.fused_loss)
 
 
 def prepare_data(cfg: Config, dist: distmod.DistInfo) -> Path:
