@@ -29,7 +29,8 @@ def test_onnx_matches_pytorch_with_dynamic_batch(tmp_path, ckpt, capsys):
     diff = float(printed.split("max abs difference ")[1].split()[0])
     assert diff < 1e-4
 
-    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    proto = onnx.load(str(out))
+    props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props["tumorseg_dist.mean"]) == [0.25] and props["tumorseg_dist.size"] == "64"
 
     # Independently: a batch of 3 different inputs through onnxruntime and PyTorch.
@@ -41,6 +42,16 @@ def test_onnx_matches_pytorch_with_dynamic_batch(tmp_path, ckpt, capsys):
     assert got.shape == (3, 1, 64, 64)
     assert np.abs(got - want).max() < 1e-4
     assert not list(out.parent.glob(".*tmp*"))  # no temp file left behind
+    # The signature deployments size buffers from: image [batch, 1, 64, 64], logits [batch, 1, 64, 64].
+    assert declared(proto) == ([["batch", 1, 64, 64]], [["batch", 1, 64, 64]])
+    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)  # and consistent
+
+
+def declared(proto) -> tuple[list, list]:
+    """The input and output shapes the .onnx file declares, a symbolic dim by its name."""
+    def dims(values):
+        return [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values]
+    return dims(proto.graph.input), dims(proto.graph.output)
 
 
 def test_fixed_size_export_from_an_image_file_and_errors(tmp_path, ckpt, capsys):
@@ -53,6 +64,8 @@ def test_fixed_size_export_from_an_image_file_and_errors(tmp_path, ckpt, capsys)
     import onnxruntime as ort
     shape = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
     assert shape == [1, 1, 96, 96]
+    import onnx
+    assert declared(onnx.load(str(out))) == ([[1, 1, 96, 96]], [[1, 1, 96, 96]])
     assert "scan (1).png" in capsys.readouterr().out
 
     assert export.main(["--checkpoint", str(ckpt), "--onnx", str(tmp_path / "x.onnx"), "--size", "50"]) == 2

@@ -64,6 +64,7 @@ def export_onnx(model: Predictor, path: Path, size: int, dynamic_batch: bool, op
                           dynamic_axes=axes, opset_version=opset, do_constant_folding=True,
                           dynamo=False)
     proto = onnx.load(str(path))
+    declare_shapes(proto, "batch" if dynamic_batch else 1, model.in_channels, size)
     onnx.checker.check_model(proto)
     onnx.helper.set_model_props(proto, {
         "tumorseg_dist.arch": model.arch, "tumorseg_dist.encoder": model.encoder,
@@ -77,15 +78,35 @@ def export_onnx(model: Predictor, path: Path, size: int, dynamic_batch: bool, op
     onnx.save(proto, str(path))
 
 
+def declare_shapes(proto, batch: int | str, channels: int, size: int) -> None:
+    """The signature a deployment sizes its buffers from: image [batch, C, S, S] and logits
+    [batch, 1, S, S]. The TorchScript exporter's own guess names the output's spatial dims after
+    the batch, so both are written here; the exporter's intermediate shape notes go too."""
+    for value, c in ((proto.graph.input[0], channels), (proto.graph.output[0], 1)):
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for d in (batch, c, size, size):
+            dim = dims.add()
+            if isinstance(d, str):
+                dim.dim_param = d
+            else:
+                dim.dim_value = d
+    del proto.graph.value_info[:]
+
+
 def check_onnx(path: Path, net: torch.nn.Module, x: torch.Tensor) -> float:
-    """Max |onnxruntime - PyTorch| over the logits for input x."""
+    """Max |onnxruntime - PyTorch| over the logits for input x; the returned and the declared
+    output shapes must agree with PyTorch's (a symbolic dim matches any size)."""
     import onnxruntime as ort
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(["logits"], {"image": x.numpy()})[0]
     with torch.no_grad():
         want = net(x).float().numpy()
-    if got.shape != want.shape:
-        raise RuntimeError(f"onnxruntime returned shape {got.shape}, PyTorch {want.shape}")
+    declared = sess.get_outputs()[0].shape
+    if got.shape != want.shape or len(declared) != want.ndim or any(
+            isinstance(d, int) and d != w for d, w in zip(declared, want.shape)):
+        raise RuntimeError(f"onnxruntime returned shape {got.shape} (declared {declared}), "
+                           f"PyTorch {want.shape}")
     return float(np.abs(got - want).max())
 
 
