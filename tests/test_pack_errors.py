@@ -220,6 +220,72 @@ def test_keys_stay_unique_after_cleaning(tmp_path):
         assert all(c.isalnum() or c in "_-" for c in k), k
 
 
+def linked_set(tmp_path: Path, layout: str, what: str) -> tuple[Path, str]:
+    """A folders or suffix set with one pair read through a real symlink that leads outside
+    INPUT (to `outside/`): the image, its mask, or a folder holding the pair. Returns the input
+    and the path (relative to it) that the error must name."""
+    outside = tmp_path / "outside"
+    secret = np.full((32, 32), 7, np.uint8)
+    root = folders_set(tmp_path / "in", n=4) if layout == "folders" else tmp_path / "in"
+    if layout == "suffix":
+        for i in range(4):
+            png(root / "case" / f"{i}.png", np.full((32, 32), i, np.uint8))
+            png(root / "case" / f"{i}_mask.png", np.zeros((32, 32), np.uint8))
+    img_dir, msk_dir = ("images", "masks") if layout == "folders" else ("case", "case")
+    name = {"folders": ("s.png", "s.png"), "suffix": ("s.png", "s_mask.png")}[layout]
+    if what == "folder":
+        png(outside / "sub" / name[0], secret)
+        if layout == "folders":
+            png(outside / "msub" / name[1], np.zeros((32, 32), np.uint8))
+            (root / img_dir / "sub").symlink_to(outside / "sub", target_is_directory=True)
+            (root / msk_dir / "sub").symlink_to(outside / "msub", target_is_directory=True)
+        else:
+            png(outside / "sub" / name[1], np.zeros((32, 32), np.uint8))
+            (root / "sub").symlink_to(outside / "sub", target_is_directory=True)
+        return root, f"{img_dir}/sub/{name[0]}" if layout == "folders" else f"sub/{name[0]}"
+    png(outside / "img.png", secret)
+    png(outside / "msk.png", np.zeros((32, 32), np.uint8))
+    if what == "image":
+        (root / img_dir / name[0]).symlink_to(outside / "img.png")
+        png(root / msk_dir / name[1], np.zeros((32, 32), np.uint8))
+        return root, f"{img_dir}/{name[0]}"
+    png(root / img_dir / name[0], secret)
+    (root / msk_dir / name[1]).symlink_to(outside / "msk.png")
+    return root, f"{msk_dir}/{name[1]}"
+
+
+@pytest.mark.parametrize("what", ["image", "mask", "folder"])
+@pytest.mark.parametrize("layout", ["folders", "suffix"])
+def test_link_out_of_input_is_refused_unless_followed(tmp_path, capsys, layout, what):
+    root, name = linked_set(tmp_path, layout, what)
+    out = tmp_path / "o" / "ds"
+    rc = run(root, "--out", out, "--format", layout)
+    assert_failed_cleanly(rc, capsys, out, f"{name}: leads through a link to", "outside INPUT",
+                          "--follow-links", "--on-error skip")
+    assert run(root, "--out", out, "--format", layout, "--on-error", "skip") == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert [s["source"] for s in m["skipped"]] == [name] and len(samples_of(out)) == 4
+    linked = tmp_path / "followed"
+    assert run(root, "--out", linked, "--format", layout, "--follow-links") == 0
+    got = {json.loads(s["json"])["source"]: s for s in samples_of(linked).values()}
+    assert len(got) == 5
+    src = next(k for k in got if k.endswith("s.png"))
+    assert np.asarray(Image.open(io.BytesIO(got[src]["image.png"]))).max() == 7   # read where the link leads
+
+
+def test_links_inside_input_and_link_cycles_are_fine(tmp_path):
+    """A link to a file inside INPUT is read; a folder link back into INPUT (a cycle) is not
+    walked twice: the pack is the same as without it."""
+    root = folders_set(tmp_path / "in", n=4)
+    (root / "images" / "alias.png").symlink_to(root / "images" / "0.png")
+    png(root / "masks" / "alias.png", np.zeros((32, 32), np.uint8))
+    (root / "images" / "loop").symlink_to(root, target_is_directory=True)
+    out = tmp_path / "ds"
+    assert run(root, "--out", out) == 0
+    sources = sorted(json.loads(s["json"])["source"] for s in samples_of(out).values())
+    assert sources == ["images/0.png", "images/1.png", "images/2.png", "images/3.png", "images/alias.png"]
+
+
 def coco_set(root: Path, images: list[dict], anns: list[dict]) -> Path:
     d = root / "train"
     d.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-fusion", default="any", type=parse_fusion,
                    help="lidc: any (default), majority (more than half of the readers) or reader:K")
     g.add_argument("--categories", help="coco: comma-separated category names, or id:N; default all")
+    g.add_argument("--follow-links", action="store_true",
+                   help="folders/suffix/lidc: read files that links inside INPUT lead to outside it "
+                        "(default: such a pair is bad input, refused like any other)")
     g.add_argument("--groups", default="auto",
                    help="auto (patient/case folder from the layout, else one per image), none, or FILE.csv "
                         "with columns source,group")
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                          jpeg_quality=args.jpeg_quality, shard_size=args.shard_size, workers=args.workers,
                          on_error=args.on_error, dry_run=args.dry_run, overwrite=args.overwrite,
                          task_index=args.task_index, num_tasks=args.num_tasks,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, follow_links=args.follow_links)
         run(cfg)
         return 0
     except KeyboardInterrupt:

@@ -27,6 +27,8 @@ from ..data.shards import (CODECS, SPLITS, EncodedSample, Sample, ShardError, as
 from ..data.formats import FORMATS, detect
 from ..data.formats.common import JPEG_EXTS, Item, LayoutError, Options, PackInputError, Scan, load_item, walk
 
+from ..data.formats.common import links_outside
+
 CHUNK = 4   # items per worker task
 
 
@@ -52,6 +54,7 @@ class PackConfig:
     num_tasks: int | None = None
     dataset: str | None = None            # "dataset" in each sample's json (default: --out's name)
     progress: bool = True
+    follow_links: bool = False            # read files that links inside INPUT lead to outside it
 
 
 class PackAbort(RuntimeError):
@@ -127,6 +130,8 @@ def plan(cfg: PackConfig, log: Callable[[str], None] = _log) -> Plan:
         why = "--format given"
     log(f"format: {fmt} ({why})")
     scan = FORMATS[fmt].scan(root, files, opts)
+    if not cfg.follow_links:
+        links_outside(root, scan)   # a pair read through a link out of INPUT is a bad pair
     for n in scan.notes:
         log(f"  {n}")
     if scan.ignored:
@@ -166,6 +171,8 @@ def plan(cfg: PackConfig, log: Callable[[str], None] = _log) -> Plan:
             "split": "given" if scan.given_splits else [list(cfg.split), cfg.seed], "codec": cfg.codec,
             "jpeg_quality": cfg.jpeg_quality if cfg.codec == "jpeg" else None, "shard_size": cfg.shard_size,
             "on_error": cfg.on_error, "dataset": cfg.dataset or Path(cfg.out).name,
+            # only when set, so that the fingerprint of every earlier pack stays the same
+            **({"follow_links": True} if cfg.follow_links else {}),
             "files": _file_stats(root, [n for it in items for n in [it.source, *it.mask_sources]
                                         if "#" not in n] + scan.extra_files)}
     job_fp = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()

@@ -18,7 +18,7 @@ import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .common import (Item, LayoutError, Options, Problem, Scan, SPLIT_NAMES,
-                     assign_keys, is_image_name)
+                     assign_keys, is_image_name, resolved_inside)
 
 _NAME = re.compile(r"(_annotations\.coco|.*coco.*|instances.*|annotations.*)\.json", re.I)
 
@@ -73,11 +73,10 @@ def _safe_file_name(name, json_rel: str, root: Path, base: Path) -> tuple[str | 
     parts = re.split(r"[\\/]", name)
     if ".." in parts:
         return None, f"file_name {name!r} contains '..' (only paths inside INPUT are read)"
-    path = (base / name).resolve()
-    try:
-        return path.relative_to(root.resolve()).as_posix(), ""
-    except ValueError:
+    src = resolved_inside(root, base / name)
+    if src is None:
         return None, f"file_name {name!r} points outside INPUT through a link"
+    return src, ""
 
 
 def scan(root: Path, files: list[str], opts: Options) -> Scan:

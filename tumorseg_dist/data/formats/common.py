@@ -70,16 +70,63 @@ def rel(path: Path, root: Path) -> str:
     return PurePosixPath(Path(path).relative_to(root)).as_posix()
 
 
+def resolved_inside(root: Path, path: Path) -> str | None:
+    """`path` with every link resolved, relative to `root`, or None if that lies outside root:
+    the one check that keeps every importer from reading outside INPUT through a link."""
+    try:
+        return PurePosixPath(Path(path).resolve().relative_to(Path(root).resolve())).as_posix()
+    except ValueError:
+        return None
+
+
+def _dir_id(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def walk(root: Path) -> list[str]:
-    """Every regular file under root (hidden files and folders left out), sorted, relative."""
+    """Every regular file under root (hidden files and folders left out), sorted, relative.
+
+    A linked folder is entered only when it leads outside root, so that its files are seen and
+    then refused (or read, with --follow-links: `links_outside`) instead of silently missing; one
+    that leads inside root is not entered, its files are listed where they really are."""
+    root = Path(root)
     out = []
-    for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+    entered = {_dir_id(root)}   # a cycle of links outside root must not loop forever
+    for d, dirs, files in os.walk(root, followlinks=True):
         base = Path(d)
+        keep = []
+        for x in sorted(dirs):
+            p = base / x
+            if x.startswith(".") or (p.is_symlink() and resolved_inside(root, p) is not None):
+                continue
+            try:
+                ident = _dir_id(p)
+            except OSError:
+                continue   # a dangling folder link: nothing to list
+            if ident not in entered:
+                entered.add(ident)
+                keep.append(x)
+        dirs[:] = keep
         for f in files:
             if not f.startswith("."):
                 out.append(rel(base / f, root))
     return sorted(out)
+
+
+def links_outside(root: Path, scan: Scan) -> None:
+    """Move the items that read a file outside root through a link into `scan.problems`."""
+    kept = []
+    for it in scan.items:
+        outside = [p for p in [it.source, *it.mask_sources] if "#" not in p and resolved_inside(root, root / p) is None]
+        if not outside:
+            kept.append(it)
+            continue
+        p = outside[0]
+        scan.problems.append(Problem(p, f"leads through a link to {(root / p).resolve()}, outside INPUT {root}",
+                                     "copy the file into INPUT, or pass --follow-links to read linked files "
+                                     "wherever they are"))
+    scan.items = kept
 
 
 def is_image_name(name: str) -> bool:
