@@ -163,7 +163,11 @@ class TrainConfig:
     threshold: float = 0.5
     """Probability threshold for metrics and predictions."""
     resume: str = "auto"
-    """`auto`: continue from RUN/checkpoints/last.pt if present; `never`; or a checkpoint path."""
+    """`auto`: continue from RUN/checkpoints/last.pt if present; `never`; or a checkpoint path.
+    Resuming checks the checkpoint's config: see MAY_CHANGE_ON_RESUME."""
+    weights_only: bool = False
+    """With --resume PATH: load only the model (and EMA) weights of PATH and start the
+    optimizer, lr schedule and progress fresh (fine-tuning; any other setting may differ)."""
     seed: int = 0
     device: Literal["auto", "cuda", "cpu"] = "auto"
     log_every: int = 10
@@ -228,6 +232,26 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+# What a resume may change. Everything else decides what the run computes (model, input,
+# loss, optimisation, augmentation, data order, engine layout) and must equal the checkpoint's
+# config, or the run stops listing the differences: a new field is frozen until listed here.
+# These change how long the run goes, when it stops, where and how fast it runs, and what it
+# logs: a resume applies them and logs each one.
+MAY_CHANGE_ON_RESUME = frozenset({
+    "data.num_workers", "train.epochs", "train.max_steps", "train.patience", "train.min_delta",
+    "train.device", "train.channels_last", "train.compile", "train.log_every",
+    "engine.max_bad_steps", "engine.wandb", "engine.wandb_project", "run.out", "run.name",
+    "data.verify_shards",
+})
+# How to resume, not what is resumed: never compared.
+RESUME_MECHANICS = frozenset({"train.resume", "train.weights_only"})
+
+
+def flag_name(section: str, key: str) -> str:
+    """The command-line flag of a config field (`data.path` is `--data`)."""
+    return "--data" if (section, key) == ("data", "path") else "--" + key.replace("_", "-")
+
+
 # The built-in default run: with no --data, a preset sized for the machine. Applied under the
 # user's recipe and flags, so anything the user sets still wins.
 SYNTHETIC_PRESET_CPU: dict[str, dict[str, Any]] = {
@@ -265,7 +289,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} = {value!r}: must be one of {', '.join(map(str, choices))}")
         return value
     if typing.get_origin(tp) is tuple:
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):  # TOML gives lists, a checkpoint's config tuples
             raise ConfigError(f"{where} = {value!r}: expected a list")
         item = typing.get_args(tp)[0]
         return tuple(_coerce(v, item, where) for v in value)
@@ -402,3 +426,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--max-bad-steps must be >= 1, got {e.max_bad_steps}")
     if t.resume not in ("auto", "never") and not Path(t.resume).is_file():
         raise ConfigError(f"--resume {t.resume}: no such checkpoint file (use auto, never, or a path to a .pt file)")
+    if t.weights_only and t.resume in ("auto", "never"):
+        raise ConfigError(f"--weights-only needs --resume PATH (the checkpoint whose weights to start "
+                          f"from), not --resume {t.resume}")

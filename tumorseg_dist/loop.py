@@ -27,6 +27,10 @@ class TrainState:
     epoch: int = 0            # completed epochs
     step: int = 0             # optimizer steps taken
     batch_in_epoch: int = 0   # batches of epoch `epoch` already trained (mid-epoch resume)
+    # Their training-loss sum and batch count over all ranks, so the resumed epoch's
+    # train_loss averages every batch of the epoch, not only those after the resume.
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
     best: float | None = None
     best_epoch: int = 0
     bad_epochs: int = 0
@@ -116,16 +120,38 @@ def save(cfg: Config, engine, state: TrainState, path: Path, dist: DistInfo) -> 
     engine.save_checkpoint(path, checkpoint_meta(cfg, state))
 
 
-def restore(engine, ckpt: dict, path: Path | None = None) -> TrainState:
-    """Resume the full state from `ckpt` (read from `path`). A checkpoint this engine cannot
-    resume (`engine.can_resume` says why: the other engine, another ZeRO layout) gives its
-    weights only and a fresh TrainState."""
-    if engine.can_resume(ckpt) is not None:
-        engine.load_weights(ckpt)
+def restore(engine, ckpt: dict, path: Path | None = None, weights_only: bool = False) -> TrainState:
+    """Resume the full state from `ckpt` (read from `path`), or with weights_only load its model
+    (and EMA) weights into a fresh TrainState. A checkpoint this engine cannot fully resume
+    (`engine.can_resume` says why: another world size or ZeRO layout) is an error that says
+    how to use it instead."""
+    where = "the checkpoint" if path is None else Path(path)
+    if weights_only:
+        _load_fitting(engine.load_weights, ckpt, where)
         return TrainState()
-    engine.load_state_dict(ckpt, None if path is None else Path(path).parent)
+    why = engine.can_resume(ckpt)
+    if why is not None:
+        raise checkpoint.CheckpointError(
+            f"{where} cannot be resumed by this run: {why}. Resume it with the layout it was "
+            f"written with, or fine-tune from its weights with --out NEW_DIR --resume {where} "
+            f"--weights-only")
+    _load_fitting(lambda c: engine.load_state_dict(c, None if path is None else Path(path).parent),
+                  ckpt, where)
     checkpoint.set_rng_state(ckpt["rng"])
     return TrainState(**ckpt["train_state"])
+
+
+def _load_fitting(load, ckpt: dict, where) -> None:
+    """torch's key-by-key report of weights that do not fit runs to kilobytes: one line instead."""
+    try:
+        load(ckpt)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        if not lines or not lines[0].startswith("Error(s) in loading state_dict"):
+            raise
+        raise checkpoint.CheckpointError(
+            f"{where}: its weights do not fit the model this run builds ({lines[1].strip()[:160]}...); "
+            f"pass the --arch, --encoder and --in-channels it was trained with") from None
 
 
 def train_epoch(cfg: Config, engine, loader: Loader, state: TrainState, epoch: int, dist: DistInfo,
@@ -137,6 +163,12 @@ def train_epoch(cfg: Config, engine, loader: Loader, state: TrainState, epoch: i
     loader.set_epoch(epoch)
     engine.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    carried = torch.tensor([state.epoch_loss_sum, state.epoch_loss_count], dtype=torch.float64,
+                           device=dist.device)
+
+    def totals() -> torch.Tensor:  # collective: [loss sum, batches] of the epoch so far
+        return all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(seen)])) + carried
+
     seen, t0, outcome = 0, time.perf_counter(), "done"
     for i, batch in enumerate(log.progress(loader, steps_per_epoch, f"epoch {epoch + 1}")):
         if i < state.batch_in_epoch:
@@ -162,13 +194,16 @@ def train_epoch(cfg: Config, engine, loader: Loader, state: TrainState, epoch: i
             break
         if (at_log or i + 1 == steps_per_epoch) and stop.agreed():
             engine.check_health()
+            so_far = totals()
+            state.epoch_loss_sum, state.epoch_loss_count = so_far[0].item(), int(so_far[1].item())
             save(cfg, engine, state, ckpt_dir / "last.pt", dist)
             log.info(f"stop requested: saved {ckpt_dir / 'last.pt'} at step {state.step} "
                      f"(epoch {epoch + 1}, batch {state.batch_in_epoch}); resume with --resume auto")
             return {}, "preempted"
     elapsed = time.perf_counter() - t0
-    totals = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(seen)]))
-    stats = {"train_loss": (totals[0] / totals[1].clamp_min(1)).item(),
+    epoch_totals = totals()
+    state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0  # the next epoch starts its own sums
+    stats = {"train_loss": (epoch_totals[0] / epoch_totals[1].clamp_min(1)).item(),
              "images_per_s": seen * t.batch_size / max(elapsed, 1e-9), "seconds": elapsed}
     return stats, outcome
 

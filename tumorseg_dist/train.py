@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, dist as distmod, tracking
+from . import checkpoint, dist as distmod, resume_guard, tracking
 from .cli import guarded
 from .config import Config, parse, save_toml
 from .data.loader import build_loader, resolve_norm
@@ -55,35 +55,23 @@ def resolve_run_dir(cfg: Config, data_dir: Path) -> Path:
     return Path("runs") / name
 
 
-def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
-    r = cfg.train.resume
-    if r == "never":
-        return None
-    if r == "auto":
-        last = run_dir / "checkpoints" / "last.pt"
-        return last if last.is_file() else None
-    return Path(r)
-
-
-def resume(cfg: Config, engine, run_dir: Path, dist, log: RunLog) -> TrainState:
-    """Continue from --resume (full state, or weights only across engines), else start fresh."""
-    ckpt_path = resume_checkpoint(cfg, run_dir)
-    if ckpt_path is None:
-        if dist.is_main:  # a fresh run (--resume never, or nothing to resume): new logs
+def resume(engine, src: resume_guard.Source | None, dist, log: RunLog) -> TrainState:
+    """Continue from `src` (full state, or its weights only), else start fresh."""
+    if src is None or src.weights_only:
+        if dist.is_main:  # a fresh run, or fine-tuning: new logs
             log.metrics_path.unlink(missing_ok=True)
             log.steps_path.unlink(missing_ok=True)
-        return TrainState()
-    ckpt = checkpoint.load(ckpt_path, dist.device)
-    weights_only = engine.can_resume(ckpt)
-    state = restore(engine, ckpt, ckpt_path)
+        if src is None:
+            return TrainState()
+    state = restore(engine, src.ckpt, src.path, src.weights_only)
+    if src.weights_only:
+        log.info(f"loaded weights only from {src.path}; optimizer, lr schedule and progress start "
+                 f"fresh (fine-tuning)")
+        return state
     log.rewind(state.epoch, state.last_record)
     log.rewind_steps(state.step)
-    if weights_only:
-        log.info(f"loaded weights only from {ckpt_path} ({weights_only}); optimizer, lr schedule "
-                 f"and progress start fresh (fine-tuning)")
-    else:
-        log.info(f"resumed from {ckpt_path}: epoch {state.epoch}, step {state.step}"
-                 + (f", batch {state.batch_in_epoch} of the next epoch" if state.batch_in_epoch else ""))
+    log.info(f"resumed from {src.path}: epoch {state.epoch}, step {state.step}"
+             + (f", batch {state.batch_in_epoch} of the next epoch" if state.batch_in_epoch else ""))
     return state
 
 
@@ -119,23 +107,31 @@ def run(cfg: Config, preset: str | None) -> int:
                  f"{', CPU-sized: no CUDA device' if preset.endswith('cpu') else ''})")
     log.info(f"run {run_dir}: world size {dist.world_size}, device {dist.device}, amp {cfg.train.amp}, "
              f"channels_last {cfg.train.channels_last}, global batch {cfg.train.batch_size}")
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_toml(cfg, run_dir / "config.toml")
-        for tmp in checkpoint.remove_stale_temps(run_dir / "checkpoints"):
-            log.info(f"removed {tmp}: the temp file of a checkpoint write that was killed")
+    if cfg.train.resume not in ("auto", "never"):  # recorded absolute: a rerun finds it from any cwd
+        cfg.train.resume = str(Path(cfg.train.resume).resolve())
+    src = resume_guard.source(cfg, run_dir, dist.device)
+    for line in [] if src is None else resume_guard.check(cfg, src.ckpt, src.path, src.weights_only):
+        log.info(line)
+    model = build_model(cfg.model, cfg.data.in_channels)  # first: missing weights fail at once
 
     train_loader = build_loader(cfg, data_dir, "train", dist, training=True, precision=precision)
     val_loader = build_loader(cfg, data_dir, "val", dist, training=False, precision=precision)
     steps = len(train_loader) * cfg.train.epochs
     total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
     loss_fn = make_loss_fn(cfg)
-    engine = build_engine(cfg, build_model(cfg.model, cfg.data.in_channels), dist, loss_fn, total_steps, precision)
+    engine = build_engine(cfg, model, dist, loss_fn, total_steps, precision)
     for line in engine.describe():
         log.info(f"engine: {line}")
+    # Only now, with the resume checked and the model built: a run refused before this point
+    # leaves no directory, and an existing config.toml as it was.
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_toml(cfg, run_dir / "config.toml")
+        for tmp in checkpoint.remove_stale_temps(run_dir / "checkpoints"):
+            log.info(f"removed {tmp}: the temp file of a checkpoint write that was killed")
     engine.write_run_files(run_dir)  # DeepSpeed: RUN/deepspeed_config.json
 
-    state = resume(cfg, engine, run_dir, dist, log)
+    state = resume(engine, src, dist, log)
     if state.epoch >= cfg.train.epochs or state.stopped_early:
         log.info("nothing left to train: the checkpoint already finished its epochs")
         reason = "done"
