@@ -85,3 +85,22 @@ def test_user_errors_are_one_line_and_debug_gives_the_traceback(monkeypatch, cap
     monkeypatch.setenv("TUMORSEG_DEBUG", "1")
     with pytest.raises(ConfigError):
         guarded("train", bad)
+
+
+def test_weights_only_needs_a_checkpoint_path(tmp_path):
+    with pytest.raises(ConfigError, match="--weights-only needs --resume PATH"):
+        parse(["--data", "/d", "--weights-only"])
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(b"")
+    cfg, _ = parse(["--data", "/d", "--resume", str(ckpt), "--weights-only"])
+    assert cfg.train.weights_only and cfg.train.resume == str(ckpt)
+
+
+def test_every_setting_a_resume_may_change_is_a_real_field_with_its_flag():
+    """A typo in MAY_CHANGE_ON_RESUME would freeze the setting it meant to free."""
+    import dataclasses
+    from tumorseg_dist.config import MAY_CHANGE_ON_RESUME, RESUME_MECHANICS, Config, flag_name
+    fields = {f"{g.name}.{f.name}" for g in dataclasses.fields(Config)
+              for f in dataclasses.fields(getattr(Config(), g.name))}
+    assert MAY_CHANGE_ON_RESUME <= fields and RESUME_MECHANICS <= fields
+    assert flag_name("data", "path") == "--data" and flag_name("train", "log_every") == "--log-every"
