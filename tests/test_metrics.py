@@ -169,3 +169,50 @@ def test_wandb_gets_no_undefined_point(tmp_path):
     assert run.logged == [{"epoch": 1, "epoch/val_recall": 0.5}]
     t.summary({"test_precision": math.nan, "test_dice": 0.3})
     assert run.summary == {"test_dice": 0.3}
+
+
+@pytest.mark.slow
+def test_fit_never_picks_an_undefined_epoch_as_best(tmp_path, capsys):
+    """A split with no tumour and a model that predicts nothing: val_dice is undefined every
+    epoch, so no best.pt is written, early stopping says why, and the logs show n/a / null."""
+    import dataclasses
+
+    import numpy as np
+
+    from inference_testing import tiny_config
+    from tumorseg_dist.data.loader import build_loader
+    from tumorseg_dist.data.shards import write_dataset
+    from tumorseg_dist.data.synthetic import synthetic_samples
+    from tumorseg_dist.dist import DistInfo
+    from tumorseg_dist.engines import build_engine
+    from tumorseg_dist.loop import TrainState, fit
+    from tumorseg_dist.losses import DiceBCELoss
+    from tumorseg_dist.models import build_model
+
+    data = tmp_path / "no-tumour"
+    no_tumour = (dataclasses.replace(s, mask=np.zeros_like(s.mask))
+                 for s in synthetic_samples(10, 32, 0))
+    write_dataset(no_tumour, data, fmt="synthetic", input_root="<test>")
+    cfg = tiny_config(size=32, data=data)
+    cfg.train.epochs, cfg.train.patience, cfg.train.monitor = 3, 1, "val_dice"
+    cfg.optim.lr = 1e-6
+    d = DistInfo(0, 0, 1, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1)
+    with torch.no_grad():
+        model.segmentation_head[0].bias.fill_(-50.0)  # certain "no tumour" everywhere
+    loss = DiceBCELoss()
+    engine = build_engine(cfg, model, d, loss, 100)
+    run = tmp_path / "run"
+    log = RunLog(run, enabled=True)
+    state, reason = fit(cfg, engine, build_loader(cfg, data, "train", d, training=True),
+                        build_loader(cfg, data, "val", d, training=False), loss, TrainState(),
+                        run, d, log)
+    out = capsys.readouterr().out
+    assert reason == "early_stop" and state.best is None
+    assert (run / "checkpoints" / "last.pt").exists()
+    assert not (run / "checkpoints" / "best.pt").exists()
+    assert "no epoch had a defined val_dice" in out and "val_dice n/a" in out
+    (record,) = log.records()
+    assert record["val_dice"] is None and record["val_precision"] is None
+    assert record["val_recall"] is None and record["val_accuracy"] == 1.0
