@@ -163,8 +163,11 @@ def test_nonfinite_names_buffers_optimizer_state_and_ema():
 
 
 def all_finite(path: Path) -> bool:
-    return not checkpoint.nonfinite(checkpoint.named_tensors(torch.load(path, weights_only=True,
-                                                                         map_location="cpu")))
+    allowed = []
+    if path.parent.parent.name == "deepspeed":  # a shard: DeepSpeed's loss scaler etc. (data only)
+        from tumorseg_dist.engines.deepspeed_io import shard_globals
+        allowed = shard_globals()
+    return not checkpoint.nonfinite(checkpoint.named_tensors(checkpoint.load_file(path, "cpu", allowed)))
 
 
 def checkpoint_files(run: Path) -> dict[str, bytes]:
