@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image
 
 from tumorseg_dist.data import shards
+from tumorseg_dist.data.verify import verify_local
 from tumorseg_dist.pack import main as pack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -478,27 +480,106 @@ def test_dry_run_writes_nothing_and_finds_problems(tmp_path, capsys):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_leaves_no_partial_output(tmp_path, sig):
+def start_held_pack(tmp_path: Path, point: str, *args) -> tuple[subprocess.Popen, int]:
+    """`pack --workers 2` in its own process group, held at `point` (TUMORSEG_PACK_HOLD) until the
+    returned FIFO writer is closed: the signal lands at a known moment, whatever the timing."""
+    fifo = tmp_path / f"hold-{point}"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "tumorseg_dist.pack", *map(str, args), "--workers", "2",
+                             "--no-progress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TUMORSEG_PACK_HOLD": f"{point}:{fifo}"}, start_new_session=True)
+    while True:   # wait for a state (the pack opened the FIFO), not for a time
+        try:
+            w = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            if proc.poll() is not None:
+                raise AssertionError(f"pack ended before reaching {point}: {proc.communicate()}")
+            time.sleep(0.05)
+    os.write(w, b"held")
+    return proc, w
+
+
+@pytest.fixture(scope="module")
+def old_output(tmp_path_factory) -> tuple[Path, Path]:
+    """An input and a complete earlier pack of it, copied by each test that overwrites it."""
+    d = tmp_path_factory.mktemp("old")
+    root = folders_set(d / "in", n=16)
+    assert run(root, "--out", d / "ds") == 0
+    return root, d / "ds"
+
+
+@pytest.mark.parametrize("point", ["planned", "written", "last", "published"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_leaves_no_partial_output(tmp_path, old_output, sig, point):
+    """A stop signal to the whole process group (a terminal's Ctrl-C, Slurm's SIGTERM) at each
+    phase: before the atomic rename the old output stays as it was; after it the new output is
+    complete; either way one message from the parent, exit 130, no traceback, no leftovers."""
+    root, old = old_output
+    out = tmp_path / "o" / "ds"
+    shutil.copytree(old, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc, w = start_held_pack(tmp_path, point, root, "--out", out, "--overwrite", "--codec", "raw")
+    try:
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        os.close(w)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err and err.count("\n") == 1, err
+    assert leftovers(out.parent) == []
+    if point == "published":
+        assert f"interrupted after {out} was complete" in err
+        verify_local(out, shards.SPLITS, "full")
+        assert "image.npy" in next(iter(samples_of(out).values()))
+    else:
+        assert "interrupted; nothing was written (an existing output is unchanged)" in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                                capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "file_size_limit"])
+def test_write_fault_with_workers_is_one_message(tmp_path, fault):
+    """A real full filesystem (a 256 KB tmpfs, where the machine lets us mount one) and a real
+    write limit (RLIMIT_FSIZE): the parent's one line, no worker traceback, nothing left."""
     root = tmp_path / "in"
     rng = np.random.default_rng(0)
-    for i in range(400):
+    for i in range(40):
         png(root / "images" / f"{i}.png", rng.integers(0, 256, (128, 128), dtype=np.uint8))
         png(root / "masks" / f"{i}.png", np.zeros((128, 128), np.uint8))
-    out = tmp_path / "o" / "ds"
-    (tmp_path / "o").mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "tumorseg_dist.pack", str(root), "--out", str(out),
-                             "--workers", "2", "--codec", "jp2", "--no-progress"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not list((tmp_path / "o").glob(".ds.tmp-*/train-000000.tar")):
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err
-    assert not out.exists() and leftovers(tmp_path / "o") == []
+    parent = tmp_path / "mnt"
+    preexec = None
+    if fault == "disk_full":
+        if not _tmpfs(parent, "256k"):
+            pytest.skip("cannot mount a small tmpfs here (needs root and mount rights)")
+    else:
+        parent.mkdir()
+
+        def preexec():
+            import resource
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # then writes past the limit fail with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+    try:
+        p = subprocess.run([sys.executable, "-m", "tumorseg_dist.pack", str(root), "--out", str(parent / "ds"),
+                            "--workers", "2", "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300, preexec_fn=preexec)
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+        want = "disk full while writing" if fault == "disk_full" else "File too large"
+        assert p.stderr.startswith("pack: error: ") and want in p.stderr, p.stderr
+        assert sorted(os.listdir(parent)) == []
+    finally:
+        if fault == "disk_full":
+            subprocess.run(["umount", str(parent)], check=True)
 
 
 def test_groups_csv_and_none(tmp_path, capsys):

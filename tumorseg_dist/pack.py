@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
-from .data.formats import ALL_FORMATS, LayoutError, Options, PackInputError
-from .packing.pipeline import PackAbort, PackConfig, run
-from .data.shards import CODECS, ShardError
-from .data.synthetic import pack_synthetic
+# Only light imports here: main() installs the stop-signal handler first and then imports the
+# rest (numpy, Pillow, scipy: about 2 s), so a Ctrl-C during start-up is one message too.
+from .packing.signals import stop_on_signals
 
 
 def parse_size(text: str) -> int:
@@ -62,6 +62,8 @@ def parse_workers(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.formats import ALL_FORMATS
+    from .data.shards import CODECS
     p = argparse.ArgumentParser(prog="python -m tumorseg_dist.pack", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", nargs="?", type=Path, help="dataset root folder (not needed for --format synthetic)")
@@ -105,45 +107,94 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _pack(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .data.formats import LayoutError, Options
+    from .packing.pipeline import PackConfig, run
     fmt = args.format or ("auto" if args.input is not None else "synthetic")
-    try:
-        if args.merge:
-            from .packing.merge import merge_parts
-            merge_parts(args.out, overwrite=args.overwrite)
-            return 0
-        if fmt == "synthetic":
-            try:
-                m = pack_synthetic(args.out, args.samples, args.size, args.seed, args.codec,
-                                   split=args.split, shard_size=args.shard_size, overwrite=args.overwrite)
-            except ValueError as e:
-                raise LayoutError(str(e)) from e
-            counts = ", ".join(f"{k} {v['samples']}" for k, v in m["splits"].items())
-            print(f"packed synthetic -> {args.out} ({counts}; codec {m['codec']})")
-            return 0
-        if args.input is None:
-            parser.error(f"INPUT is required for --format {fmt}")
-        if (args.task_index is None) != (args.num_tasks is None):
-            parser.error("--task-index and --num-tasks go together")
-        cfg = PackConfig(input=args.input, out=args.out, format=fmt,
-                         options=Options(args.images_dir, args.masks_dir, args.mask_suffix, args.mask_fusion,
-                                         args.categories),
-                         groups=args.groups, split=args.split, seed=args.seed, codec=args.codec,
-                         jpeg_quality=args.jpeg_quality, shard_size=args.shard_size, workers=args.workers,
-                         on_error=args.on_error, dry_run=args.dry_run, overwrite=args.overwrite,
-                         task_index=args.task_index, num_tasks=args.num_tasks,
-                         progress=not args.no_progress, follow_links=args.follow_links)
-        run(cfg)
+    if args.merge:
+        from .packing.merge import merge_parts
+        merge_parts(args.out, overwrite=args.overwrite)
         return 0
-    except KeyboardInterrupt:
-        print("pack: interrupted; nothing was written (an existing output is unchanged)", file=sys.stderr)
-        return 130
-    except (ShardError, LayoutError, PackAbort, PackInputError) as e:
-        print(f"pack: error: {e}", file=sys.stderr)
-        return 2
+    if fmt == "synthetic":
+        from .data.synthetic import pack_synthetic
+        try:
+            m = pack_synthetic(args.out, args.samples, args.size, args.seed, args.codec,
+                               split=args.split, shard_size=args.shard_size, overwrite=args.overwrite)
+        except ValueError as e:
+            raise LayoutError(str(e)) from e
+        counts = ", ".join(f"{k} {v['samples']}" for k, v in m["splits"].items())
+        print(f"packed synthetic -> {args.out} ({counts}; codec {m['codec']})")
+        return 0
+    if args.input is None:
+        parser.error(f"INPUT is required for --format {fmt}")
+    if (args.task_index is None) != (args.num_tasks is None):
+        parser.error("--task-index and --num-tasks go together")
+    cfg = PackConfig(input=args.input, out=args.out, format=fmt,
+                     options=Options(args.images_dir, args.masks_dir, args.mask_suffix, args.mask_fusion,
+                                     args.categories),
+                     groups=args.groups, split=args.split, seed=args.seed, codec=args.codec,
+                     jpeg_quality=args.jpeg_quality, shard_size=args.shard_size, workers=args.workers,
+                     on_error=args.on_error, dry_run=args.dry_run, overwrite=args.overwrite,
+                     task_index=args.task_index, num_tasks=args.num_tasks,
+                     progress=not args.no_progress, follow_links=args.follow_links)
+    run(cfg)
+    return 0
+
+
+def _target(args: argparse.Namespace) -> Path:
+    """The folder this command publishes (a Slurm array task: its part folder)."""
+    if args.task_index is not None and args.num_tasks is not None and not args.merge:
+        from .packing.merge import part_dir
+        return part_dir(args.out, args.task_index, args.num_tasks)
+    return Path(args.out)
+
+
+def _stamp(out: Path) -> tuple[int, int] | None:
+    """Identity of OUT's manifest: a new one appears only when a pack is published."""
+    from .data.shards import MANIFEST
+    try:
+        st = (out / MANIFEST).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
+    # One handler for the whole command, so a stop signal at any moment (start-up, planning,
+    # packing, the publish, this function's last lines) ends in one of the two messages below.
+    with stop_on_signals(restore=restore_signals) as stop:
+        out = before = None
+        try:
+            from .data.formats import LayoutError, PackInputError
+            from .data.shards import ShardError
+            from .packing.pipeline import PackAbort
+            from .packing.workers import WorkerDied
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            out = _target(args)
+            before = _stamp(out)
+            try:
+                rc = _pack(args, parser)
+            except (ShardError, LayoutError, PackAbort, PackInputError, WorkerDied) as e:
+                print(f"pack: error: {e}", file=sys.stderr)
+                rc = 2
+            stop.finish()
+        except KeyboardInterrupt:
+            stop.finish()
+            rc = 130
+            # The filesystem says which side of the atomic rename the signal landed on.
+            if out is not None and _stamp(out) not in (before, None):
+                print(f"pack: interrupted after {out} was complete: it is whole and usable, nothing to redo",
+                      file=sys.stderr)
+            else:
+                print("pack: interrupted; nothing was written (an existing output is unchanged)", file=sys.stderr)
+    if rc == 0 and stop.late:
+        print(f"pack: {signal.Signals(stop.late).name} arrived after the work was done; {out} is as reported above",
+              file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The process ends here: a signal from now on finds the result decided and its message
+    # printed, so it is recorded rather than allowed to interrupt or kill the exit.
+    sys.exit(main(restore_signals=False))

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -355,18 +356,25 @@ def check_output(out: Path, fingerprint: str, overwrite: bool) -> dict | None:
 
 
 def publish(stage: Path, out: Path) -> None:
-    """Move a complete staging dir into place; an old output is replaced only after that works."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(trash)
-        try:
+    """Move a complete staging dir into place; an old output is replaced only after that works.
+
+    Ctrl-C/SIGTERM are held back until it is done (then delivered, not lost), so a stop signal
+    cannot leave the old output in its trash folder or land between the two renames."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(trash)
+            try:
+                stage.rename(out)
+            except BaseException:
+                trash.rename(out)
+                raise
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
             stage.rename(out)
-        except BaseException:
-            trash.rename(out)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        stage.rename(out)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def disk_error(e: OSError, where: Path) -> ShardError:

@@ -10,12 +10,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import multiprocessing as mp
-import signal
 import sys
-import threading
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -28,6 +24,8 @@ from ..data.formats import FORMATS, detect
 from ..data.formats.common import JPEG_EXTS, Item, LayoutError, Options, PackInputError, Scan, load_item, walk
 
 from ..data.formats.common import links_outside
+from .signals import hold, stop_on_signals
+from .workers import ordered_map as workers_map
 
 CHUNK = 4   # items per worker task
 
@@ -194,9 +192,7 @@ def plan(cfg: PackConfig, log: Callable[[str], None] = _log) -> Plan:
 _W: dict = {}
 
 
-def _init_worker(state: dict, ignore_sigint: bool) -> None:
-    if ignore_sigint:   # the main process handles Ctrl-C and terminates the pool
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _init_worker(state: dict) -> None:
     _W.clear()
     _W.update(state)
 
@@ -227,46 +223,24 @@ def _work_one(item: Item):
         return ("bad", e.source, e.reason, e.fix)
     except ShardError as e:
         return ("bad", item.source, str(e), "")
+    except Exception as e:  # not a bad input (a bug, no memory): still a value, the parent says it
+        return ("error", item.source, f"{type(e).__name__}: {e}", "")
 
 
 def _work_chunk(chunk: list[Item]) -> list:
     return [_work_one(it) for it in chunk]
 
 
-def ordered_map(fn, items: list, workers: int, state: dict, window: int | None = None) -> Iterator:
-    """fn over items in chunks, results in input order; at most `window` chunks in flight."""
+def ordered_map(fn, items: list, workers: int, state: dict) -> Iterator:
+    """fn over items in chunks, results in input order, in `workers` processes (1: this one)."""
     chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
     if workers <= 1:
-        _init_worker(state, ignore_sigint=False)
+        _init_worker(state)
         for c in chunks:
             yield from fn(c)
         return
-    window = window or 2 * workers
-    # fork starts workers in milliseconds, but forking a process that runs other threads (a
-    # progress-bar monitor, a test runner's watchdog) can copy a held lock into the child and
-    # hang it; then the fork server (about 1 s once per process) is the safe choice.
-    if sys.platform.startswith("linux") and threading.active_count() == 1:
-        ctx = mp.get_context("fork")
-    else:
-        ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(state, True))
-    try:
-        pending: deque = deque()
-        for c in chunks:
-            pending.append(pool.apply_async(fn, (c,)))
-            if len(pending) >= window:
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
-        pool.close()
-        pool.join()
-    finally:
-        pool.terminate()
-        pool.join()
-
-
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    for results in workers_map(fn, chunks, workers, _init_worker, (state,)):
+        yield from results
 
 
 def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
@@ -281,6 +255,7 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
         if old is not None:
             log(f"{out} is up to date (same inputs and options); nothing to do. Pass --overwrite to repack")
             return old
+    hold("planned")
     state = {"root": Path(cfg.input).resolve(), "codec": cfg.codec, "jpeg_quality": cfg.jpeg_quality,
              "dry_run": cfg.dry_run, "dataset": cfg.dataset or Path(cfg.out).name}
     skipped = list(p.skipped)
@@ -296,8 +271,12 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
                desc="check" if cfg.dry_run else "pack", dynamic_ncols=True, smoothing=0.1)
 
     def results() -> Iterator[EncodedSample]:
+        written = 0
         for r in ordered_map(_work_chunk, p.items, cfg.workers, state):
             bar.update(1)
+            if r[0] == "error":
+                raise PackAbort(f"{r[1]}: packing it failed with an unexpected error ({r[2]}); this is not "
+                                f"a bad input but a fault of pack or of the machine: please report it")
             if r[0] == "bad":
                 _, source, reason, fix = r
                 if cfg.on_error == "fail":
@@ -311,6 +290,9 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
             if enc is not None:
                 report["samples"][enc.split] += 1
                 yield enc
+                written += 1
+                if written == 1:
+                    hold("written")
 
     extra = {"mask_fusion": cfg.options.mask_fusion if p.fmt == "lidc" else "any",
              "detected": p.why, "groups": cfg.groups, "job_fingerprint": p.job_fingerprint,
@@ -318,26 +300,29 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
              "nonbinary_masks": {"count": 0, "examples": []}}
     if cfg.num_tasks is not None:
         extra["task"] = {"index": cfg.task_index, "count": cfg.num_tasks, "total_items": p.total_items}
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if _is_main_thread() else None
+    def last_sample() -> None:
+        # `extra` is filled after the last sample with the non-binary masks the workers saw.
+        extra["nonbinary_masks"].update(count=len(nonbinary), examples=nonbinary[:50])
+        hold("last")
+
     t0 = time.perf_counter()
     gen = results()
-    try:
-        if cfg.dry_run:
-            for _ in gen:
-                pass
-            manifest = {"dry_run": True, "format": p.fmt, "items": len(p.items), "skipped": skipped,
-                        "splits": {sp: sum(it.split == sp for it in p.items) for sp in SPLITS}}
-        else:
-            # `extra` is filled after the last sample with the non-binary masks the workers saw.
-            manifest = write_dataset(_with_final(gen, lambda: extra["nonbinary_masks"].update(
-                count=len(nonbinary), examples=nonbinary[:50])), out, fmt=p.fmt, input_root=str(state["root"]),
-                codec=cfg.codec, shard_size=cfg.shard_size, fingerprint=p.fingerprint, extra=extra,
-                skipped=skipped, jpeg_quality=cfg.jpeg_quality, overwrite=cfg.overwrite)
-    finally:
-        gen.close()
-        bar.close()
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+    with stop_on_signals():   # a no-op under `pack`, which installed it for the whole command
+        try:
+            if cfg.dry_run:
+                for _ in gen:
+                    pass
+                manifest = {"dry_run": True, "format": p.fmt, "items": len(p.items), "skipped": skipped,
+                            "splits": {sp: sum(it.split == sp for it in p.items) for sp in SPLITS}}
+            else:
+                manifest = write_dataset(_with_final(gen, last_sample), out, fmt=p.fmt,
+                                         input_root=str(state["root"]), codec=cfg.codec,
+                                         shard_size=cfg.shard_size, fingerprint=p.fingerprint, extra=extra,
+                                         skipped=skipped, jpeg_quality=cfg.jpeg_quality, overwrite=cfg.overwrite)
+                hold("published")
+        finally:
+            gen.close()
+            bar.close()
     dt = time.perf_counter() - t0
     if nonbinary:
         log(f"  note: {len(nonbinary)} mask(s) had values other than 0 and one other value (e.g. {nonbinary[0]}); "
@@ -358,7 +343,3 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
 def _with_final(gen: Iterator, final: Callable[[], None]) -> Iterator:
     yield from gen
     final()
-
-
-def _is_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
