@@ -293,7 +293,8 @@ def bench_precision(args, dist):
 def open_loader(name: str, shard_dir: Path, args, dist, training_batch: int):
     """An endless iterator of `Batch`es from loader `name` (dali, torch or naive) on this rank."""
     from tumorseg_dist.data.augment import PRESETS
-    from tumorseg_dist.data.loader import Batch, LoaderSpec, TorchLoader, norm_stats
+    from tumorseg_dist.data.batch import Batch, LoaderSpec, norm_stats
+    from tumorseg_dist.data.torch_loader import TorchLoader
     from tumorseg_dist.data.shards import read_manifest
     c, dev = args.in_channels, dist.device
     mean, std = (norm_stats(read_manifest(shard_dir), c) if (shard_dir / "manifest.json").is_file()

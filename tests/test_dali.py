@@ -16,8 +16,9 @@ pytest.importorskip("nvidia.dali")
 from tumorseg_dist.config import AugmentConfig, ConfigError  # noqa: E402
 from tumorseg_dist.data.augment import PRESETS, AugmentParams, resolve  # noqa: E402
 from tumorseg_dist.data.dali import DaliLoader  # noqa: E402
-from tumorseg_dist.data.loader import (LUMA, LoaderSpec, TorchLoader, _augment,  # noqa: E402
-                                       decode_image, decode_mask)
+from tumorseg_dist.data.batch import LUMA, LoaderSpec  # noqa: E402
+from tumorseg_dist.data.shards import decode_image, decode_mask  # noqa: E402
+from tumorseg_dist.data.torch_loader import TorchLoader, _augment  # noqa: E402
 from tumorseg_dist.data.phantoms import _ellipse  # noqa: E402
 from tumorseg_dist.data.shards import Sample, ShardError, shard_paths, write_dataset  # noqa: E402
 from tumorseg_dist.dist import DistInfo  # noqa: E402

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from tumorseg_dist.config import Config
-from tumorseg_dist.data.loader import batches_for, build_loader, rank_indices
+from tumorseg_dist.data.loader import build_loader
+from tumorseg_dist.data.torch_loader import batches_for, rank_indices
 from tumorseg_dist.data.phantoms import phantom
 from tumorseg_dist.data.shards import read_manifest, shard_paths
 from tumorseg_dist.dist import DistInfo
@@ -82,7 +83,7 @@ def test_global_batch_must_divide_world_size(synthetic_shards):
 
 def test_decode_16_bit_png_scales_by_65535():
     import io as _io
-    from tumorseg_dist.data.loader import decode_image
+    from tumorseg_dist.data.shards import decode_image
     a = (np.arange(16).reshape(4, 4) * 4000).astype(np.uint16)
     buf = _io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
@@ -93,7 +94,7 @@ def test_decode_16_bit_png_scales_by_65535():
 
 @pytest.mark.parametrize("cin,cout", [(1, 3), (2, 3), (2, 1), (3, 1), (4, 3), (4, 1), (3, 3)])
 def test_to_channels_shapes(cin, cout):
-    from tumorseg_dist.data.loader import to_channels
+    from tumorseg_dist.data.batch import to_channels
     t = torch.rand(cin, 5, 5)
     out = to_channels(t, cout)
     assert out.shape == (cout, 5, 5)

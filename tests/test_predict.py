@@ -18,7 +18,7 @@ from inference_testing import (TIFF_BAD, TIFF_CASES, TIFF_H, TIFF_W, make_checkp
                                tiny_config, write_tiff)
 from tumorseg_dist import imageio, predict
 from tumorseg_dist.checkpoint import CheckpointError
-from tumorseg_dist.data.loader import IndexedShards, decode_mask
+from tumorseg_dist.data.shards import IndexedShards, decode_mask
 from tumorseg_dist.data.shards import shard_paths
 from tumorseg_dist.inference import flip_tta_probs, load_model
 

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from . import dist as distmod
 from .cli import guarded
-from .data.loader import IndexedShards, decode_image, decode_mask, rank_indices
+from .data.shards import IndexedShards, decode_image, decode_mask
+from .data.torch_loader import rank_indices
 from .data.shards import ShardError, read_manifest, shard_paths
 from .data.verify import MODES, verify_shards
 from .figures import overlay_image, save_grid

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .cli import guarded
-from .data.loader import IndexedShards, decode_image
+from .data.shards import IndexedShards, decode_image
 from .data.shards import MANIFEST, read_manifest, shard_paths
 from .imageio import read_image
 from .inference import Predictor, load_model

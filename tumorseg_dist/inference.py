@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .checkpoint import CheckpointError
 from .config import Arch, ModelConfig
-from .data.loader import to_channels
+from .data.batch import to_channels
 from .engines import weights_of
 from .models import ModelError, build_model
 

@@ -15,7 +15,7 @@ import torch
 
 from . import checkpoint
 from .config import Config, to_dict
-from .data.loader import Batch, Loader
+from .data.batch import Batch, Loader
 from .dist import DistInfo, all_reduce_sum
 from .log import RunLog, epoch_line, plot_curves
 from .losses import DiceBCELoss

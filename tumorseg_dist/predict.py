@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from .cli import guarded
-from .data.loader import IndexedShards, decode_image, decode_mask
+from .data.shards import IndexedShards, decode_image, decode_mask
 from .data.shards import MANIFEST, ShardError, read_manifest, shard_paths
 from .figures import overlay_image
 from .imageio import IMAGE_EXTS, ImageFileError, read_image

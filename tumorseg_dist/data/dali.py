@@ -35,7 +35,8 @@ import torch
 
 from ..dist import DistInfo
 from .augment import AugmentParams
-from .loader import LUMA, Batch, LoaderSpec, read_index
+from .batch import LUMA, Batch, LoaderSpec
+from .shards import read_index
 from .shards import IMAGE_EXT, ShardError, read_manifest, shard_paths
 
 SHUFFLE_BUFFER = 1024   # DALI reader shuffle buffer (samples, encoded) per rank
@@ -52,7 +53,7 @@ class RawLayout:
 
     @property
     def scale(self) -> float:
-        # Same rule as loader.decode_image: 16-bit scaled by 65535, everything else by 255.
+        # Same rule as shards.decode_image: 16-bit scaled by 65535, everything else by 255.
         return 65535.0 if self.dtype == "uint16" else 255.0
 
 
@@ -365,7 +366,7 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
         # GRAY: colour -> BT.601 luma (alpha dropped); RGB: grey replicated, alpha dropped.
         # 8-bit splits decode as uint8 (a quarter of the bytes through decode and warp) and become
         # float in the resize or warp, in units of 255 (`unit`, folded into every intensity
-        # constant). Otherwise FLOAT: [0, 1], 16-bit scaled by 65535, like loader.decode_image.
+        # constant). Otherwise FLOAT: [0, 1], 16-bit scaled by 65535, like shards.decode_image.
         have = 1 if in_channels == 1 or layout.grey else 3
         unit = 255.0 if layout.eight_bit else 1.0
         image = fn.decoders.image(encoded, device=decode_on, dtype=types.UINT8 if layout.eight_bit else types.FLOAT,

@@ -476,3 +476,109 @@ def shard_paths(shard_dir: Path, split: str, manifest: dict | None = None) -> li
             raise ShardError(f"{p} is listed in {MANIFEST} but missing; re-run pack with --overwrite")
         paths.append(p)
     return paths
+
+
+
+# ---------------------------------------------------------------- reading by offset
+
+@dataclass(frozen=True)
+class SampleRef:
+    shard: int
+    members: tuple[tuple[str, int, int], ...]   # (ext, offset, size)
+    key: str
+
+
+def read_index(tar: Path) -> list[SampleRef]:
+    """A shard's samples from its DALI `.idx` file (the index both loaders read by)."""
+    idx = tar.with_suffix(".idx")
+    if not idx.is_file():
+        raise ShardError(f"{idx} is missing; rebuild it with `wds2idx {tar} {idx}` or re-run pack with --overwrite")
+    lines = idx.read_text().splitlines()
+    if not lines or not lines[0].startswith("v1.2 "):
+        raise ShardError(f"{idx} is not a DALI v1.2 index; re-run pack with --overwrite")
+    n = int(lines[0].split()[1])
+    tar_size = tar.stat().st_size
+    refs = []
+    for line in lines[1:n + 1]:
+        f = line.split()
+        comps = tuple((f[i], int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4))
+        if any(o + s > tar_size for _, o, s in comps):
+            raise ShardError(f"{tar} is truncated (its index points past the end); re-run pack with --overwrite")
+        refs.append(SampleRef(-1, comps, Path(f[3]).name.partition(".")[0]))
+    if len(refs) != n:
+        raise ShardError(f"{idx} lists {len(refs)} samples but its header says {n}; re-run pack with --overwrite")
+    return refs
+
+
+class IndexedShards:
+    """Map-style view of a split's tars: sample i -> its raw members (`read_member`) or, decoded,
+    a `ShardSample` (`read_sample`, also `shards[i]`). Picklable into DataLoader workers."""
+
+    def __init__(self, tars: list[Path]):
+        self.tars = tars
+        self.refs: list[SampleRef] = []
+        for si, t in enumerate(tars):
+            self.refs += [SampleRef(si, r.members, r.key) for r in read_index(t)]
+        self._files: dict[int, io.BufferedReader] = {}
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def read_member(self, i: int) -> dict[str, bytes]:
+        ref = self.refs[i]
+        f = self._files.get(ref.shard)
+        if f is None:
+            f = self._files[ref.shard] = open(self.tars[ref.shard], "rb")
+        out = {}
+        for ext, off, size in ref.members:
+            f.seek(off)
+            out[ext] = f.read(size)
+        return out
+
+    def __getitem__(self, i: int) -> ShardSample:
+        return read_sample(self, i)
+
+    def __getstate__(self):
+        # File handles do not cross process boundaries; each worker opens its own.
+        return {**self.__dict__, "_files": {}}
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    """One decoded sample, as every reader of shards sees it (torch loader, evaluate, predict, export)."""
+
+    key: str
+    image: np.ndarray   # H×W×C float32 in [0, 1] (16-bit scaled by 65535)
+    mask: np.ndarray    # H×W float32 {0, 1}
+    meta: dict          # the sample's json member ({} if it has none)
+
+
+def read_sample(shards: IndexedShards, i: int) -> ShardSample:
+    """Sample i of `shards`: finds its image member, decodes image, mask and json."""
+    ref = shards.refs[i]
+    tar = shards.tars[ref.shard]
+    members = shards.read_member(i)
+    img_ext = next((e for e in members if e.startswith("image.")), None)
+    if img_ext is None or "mask.png" not in members:
+        raise ShardError(f"sample {ref.key} in {tar} lacks image or mask")
+    meta = json.loads(members["json"]) if members.get("json") else {}
+    return ShardSample(ref.key, decode_image(members[img_ext], img_ext), decode_mask(members["mask.png"]), meta)
+
+
+def decode_image(data: bytes, ext: str) -> np.ndarray:
+    """H×W×C float32 in [0, 1] (16-bit scaled by 65535)."""
+    if ext == "image.npy":
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        sixteen = arr.dtype == np.uint16
+    else:
+        pil = Image.open(io.BytesIO(data))
+        # 16-bit PNG/JPEG 2000 open as mode I;16 (uint16) or I (int32) depending on Pillow.
+        sixteen = pil.mode.startswith("I")
+        arr = np.asarray(pil)
+    scale = 65535.0 if sixteen or arr.dtype == np.uint16 else 255.0
+    arr = arr.astype(np.float32) / scale
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    return (np.asarray(Image.open(io.BytesIO(data))) > 0).astype(np.float32)
