@@ -30,11 +30,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from tumorseg_dist.losses import reference_dice_bce
 
-from tumorseg_dist.losses import reference_dice_bce  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -216,7 +214,7 @@ def main(argv=None) -> dict:
                                             "only runs under TRITON_INTERPRET=1, which is for "
                                             "correctness tests, not timing"}
                 continue
-            from tumorseg_dist.kernels.dice_bce import fused_dice_bce
+            from tumorseg_dist.losses import fused_dice_bce
             fns[name] = fused_dice_bce
         else:
             sys.exit(f"unknown variant {name!r}: use reference, compiled, fused")

@@ -13,14 +13,16 @@ Tolerances (also in docs/loss.md):
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 import triton
 
 from tumorseg_dist.kernels import dice_bce as kmod
-from tumorseg_dist.kernels.dice_bce import fused_dice_bce, fused_sums
-from tumorseg_dist.losses import dice_bce_loss, dice_sums, reference_dice_bce
+from tumorseg_dist.kernels.dice_bce import fused_sums
+from tumorseg_dist.losses import dice_bce_loss, dice_sums, fused_dice_bce, reference_dice_bce
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAD_TOL = {torch.float32: (1e-5, 1e-9), torch.float16: (2 ** -10, 1e-7),
@@ -282,3 +284,25 @@ def test_gpu_flavour_compiles_for_sm90_without_a_gpu(xdt, tdt):
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": kmod.NUM_WARPS})
         assert len(compiled.asm["cubin"]) > 0
+
+
+def test_the_kernel_module_imports_nothing_from_the_package():
+    """losses -> kernels only: the kernel stops at per-image sums, losses makes the loss."""
+    import ast
+    tree = ast.parse(Path(kmod.__file__).read_text())
+    ours = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+            and (getattr(n, "level", 0) or any(a.name.startswith("tumorseg_dist") for a in n.names)
+                 or (getattr(n, "module", None) or "").startswith("tumorseg_dist"))]
+    assert ours == []
+
+
+@pytest.mark.parametrize("kind,weights", [("dice_bce", (1.0, 2.0)), ("bce", (1.0, 0.0)), ("dice", (0.0, 2.0))])
+def test_build_loss_fn_is_the_configured_loss(kind, weights):
+    from tumorseg_dist.config import LossConfig
+    from tumorseg_dist.losses import build_loss_fn
+    fn = build_loss_fn(LossConfig(loss=kind, bce_weight=1.0, dice_weight=2.0, dice_reduction="image",
+                                  fused_loss="off"))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 1, 8, 8, generator=g), (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
+    want = reference_dice_bce(x, t, bce_weight=weights[0], dice_weight=weights[1], dice_reduction="image")
+    assert torch.equal(fn(x, t), want)

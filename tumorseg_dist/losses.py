@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import LossConfig
+
 BATCH_SMOOTH, BATCH_EPS = 0.0, 1e-7
 IMAGE_SMOOTH = 1e-5
 
@@ -61,6 +63,23 @@ def reference_dice_bce(logits: torch.Tensor, target: torch.Tensor, *, bce_weight
     return loss
 
 
+def fused_dice_bce(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: float = 1.0,
+                   dice_weight: float = 1.0, dice_reduction: str = "batch",
+                   pos_weight: float | None = None) -> torch.Tensor:
+    """Same value and gradient as `reference_dice_bce`, from the fused Triton kernel's per-image
+    sums (kernels/dice_bce.py stops at the sums, so it never imports this module)."""
+    from .kernels.dice_bce import fused_sums  # imports Triton: only when the kernel is used
+    if dice_reduction not in ("batch", "image"):
+        raise ValueError(f"dice_reduction must be 'batch' or 'image', got {dice_reduction!r}")
+    inter, psum, tsum, bce = fused_sums(logits, target, pos_weight)
+    loss = inter.new_zeros(())
+    if bce_weight:
+        loss = loss + bce_weight * (bce.sum() / logits.numel())
+    if dice_weight:
+        loss = loss + dice_weight * dice_from_sums(inter, psum, tsum, dice_reduction)
+    return loss
+
+
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: float = 1.0,
                   dice_weight: float = 1.0, dice_reduction: str = "batch",
                   pos_weight: float | None = None, fused: str = "auto") -> torch.Tensor:
@@ -76,7 +95,6 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: flo
         raise ValueError(f"dice_reduction must be 'batch' or 'image', got {dice_reduction!r}")
     use_kernel = fused == "on" or (fused == "auto" and logits.is_cuda and _kernel_available())
     if use_kernel:
-        from .kernels.dice_bce import fused_dice_bce
         return fused_dice_bce(logits, target, bce_weight=bce_weight, dice_weight=dice_weight,
                               dice_reduction=dice_reduction, pos_weight=pos_weight)
     return reference_dice_bce(logits, target, bce_weight=bce_weight, dice_weight=dice_weight,
@@ -154,3 +172,12 @@ def loss_weights(kind: str, bce_weight: float, dice_weight: float) -> tuple[floa
     """--loss dice_bce|bce|dice -> (bce_weight, dice_weight)."""
     return {"dice_bce": (bce_weight, dice_weight), "bce": (bce_weight, 0.0),
             "dice": (0.0, dice_weight)}[kind]
+
+
+def build_loss_fn(cfg: LossConfig) -> DiceBCELoss:
+    """The training loss of --loss, --bce-weight, --dice-weight, --dice-reduction, --fused-loss:
+    `loss_fn(logits, target)`, what the engines call on every micro-batch. An object, not a
+    closure: evaluation sums its parts over batches and ranks (exact val_loss)."""
+    bce_w, dice_w = loss_weights(cfg.loss, cfg.bce_weight, cfg.dice_weight)
+    return DiceBCELoss(bce_weight=bce_w, dice_weight=dice_w, dice_reduction=cfg.dice_reduction,
+                       fused=cfg.fused_loss)

@@ -21,18 +21,11 @@ from .engines import NonFiniteLossError, build_engine
 from .figures import plot_overlays
 from .log import RunLog, fmt
 from .loop import TrainState, evaluate, fit, restore
-from .losses import DiceBCELoss, loss_weights
+from .losses import build_loss_fn
 from .models import build_model
 from .precision import resolve_precision
 
 SHARDS_ROOT = Path("shards")
-
-
-def make_loss_fn(cfg: Config) -> DiceBCELoss:
-    # An object, not a closure: evaluation sums its parts over batches and ranks (exact val_loss).
-    bce_w, dice_w = loss_weights(cfg.loss.loss, cfg.loss.bce_weight, cfg.loss.dice_weight)
-    return DiceBCELoss(bce_weight=bce_w, dice_weight=dice_w,
-                       dice_reduction=cfg.loss.dice_reduction, fused=cfg.loss.fused_loss)
 
 
 def prepare_data(cfg: Config, dist: distmod.DistInfo) -> Path:
@@ -118,7 +111,7 @@ def run(cfg: Config, preset: str | None) -> int:
     val_loader = build_loader(cfg, data_dir, "val", dist, training=False, precision=precision)
     steps = len(train_loader) * cfg.train.epochs
     total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
-    loss_fn = make_loss_fn(cfg)
+    loss_fn = build_loss_fn(cfg.loss)
     engine = build_engine(cfg, model, dist, loss_fn, total_steps, precision)
     for line in engine.describe():
         log.info(f"engine: {line}")

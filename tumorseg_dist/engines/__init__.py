@@ -45,10 +45,10 @@ def build_engine_for_benchmark(cfg: Config, dist: DistInfo | None = None, total_
     `dist` defaults to the torchrun environment (`tumorseg_dist.dist.init`)."""
     from .. import dist as distmod
     from ..models import build_model
-    from ..train import make_loss_fn
+    from ..losses import build_loss_fn
     if dist is None:
         dist = distmod.init(cfg.train.device)
     precision = resolve_precision(cfg.train, dist.device)
     cfg.train.amp = precision.amp
-    return build_engine(cfg, build_model(cfg.model, cfg.data.in_channels), dist, make_loss_fn(cfg), total_steps,
+    return build_engine(cfg, build_model(cfg.model, cfg.data.in_channels), dist, build_loss_fn(cfg.loss), total_steps,
                         precision)

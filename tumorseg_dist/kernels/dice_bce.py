@@ -9,8 +9,9 @@ where bce is the numerically stable BCE-with-logits term (PyTorch's form, with p
     bce = (1 - t)·x + (1 + (w - 1)·t)·softplus(-x),   softplus(-x) = log1p(exp(-|x|)) + max(-x, 0)
 
 Each program of a (N, P) grid walks tiles P apart inside image n and writes its four partial sums
-to a small (N, P, 4) buffer that torch sums (deterministic, no atomics). The loss itself is then
-computed from the per-image sums by the same `dice_from_sums` the reference uses, so the two
+to a small (N, P, 4) buffer that torch sums (deterministic, no atomics). This module stops at
+those per-image sums (`fused_sums`) and imports nothing from the package: the loss is made from
+them in `losses.fused_dice_bce` by the same `dice_from_sums` the reference uses, so the two
 paths share one definition of Dice/"batch"/"image" reductions and smoothing constants.
 
 Backward kernel: autograd hands us dL/dΣpt, dL/dΣp and dL/dΣbce per image (N-sized). The kernel
@@ -36,8 +37,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from ..losses import dice_from_sums
 
 FWD_BLOCK = 2048        # elements per tile
 BWD_BLOCK = 2048
@@ -212,17 +211,3 @@ def fused_sums(logits: torch.Tensor, target: torch.Tensor, pos_weight: float | N
     """Per-image fp32 (Σp·t, Σp, Σt, Σbce) from one read of logits and targets."""
     return _FusedDiceBCESums.apply(logits, target, 1.0 if pos_weight is None else pos_weight)
 
-
-def fused_dice_bce(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: float = 1.0,
-                   dice_weight: float = 1.0, dice_reduction: str = "batch",
-                   pos_weight: float | None = None) -> torch.Tensor:
-    """Same value and gradient as `losses.reference_dice_bce`, from the fused kernels."""
-    if dice_reduction not in ("batch", "image"):
-        raise ValueError(f"dice_reduction must be 'batch' or 'image', got {dice_reduction!r}")
-    inter, psum, tsum, bce = fused_sums(logits, target, pos_weight)
-    loss = inter.new_zeros(())
-    if bce_weight:
-        loss = loss + bce_weight * (bce.sum() / logits.numel())
-    if dice_weight:
-        loss = loss + dice_weight * dice_from_sums(inter, psum, tsum, dice_reduction)
-    return loss
