@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import dist as distmod
 from .cli import guarded
-from .data.shards import IndexedShards, decode_image, decode_mask
+from .data.shards import IndexedShards, read_sample
 from .data.torch_loader import rank_indices
 from .data.shards import ShardError, read_manifest, shard_paths
 from .data.verify import MODES, verify_shards
@@ -77,14 +77,8 @@ class EvalSamples(torch.utils.data.Dataset):
         return len(self.indices)
 
     def load(self, i: int) -> dict:
-        members = self.shards.read_member(i)
-        img_ext = next((e for e in members if e.startswith("image.")), None)
-        if img_ext is None or "mask.png" not in members:
-            raise ShardError(f"sample {self.shards.refs[i].key} lacks image or mask; re-run pack with --overwrite")
-        meta = json.loads(members["json"]) if "json" in members else {}
-        image = decode_image(members[img_ext], img_ext)
-        return {"index": i, "key": self.shards.refs[i].key, "meta": meta, "image": image,
-                "mask": decode_mask(members["mask.png"]) > 0}
+        s = read_sample(self.shards, i)
+        return {"index": i, "key": s.key, "meta": s.meta, "image": s.image, "mask": s.mask > 0}
 
     def __getitem__(self, j: int) -> dict:
         s = self.load(self.indices[j])

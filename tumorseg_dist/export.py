@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .cli import guarded
-from .data.shards import IndexedShards, decode_image
+from .data.shards import IndexedShards, read_sample
 from .data.shards import MANIFEST, read_manifest, shard_paths
 from .imageio import read_image
 from .inference import Predictor, load_model
@@ -42,9 +42,7 @@ def real_input(model: Predictor, given: Path | None) -> tuple[np.ndarray | None,
             for split in ("test", "val", "train"):
                 if manifest["splits"].get(split, {}).get("samples"):
                     ds = IndexedShards(shard_paths(c, split, manifest))
-                    members = ds.read_member(0)
-                    ext = next(e for e in members if e.startswith("image."))
-                    return decode_image(members[ext], ext), f"{c} ({split}/{ds.refs[0].key})"
+                    return read_sample(ds, 0).image, f"{c} ({split}/{ds.refs[0].key})"
         elif c.is_file():
             return read_image(c), str(c)
         elif given is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import re
 import sys
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch
 from PIL import Image
 
 from .cli import guarded
-from .data.shards import IndexedShards, decode_image, decode_mask
+from .data.shards import IndexedShards, read_sample
 from .data.shards import MANIFEST, ShardError, read_manifest, shard_paths
 from .figures import overlay_image
 from .imageio import IMAGE_EXTS, ImageFileError, read_image
@@ -108,12 +107,9 @@ class PredictDataset(torch.utils.data.Dataset):
             if item.path is not None:
                 image = read_image(item.path)
             else:
-                members = self.shards[item.shard].read_member(item.index)
-                meta = json.loads(members["json"])
-                img_ext = next(e for e in members if e.startswith("image."))
-                image = decode_image(members[img_ext], img_ext)
-                gt = decode_mask(members["mask.png"]) > 0
-                name = _mask_png_name(PurePosixPath(meta.get("source") or item.key))
+                s = read_sample(self.shards[item.shard], item.index)
+                image, gt = s.image, s.mask > 0
+                name = _mask_png_name(PurePosixPath(s.meta.get("source") or item.key))
             tensor = self.pre(image)
         except (ImageFileError, ShardError, KeyError, StopIteration, OSError, ValueError) as e:
             return {"item": item, "error": str(e) if isinstance(e, ImageFileError)
