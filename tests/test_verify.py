@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tarfile
 from pathlib import Path
 
@@ -150,15 +151,18 @@ def test_two_ranks_hash_once_per_node_and_fail_together(tmp_path, shards):
     probe.write_text(RANKS_PROBE)
     env = {"TUMORSEG_CACHE_DIR": str(tmp_path / "cache")}
 
-    def ranks(port: int) -> list[dict]:
+    def ranks() -> list[dict]:
+        with socket.socket() as s:   # a free port: other suites may run torchrun at the same time
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         run_cli([TORCHRUN, "--nproc_per_node=2", f"--master_port={port}", str(probe), str(shards), str(tmp_path)],
                 cwd=tmp_path, env=env)
         return [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
 
-    r0, r1 = ranks(29641)
+    r0, r1 = ranks()
     assert r0 == {"ok": True, "hashed": len(all_shards(shards)), "calls": 1}
     assert r1["ok"] and r1["calls"] == 0   # local rank 1 waited for local rank 0's verdict
     flip_json_byte(shards / "val-000000.tar")
-    r0, r1 = ranks(29642)
+    r0, r1 = ranks()
     assert not r0["ok"] and not r1["ok"] and r0["error"] == r1["error"]
     assert "val-000000.tar is corrupt" in r1["error"]
