@@ -479,6 +479,17 @@ def shard_paths(shard_dir: Path, split: str, manifest: dict | None = None) -> li
 
 
 
+def repack_command(shard_dir: Path, manifest: dict) -> str:
+    """The command that rebuilds `shard_dir` from its inputs (printed with a corrupt shard)."""
+    if manifest.get("format") == "synthetic":
+        s = manifest.get("synthetic", {})
+        return (f"python -m tumorseg_dist.pack --format synthetic --out {shard_dir} --samples {s.get('samples')} "
+                f"--size {s.get('size')} --seed {s.get('seed')} --overwrite")
+    return (f"python -m tumorseg_dist.pack {manifest.get('input_root', 'INPUT')} --out {shard_dir} "
+            f"--codec {manifest.get('codec', 'png')} --overwrite (with the other options it was packed "
+            f"with; see {shard_dir / MANIFEST})")
+
+
 # ---------------------------------------------------------------- reading by offset
 
 @dataclass(frozen=True)
@@ -554,15 +565,36 @@ class ShardSample:
 
 
 def read_sample(shards: IndexedShards, i: int) -> ShardSample:
-    """Sample i of `shards`: finds its image member, decodes image, mask and json."""
+    """Sample i of `shards`: finds its image member, decodes image, mask and json.
+
+    A member that does not decode (bit rot, a partial copy, an edited tar) is a ShardError
+    naming the shard, the sample and the command that rebuilds the shards, never a decoder's
+    traceback."""
     ref = shards.refs[i]
     tar = shards.tars[ref.shard]
     members = shards.read_member(i)
     img_ext = next((e for e in members if e.startswith("image.")), None)
     if img_ext is None or "mask.png" not in members:
-        raise ShardError(f"sample {ref.key} in {tar} lacks image or mask")
-    meta = json.loads(members["json"]) if members.get("json") else {}
-    return ShardSample(ref.key, decode_image(members[img_ext], img_ext), decode_mask(members["mask.png"]), meta)
+        raise ShardError(f"sample {ref.key} in {tar} lacks image or mask; re-pack: {_repack_hint(tar)}")
+    decoders = ((img_ext, lambda b: decode_image(b, img_ext)), ("mask.png", decode_mask),
+                ("json", lambda b: json.loads(b) if b else {}))
+    out = {}
+    for ext, decode in decoders:
+        try:
+            out[ext] = decode(members.get(ext, b""))
+        except Exception as e:   # whatever the decoder raises, the cause is the bytes in the shard
+            raise ShardError(f"{tar}: sample {ref.key}: its {ext} member does not decode ({type(e).__name__}: "
+                             f"{e}); the shard is damaged, re-pack: {_repack_hint(tar)}") from e
+    return ShardSample(ref.key, out[img_ext], out["mask.png"], out["json"])
+
+
+def _repack_hint(tar: Path) -> str:
+    shard_dir = tar.parent
+    try:
+        manifest = read_manifest(shard_dir)
+    except ShardError:
+        manifest = {}
+    return repack_command(shard_dir, manifest)
 
 
 def decode_image(data: bytes, ext: str) -> np.ndarray:

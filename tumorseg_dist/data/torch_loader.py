@@ -6,6 +6,7 @@ which gives exact per-global-rank partitions and per-epoch shuffles from the see
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -15,6 +16,14 @@ from ..dist import DistInfo
 from .augment import AugmentParams
 from .batch import Batch, LoaderSpec, source_channels, to_channels
 from .shards import IndexedShards, ShardError, read_manifest, read_sample, shard_paths
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A ShardError raised in a DataLoader worker, carried back as a value: torch would re-raise it
+    with the worker's traceback folded into the message, and the user should see one line."""
+
+    message: str
 
 
 # ---------------------------------------------------------------- partitioning
@@ -91,6 +100,12 @@ class _Collate:
         self.spec, self.ds = spec, dataset
 
     def __call__(self, items: list[tuple[int, int]]):
+        try:
+            return self._batch(items)
+        except ShardError as e:
+            return WorkerFailure(str(e))
+
+    def _batch(self, items: list[tuple[int, int]]):
         spec = self.spec
         imgs, masks, valid, keys = [], [], [], []
         for idx, seed in items:
@@ -152,7 +167,10 @@ class TorchLoader:
             prefetch_factor=4 if self.spec.num_workers else None,
             persistent_workers=False)
         fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
-        for img, mask, valid, keys in dl:
+        for out in dl:
+            if isinstance(out, WorkerFailure):
+                raise ShardError(out.message)
+            img, mask, valid, keys = out
             img = img.to(dev, dtype=self.spec.image_dtype, non_blocking=True)
             yield Batch(image=img.contiguous(memory_format=fmt),
                         mask=mask.to(dev, non_blocking=True).contiguous(memory_format=fmt),

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .shards import MANIFEST, SPLITS, ShardError, read_manifest, sha256_file, shard_paths
+from .shards import (MANIFEST, SPLITS, ShardError, read_manifest, repack_command, sha256_file,
+                     shard_paths)
 
 MODES = ("full", "quick", "off")
 CACHE_VERSION = 1
@@ -49,17 +50,6 @@ class VerifyReport:
         where = f"cache {self.cache_path}" if self.cache_path else "no writable cache: every start rehashes"
         return (f"shards: {self.shards} of {', '.join(splits)} match manifest.json (--verify-shards {self.mode}: "
                 f"hashed {len(self.hashed)}, cached {self.cached}; {where})")
-
-
-def repack_command(shard_dir: Path, manifest: dict) -> str:
-    """The command that rebuilds `shard_dir` from its inputs (printed with a corrupt shard)."""
-    if manifest.get("format") == "synthetic":
-        s = manifest.get("synthetic", {})
-        return (f"python -m tumorseg_dist.pack --format synthetic --out {shard_dir} --samples {s.get('samples')} "
-                f"--size {s.get('size')} --seed {s.get('seed')} --overwrite")
-    return (f"python -m tumorseg_dist.pack {manifest.get('input_root', 'INPUT')} --out {shard_dir} "
-            f"--codec {manifest.get('codec', 'png')} --overwrite (with the other options it was packed "
-            f"with; see {shard_dir / MANIFEST})")
 
 
 # ---------------------------------------------------------------- cache
