@@ -70,3 +70,18 @@ def test_train_loader_torch_stops_on_a_damaged_shard_with_one_line(shards_copy, 
     err = [line for line in p.stderr.splitlines() if line.startswith("train: error:")]
     assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert str(tar) in err[0] and key in err[0] and "python -m tumorseg_dist.pack" in err[0]
+
+
+def test_evaluate_with_workers_stops_on_a_damaged_shard_with_one_line(shards_copy, tmp_path):
+    """evaluate's default --workers 2: a worker's ShardError is one line, not torch's wrapped traceback."""
+    from inference_testing import make_checkpoint, tiny_config
+    ckpt = make_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt",
+                           tiny_config(size=32, data=shards_copy))
+    tar, key = damage(shards_copy, "val", "image.png", "garbage")
+    p = run_cli([PY, "-m", "tumorseg_dist.evaluate", "--checkpoint", str(ckpt), "--split", "val",
+                 "--workers", "2", "--verify-shards", "off", "--out", str(tmp_path / "eval")],
+                cwd=tmp_path, check=False)
+    assert p.returncode == 2, p.stderr[-3000:]
+    err = [line for line in p.stderr.splitlines() if line.startswith("evaluate: error:")]
+    assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert str(tar) in err[0] and key in err[0] and "python -m tumorseg_dist.pack" in err[0]

@@ -33,7 +33,7 @@ from . import dist as distmod
 from .cli import guarded
 from .data.shards import IndexedShards, read_sample
 from .data.torch_loader import rank_indices
-from .data.shards import ShardError, read_manifest, shard_paths
+from .data.shards import ShardError, WorkerFailure, read_manifest, shard_paths
 from .data.verify import MODES, verify_shards
 from .figures import overlay_image, save_grid
 from .inference import Predictor, load_model, resolve_threshold, to_original_size
@@ -80,8 +80,11 @@ class EvalSamples(torch.utils.data.Dataset):
         s = read_sample(self.shards, i)
         return {"index": i, "key": s.key, "meta": s.meta, "image": s.image, "mask": s.mask > 0}
 
-    def __getitem__(self, j: int) -> dict:
-        s = self.load(self.indices[j])
+    def __getitem__(self, j: int) -> dict | WorkerFailure:
+        try:
+            s = self.load(self.indices[j])
+        except ShardError as e:
+            return WorkerFailure(str(e))
         s["tensor"] = self.pre(s["image"])
         del s["image"]  # not needed for metrics; the figure re-reads its few cases
         return s
@@ -204,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     counts = []
     for batch in loader:
+        for s in batch:
+            if isinstance(s, WorkerFailure):
+                s.reraise()
         probs = model.probabilities(torch.stack([s["tensor"] for s in batch]), tta=args.tta)
         for s, prob in zip(batch, probs):
             pred, target, c = score(prob, s["mask"], threshold, args.resolution, model.size)

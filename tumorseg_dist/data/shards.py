@@ -36,6 +36,17 @@ class ShardError(RuntimeError):
     """A shard directory that cannot be written or read; the message names the file and the fix."""
 
 
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A ShardError raised in a DataLoader worker, carried back as a value: torch would re-raise it
+    with the worker's traceback folded into the message, and the user should see one line."""
+
+    message: str
+
+    def reraise(self):
+        raise ShardError(self.message)
+
+
 @dataclass
 class Sample:
     """One image/mask pair ready to be written. `image` keeps its dtype and channels."""

@@ -6,7 +6,6 @@ which gives exact per-global-rank partitions and per-epoch shuffles from the see
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -15,15 +14,7 @@ import torch.nn.functional as F
 from ..dist import DistInfo
 from .augment import AugmentParams
 from .batch import Batch, LoaderSpec, source_channels, to_channels
-from .shards import IndexedShards, ShardError, read_manifest, read_sample, shard_paths
-
-
-@dataclass(frozen=True)
-class WorkerFailure:
-    """A ShardError raised in a DataLoader worker, carried back as a value: torch would re-raise it
-    with the worker's traceback folded into the message, and the user should see one line."""
-
-    message: str
+from .shards import IndexedShards, ShardError, WorkerFailure, read_manifest, read_sample, shard_paths
 
 
 # ---------------------------------------------------------------- partitioning
@@ -169,7 +160,7 @@ class TorchLoader:
         fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
         for out in dl:
             if isinstance(out, WorkerFailure):
-                raise ShardError(out.message)
+                out.reraise()
             img, mask, valid, keys = out
             img = img.to(dev, dtype=self.spec.image_dtype, non_blocking=True)
             yield Batch(image=img.contiguous(memory_format=fmt),
