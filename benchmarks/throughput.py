@@ -27,7 +27,6 @@ the same run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
@@ -40,11 +39,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import provenance as _provenance   # this script's folder is on sys.path
 
-from _provenance import provenance as _provenance  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def provenance(argv: list[str], device: torch.device) -> dict:
@@ -170,7 +167,8 @@ class Marks:
         self.cuda = device.type == "cuda"
         self.points: list = []
 
-    def mark(self) -> None:
+    def mark(self, phase: str | None = None) -> None:
+        """A boundary (the phase that just ended is implied by the order; see PHASES)."""
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
@@ -291,20 +289,19 @@ def bench_precision(args, dist):
 
 
 def open_loader(name: str, shard_dir: Path, args, dist, training_batch: int):
-    """An endless iterator of `Batch`es from loader `name` (dali, torch or naive) on this rank."""
-    from tumorseg_dist.data.augment import PRESETS
-    from tumorseg_dist.data.batch import Batch, LoaderSpec, norm_stats
-    from tumorseg_dist.data.torch_loader import TorchLoader
-    from tumorseg_dist.data.shards import read_manifest
+    """An endless iterator of `Batch`es from loader `name` (dali, torch or naive) on this rank:
+    dali and torch are built by `build_loader` from the training Config these settings describe,
+    exactly as train.py builds them."""
+    from tumorseg_dist.data.batch import Batch
+    from tumorseg_dist.data.loader import build_loader
     c, dev = args.in_channels, dist.device
-    mean, std = (norm_stats(read_manifest(shard_dir), c) if (shard_dir / "manifest.json").is_file()
-                 else ((0.5,) * c, (0.25,) * c))
     prec = bench_precision(args, dist)
-    fmt, aug, dtype = prec.memory_format, PRESETS[args.augment], prec.image_dtype   # what training would get
     if name == "naive":
         from naive_loader import naive_loader
-        dl = naive_loader(shard_dir, args.size, c, training_batch, args.workers, aug, mean, std,
-                          pin=dev.type == "cuda")
+        from tumorseg_dist.data.augment import PRESETS
+        fmt, dtype = prec.memory_format, prec.image_dtype   # what training would get
+        dl = naive_loader(shard_dir, args.size, c, training_batch, args.workers, PRESETS[args.augment],
+                          (0.5,) * c, (0.25,) * c, pin=dev.type == "cuda")
 
         def to_batch(b):
             img, mask = b
@@ -312,15 +309,9 @@ def open_loader(name: str, shard_dir: Path, args, dist, training_batch: int):
                          mask=mask.to(dev, non_blocking=True).contiguous(memory_format=fmt),
                          valid=torch.ones(img.shape[0], dtype=torch.bool, device=dev), keys=[])
         return _epochs(dl, to_batch)
-    spec = LoaderSpec(shard_dir=shard_dir, split="train", training=True, size=args.size,
-                      in_channels=c, batch_size=training_batch, mean=mean, std=std, augment=aug,
-                      seed=0, num_workers=args.workers, channels_last=fmt == torch.channels_last, image_dtype=dtype)
-    if name == "dali":
-        from tumorseg_dist.data.dali import DaliLoader
-        dl = DaliLoader(spec, dist)
-    else:
-        dl = TorchLoader(spec, dist)
-    return _epochs(dl, lambda b: b)
+    cfg = make_config(args, dist, name, shard_dir)
+    cfg.train.batch_size = training_batch * dist.world_size   # build_loader splits the global batch
+    return _epochs(build_loader(cfg, shard_dir, "train", dist, training=True, precision=prec), lambda b: b)
 
 
 def common_settings(args, dist) -> dict:
@@ -474,51 +465,12 @@ def stage_train(args, dist, ctx: dict) -> list[dict]:
 PHASES = ("data_wait", "h2d", "forward", "loss", "backward", "all_reduce", "optimizer")
 
 
-def _allreduce_grads(model: torch.nn.Module, world: int) -> None:
-    """What DDP does during backward, done after it as one flat bucket (so it can be timed)."""
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = _flatten_dense_tensors(grads)
-    torch.distributed.all_reduce(flat)
-    flat.div_(world)
-    for g, f in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(f)
-
-
-def _instrumented_step(engine, batch, marks: Marks) -> None:
-    """One training step split at phase boundaries: forward, loss, backward, all-reduce, optimizer.
-
-    DDPEngine: the same calls as `engine.train_step` (accumulation 1), except that DDP's
-    all-reduce, normally overlapped with backward, runs after it under `no_sync` so it shows as
-    its own phase. DeepSpeedEngine: its all-reduce stays inside `ds.backward`."""
-    image, mask = batch.image, batch.mask
+def _timed_step(engine, batch, marks: Marks) -> None:
+    """One training step through the engine's public timed step: `train_step(..., mark=)` marks
+    the end of each phase (DDP then runs its all-reduce after backward, so it is its own phase;
+    DeepSpeed reduces inside backward)."""
     marks.mark()
-    if engine.name == "deepspeed":
-        logits = engine.ds(image.to(engine.dtype))
-        marks.mark()
-        loss = engine.loss_fn(logits.float(), mask)
-        marks.mark()
-        engine.ds.backward(loss)
-        marks.mark()
-        marks.mark()   # all-reduce: inside backward
-        engine.ds.step()
-        marks.mark()
-        return
-    no_sync = engine.ddp.no_sync() if engine.ddp is not None else contextlib.nullcontext()
-    with no_sync:
-        with engine.autocast():
-            logits = engine.net(image)
-        marks.mark()
-        loss = engine.loss_fn(logits.float(), mask)
-        marks.mark()
-        engine.scaler.scale(loss).backward()
-        marks.mark()
-    if engine.ddp is not None:
-        _allreduce_grads(engine.model, engine.dist.world_size)
-    marks.mark()
-    engine.micro_step += 1
-    engine._optimizer_step()
-    marks.mark()
+    engine.train_step(batch.image, batch.mask, mark=marks.mark)
 
 
 def _h2d_ms(batch, device: torch.device, repeats: int = 5) -> float | None:
@@ -557,14 +509,14 @@ def stage_breakdown(args, dist, ctx: dict) -> list[dict]:
             if h2d is None:
                 h2d = _h2d_ms(batch, dev)
             marks = Marks(dev)
-            _instrumented_step(engine, batch, marks)
+            _timed_step(engine, batch, marks)
             if i >= args.warmup:
                 per_step.append([data_ms, *marks.intervals_ms()])
             else:
                 marks.intervals_ms()
     finally:
         gen.close()
-    compute = ("forward", "loss", "backward", "all_reduce", "optimizer")
+    from tumorseg_dist.engines.parts import PHASES as compute
     med = {p: round(statistics.median(s[k] for s in per_step), 3) for k, p in enumerate(("data_wait", *compute))}
     if dist.world_size == 1 or engine.name == "deepspeed":
         med["all_reduce"] = None

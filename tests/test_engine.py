@@ -13,7 +13,7 @@ from tumorseg_dist.config import Config, ConfigError
 from tumorseg_dist.dist import DistInfo
 from tumorseg_dist.engines import DDPEngine, NonFiniteLossError, build_engine_for_benchmark
 from tumorseg_dist.engines.deepspeed import DeepSpeedEngine
-from tumorseg_dist.engines.parts import Health, nonfinite_gradients
+from tumorseg_dist.engines.parts import PHASES, Health, nonfinite_gradients
 from tumorseg_dist.engines.protocol import Engine
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
@@ -67,6 +67,16 @@ def test_a_ddp_engine_is_an_engine():
     e = make()
     assert isinstance(e, Engine)
     assert isinstance(e.name, str) and e.device == CPU.device
+
+
+def test_timed_step_marks_every_phase_and_steps_like_the_plain_one():
+    x, y = data(4)
+    plain, timed = make(), make()
+    plain.train_step(x, y)
+    seen = []
+    timed.train_step(x, y, mark=seen.append)
+    assert tuple(seen) == PHASES
+    assert all(torch.equal(a, b) for a, b in zip(params(plain), params(timed)))
 
 
 def test_grad_accumulation_equals_the_full_batch():
@@ -212,6 +222,18 @@ def test_benchmark_hook_builds_a_working_engine():
 
 
 # ---------------------------------------------------------------- DeepSpeed config (no process group)
+
+def test_benchmark_hook_does_not_import_the_train_entry_point():
+    import subprocess
+    import sys
+    code = ("import sys, torch; from tumorseg_dist.config import Config; from tumorseg_dist.dist import DistInfo; "
+            "from tumorseg_dist.engines import build_engine_for_benchmark; cfg = Config(); "
+            "cfg.model.encoder, cfg.model.encoder_weights, cfg.train.amp = 'resnet18', 'none', 'off'; "
+            "build_engine_for_benchmark(cfg, DistInfo(0, 0, 1, torch.device('cpu'))); "
+            "assert 'tumorseg_dist.train' not in sys.modules, 'imported train.py'")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+
 
 def test_deepspeed_config_translation():
     from tumorseg_dist.engines.deepspeed import deepspeed_config

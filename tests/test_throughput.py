@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import torch
 
 from conftest import REPO, TORCHRUN, run_cli
 
+# Run as a script, throughput.py finds its helpers (_provenance, naive_loader) in its own folder,
+# which Python puts on sys.path; loaded from a file here, the test does the same.
+sys.path.insert(0, str(REPO / "benchmarks"))
 spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
 tp = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tp)
@@ -80,6 +84,20 @@ def test_all_stage_ratio_and_breakdown(tmp_path, capsys):
     assert bd["train_step_ms"] == train["step_ms"]
     table = capsys.readouterr().out
     assert "step breakdown (dali" in table and "train/model" in table
+
+
+def test_throughput_uses_only_public_names_and_the_real_loader_factory():
+    import ast
+    src = (REPO / "benchmarks" / "throughput.py").read_text()
+    tree = ast.parse(src)
+    private = sorted({n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                      and n.attr.startswith("_") and not n.attr.startswith("__")})
+    imported = sorted({a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                       and (n.module or "").startswith("tumorseg_dist") for a in n.names if a.name.startswith("_")})
+    assert private == [] and imported == []
+    for name in ("sys.path.insert", "LoaderSpec", "TorchLoader", "DaliLoader", ".ds.", ".net(", ".scaler"):
+        assert name not in src, name
+    assert "build_loader(" in src
 
 
 def test_flop_counter_matches_design_number():

@@ -13,8 +13,9 @@ from .. import checkpoint
 from ..config import Config
 from ..dist import DistInfo
 from ..precision import Precision, resolve_precision
-from .parts import (EMA, Health, LossFn, Schedule, amp_autocast, build_optimizer, nonfinite_gradients,
-                    optimizer_state_bytes, optimizer_steps, tensor_bytes, weights_of)
+from .parts import (EMA, Health, LossFn, Mark, Schedule, allreduce_gradients, amp_autocast, build_optimizer,
+                    mark_phase, nonfinite_gradients, optimizer_state_bytes, optimizer_steps, tensor_bytes,
+                    weights_of)
 
 
 class DDPEngine:
@@ -54,19 +55,30 @@ class DDPEngine:
     def eval(self) -> None:
         self.model.eval()
 
-    def train_step(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def train_step(self, image: torch.Tensor, mask: torch.Tensor, mark: Mark | None = None) -> torch.Tensor:
         """Forward, fp32 loss, backward; every --grad-accum micro-batches: unscale, clip, skip if
-        non-finite, optimizer, lr and EMA step. Returns the detached (unscaled) loss."""
+        non-finite, optimizer, lr and EMA step. Returns the detached (unscaled) loss.
+
+        `mark(phase)` (benchmarks): called as each of parts.PHASES ends. Under DDP the
+        gradient all-reduce then runs after backward, as its own phase, instead of overlapped."""
         boundary = (self.micro_step + 1) % self.accum == 0
-        no_sync = self.ddp is not None and not boundary
+        split_allreduce = mark is not None and self.ddp is not None
+        no_sync = self.ddp is not None and (not boundary or split_allreduce)
         with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
             with self.autocast():
                 logits = self.net(image)
+            mark_phase(mark, "forward")
             loss = self.loss_fn(logits.float(), mask)
+            mark_phase(mark, "loss")
             self.scaler.scale(loss / self.accum if self.accum > 1 else loss).backward()
+            mark_phase(mark, "backward")
+        if split_allreduce and boundary:
+            allreduce_gradients(self.model, self.dist.world_size)
+        mark_phase(mark, "all_reduce")
         self.micro_step += 1
         if boundary:
             self._optimizer_step()
+        mark_phase(mark, "optimizer")
         return loss.detach()
 
     def _optimizer_step(self) -> None:

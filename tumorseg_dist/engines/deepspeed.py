@@ -47,8 +47,8 @@ from ..config import Config, ConfigError
 from ..dist import DistInfo
 from ..precision import Precision, resolve_precision
 from . import deepspeed_io
-from .parts import (EMA, Health, LossFn, Schedule, amp_autocast, nonfinite_gradients, optimizer_state_bytes,
-                    optimizer_steps, tensor_bytes, weights_of)
+from .parts import (EMA, Health, LossFn, Mark, Schedule, amp_autocast, mark_phase, nonfinite_gradients,
+                    optimizer_state_bytes, optimizer_steps, tensor_bytes, weights_of)
 
 DS_DIR = "deepspeed"  # RUN/checkpoints/deepspeed/<tag>/
 
@@ -241,12 +241,19 @@ class DeepSpeedEngine:
                 for b in (module.buffers() if module is not None else ()):
                     torch.distributed.broadcast(b, src=0)
 
-    def train_step(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def train_step(self, image: torch.Tensor, mask: torch.Tensor, mark: Mark | None = None) -> torch.Tensor:
         """One micro-batch: forward, fp32 loss, DeepSpeed backward (scaled by 1/accum) and step
-        (an optimizer step at accumulation boundaries). Returns the detached loss."""
+        (an optimizer step at accumulation boundaries). Returns the detached loss.
+
+        `mark(phase)` (benchmarks): called as each of parts.PHASES ends; DeepSpeed's gradient
+        reduction happens inside backward, so "all_reduce" is marked right after it."""
         logits = self.ds(self._input(image))
+        mark_phase(mark, "forward")
         loss = self.loss_fn(logits.float(), mask)
+        mark_phase(mark, "loss")
         self.ds.backward(loss)
+        mark_phase(mark, "backward")
+        mark_phase(mark, "all_reduce")
         boundary = self.ds.is_gradient_accumulation_boundary()
         if boundary and self.own_skip:
             # ZeRO-0 fp32: gradients are all-reduced in backward at the boundary, so the norm
@@ -259,6 +266,7 @@ class DeepSpeedEngine:
                 self.health.count_own_skips(self.ds.skipped_steps)
         if boundary and self.ema is not None:
             self.ema.update(self.model)
+        mark_phase(mark, "optimizer")
         return loss.detach()
 
     def _input(self, image: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,15 @@ import torch.nn as nn
 from ..config import Config
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# `train_step(..., mark=f)` calls f(phase) as each phase of the step ends (benchmarks time them).
+Mark = Callable[[str], None]
+PHASES = ("forward", "loss", "backward", "all_reduce", "optimizer")
+
+
+def mark_phase(mark: Mark | None, phase: str) -> None:
+    """mark(phase) when a timed step was asked for (see Mark)."""
+    if mark is not None:
+        mark(phase)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -209,6 +218,18 @@ def grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+
+def allreduce_gradients(model: nn.Module, world_size: int) -> None:
+    """Average the gradients over the ranks as one flat bucket: what DDP does during backward,
+    done after it so a timed step can show the all-reduce as its own phase."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat.div_(world_size)
+    for g, f in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(f)
 
 
 def nonfinite_gradients(model: nn.Module, clip: float) -> torch.Tensor:

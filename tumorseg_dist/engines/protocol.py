@@ -7,7 +7,7 @@ Anything an engine has beyond these members is its own business; callers must no
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -26,9 +26,12 @@ class Engine(Protocol):
     def eval(self) -> None:
         """Evaluation mode; every rank evaluates the same weights and buffers."""
 
-    def train_step(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def train_step(self, image: torch.Tensor, mask: torch.Tensor,
+                   mark: Callable[[str], None] | None = None) -> torch.Tensor:
         """One micro-batch: forward, fp32 loss, backward; an optimizer step every --grad-accum
-        micro-batches. Returns the detached loss without a host sync."""
+        micro-batches. Returns the detached loss without a host sync. With `mark`, the timed
+        step of the benchmarks: mark(phase) as each of parts.PHASES ends (no other change to
+        the step, except that DDP runs its all-reduce after backward rather than during it)."""
 
     def eval_logits(self, image: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the evaluation weights (the EMA when on), no gradient."""
