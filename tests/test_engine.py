@@ -92,6 +92,19 @@ def test_grad_accumulation_equals_the_full_batch():
     assert acc.schedule.step_count == 1 and full.schedule.step_count == 1
 
 
+def test_the_micro_batch_counter_is_checkpointed_and_the_old_key_still_loads():
+    x, y = data(4)
+    e = make(grad_accum=2)
+    e.train_step(x[:2], y[:2])
+    sd = e.state_dict()
+    assert sd["micro_batches"] == 1 and "micro_step" not in sd
+    old = {k: v for k, v in sd.items() if k != "micro_batches"}
+    old["micro_step"] = 1   # written before the rename
+    f = make(grad_accum=2)
+    f.load_state_dict(old)
+    assert f.micro_batches == 1
+
+
 def test_clipping_bounds_the_update():
     x, y = data(4)
     cfg_clip = 1e-3

@@ -123,7 +123,7 @@ class OptimConfig:
     scheduler: Literal["cosine", "plateau", "none"] = "cosine"
     """`cosine` decays per step to 0 after warm-up; `plateau` is ReduceLROnPlateau on --monitor."""
     warmup_steps: int = 0
-    """Linear warm-up steps from 0 to --lr (cosine and none)."""
+    """Linear warm-up over this many optimizer steps from 0 to --lr (cosine and none)."""
     plateau_factor: float = 0.1
     plateau_patience: int = 3
 
@@ -150,7 +150,8 @@ class TrainConfig:
     """GLOBAL batch size; each rank gets batch_size / world_size."""
     epochs: int = 50
     max_steps: Optional[int] = None
-    """Stop after this many optimizer steps in total (None: run all epochs)."""
+    """Stop after this many micro-batches in total, i.e. `step` in the logs (None: run all
+    epochs); optimizer steps are this / --grad-accum (the same with --grad-accum 1)."""
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     """Autocast dtype. `auto`: bf16 on GPUs that support it (else fp16 + GradScaler), off on
     CPU. fp16 needs CUDA."""
@@ -171,7 +172,8 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cuda", "cpu"] = "auto"
     log_every: int = 10
-    """Steps between loss/lr log lines (and the only CPU-GPU syncs in the loop)."""
+    """Micro-batches (`step` in the logs) between loss/lr log lines (and the only CPU-GPU
+    syncs in the loop)."""
 
 
 @dataclass

@@ -37,7 +37,7 @@ class DDPEngine:
         self.scaler = torch.amp.GradScaler("cuda", enabled=p.grad_scaler)
         self.health = Health(e.max_bad_steps, self.device)
         self.ema = EMA(self.model, e.ema_decay) if e.ema_decay > 0 else None
-        self.micro_step = 0  # micro-batches seen; an optimizer step every `accum` of them
+        self.micro_batches = 0  # seen so far; an optimizer step every `accum` of them
         net: nn.Module = self.model
         self.ddp: DDP | None = None
         if dist.distributed:
@@ -61,7 +61,7 @@ class DDPEngine:
 
         `mark(phase)` (benchmarks): called as each of parts.PHASES ends. Under DDP the
         gradient all-reduce then runs after backward, as its own phase, instead of overlapped."""
-        boundary = (self.micro_step + 1) % self.accum == 0
+        boundary = (self.micro_batches + 1) % self.accum == 0
         split_allreduce = mark is not None and self.ddp is not None
         no_sync = self.ddp is not None and (not boundary or split_allreduce)
         with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
@@ -75,7 +75,7 @@ class DDPEngine:
         if split_allreduce and boundary:
             allreduce_gradients(self.model, self.dist.world_size)
         mark_phase(mark, "all_reduce")
-        self.micro_step += 1
+        self.micro_batches += 1
         if boundary:
             self._optimizer_step()
         mark_phase(mark, "optimizer")
@@ -114,7 +114,7 @@ class DDPEngine:
         return {"engine": self.name, "model": self.model.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                "scaler": self.scaler.state_dict(), "micro_step": self.micro_step,
+                "scaler": self.scaler.state_dict(), "micro_batches": self.micro_batches,
                 "health": self.health.state_dict()}
 
     def load_state_dict(self, sd: dict, ckpt_dir: Path | None = None) -> None:
@@ -124,7 +124,8 @@ class DDPEngine:
         if sd.get("scaler"):
             self.scaler.load_state_dict(sd["scaler"])
         self._load_ema(sd)
-        self.micro_step = int(sd.get("micro_step", 0))
+        # "micro_step": the same counter's name in checkpoints written before it was renamed.
+        self.micro_batches = int(sd.get("micro_batches", sd.get("micro_step", 0)))
         if sd.get("health"):
             self.health.load_state_dict(sd["health"])
 
