@@ -52,7 +52,8 @@ def make_shards(out: Path, counts: dict[str, int], size=(72, 88), codec="png", r
 def spec_for(shard_dir, split="val", training=False, size=64, channels=1, batch=4, aug=None,
              mean=0.0, std=1.0, cl=False, seed=0) -> LoaderSpec:
     return LoaderSpec(Path(shard_dir), split, training, size, channels, batch, (mean,) * channels,
-                      (std,) * channels, aug or PRESETS["none"], seed, 1, cl)
+                      (std,) * channels, aug or PRESETS["none"], seed, 1,
+                      torch.channels_last if cl else torch.contiguous_format)
 
 
 def members(shard_dir: Path, split: str) -> dict[str, dict[str, bytes]]:
@@ -160,7 +161,7 @@ def test_eight_bit_splits_decode_as_uint8_and_sixteen_bit_keeps_full_precision(t
 def test_layout_dtype_and_normalisation(shards):
     s = spec_for(shards["png"], channels=3, mean=0.2, std=0.5, cl=True)
     b = next(iter(DaliLoader(s, DistInfo(0, 0, 1, CPU))))
-    plain = next(iter(DaliLoader(replace(s, mean=(0.0,) * 3, std=(1.0,) * 3, channels_last=False),
+    plain = next(iter(DaliLoader(replace(s, mean=(0.0,) * 3, std=(1.0,) * 3, memory_format=torch.contiguous_format),
                                  DistInfo(0, 0, 1, CPU))))
     assert b.image.dtype == torch.float32 and b.image.shape == (4, 3, 64, 64)
     assert b.image.is_contiguous(memory_format=torch.channels_last) and not b.image.is_contiguous()
@@ -432,9 +433,11 @@ def test_build_loader_selects_dali(shards):
     assert loader.spec.mean == pytest.approx(tuple(manifest["mean"]))
 
 
-def test_throughput_data_stage_reports_rows_with_provenance(tmp_path):
+def test_throughput_data_stage_reports_rows_with_provenance(tmp_path, monkeypatch):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("throughput", Path(__file__).parents[1] / "benchmarks" / "throughput.py")
+    bench = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))  # as when run as a script: its helpers beside it
+    spec = importlib.util.spec_from_file_location("throughput", bench / "throughput.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     doc = mod.main(["--stage", "data", "--loader", "dali,torch,naive", "--codec", "raw", "--size", "32",

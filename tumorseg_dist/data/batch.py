@@ -45,7 +45,7 @@ class LoaderSpec:
     augment: AugmentParams
     seed: int
     num_workers: int
-    channels_last: bool
+    memory_format: torch.memory_format  # Precision.memory_format: the batches' layout
     image_dtype: torch.dtype = torch.float32   # what AMP computes in: bf16/fp16 halve the copy
 
 

@@ -501,7 +501,7 @@ class DaliLoader:
         that copy."""
         t = tl.as_tensor()   # a view when the batch is already contiguous
         n, h, w, _ = t.shape()
-        fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
+        fmt = self.spec.memory_format
         if self.gpu:
             from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
             out = torch.empty((n, channels, h, w), dtype=dtype, device=self.dist.device, memory_format=fmt)

@@ -45,7 +45,7 @@ def build_loader(cfg, shard_dir: Path, split: str, dist: DistInfo, training: boo
         in_channels=cfg.data.in_channels, batch_size=cfg.train.batch_size // dist.world_size,
         mean=mean, std=std, augment=resolve(cfg.augment) if training else PRESETS["none"],
         seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-        channels_last=precision.memory_format == torch.channels_last, image_dtype=precision.image_dtype)
+        memory_format=precision.memory_format, image_dtype=precision.image_dtype)
     if cfg.data.loader == "dali":
         from .dali import DaliLoader
         return DaliLoader(spec, dist)

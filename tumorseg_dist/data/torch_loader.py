@@ -157,7 +157,7 @@ class TorchLoader:
             collate_fn=self._collate, pin_memory=dev.type == "cuda",
             prefetch_factor=4 if self.spec.num_workers else None,
             persistent_workers=False)
-        fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
+        fmt = self.spec.memory_format
         for out in dl:
             if isinstance(out, WorkerFailure):
                 out.reraise()
