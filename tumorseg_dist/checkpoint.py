@@ -282,6 +282,16 @@ def raise_agreed(message: str | None) -> None:
         raise CheckpointError(message)
 
 
+def weights_of(ckpt_or_state: dict, prefer_ema: bool = True) -> dict:
+    """The model state dict in a checkpoint (its EMA weights when it has them and prefer_ema),
+    or the argument itself if it is already a model state dict."""
+    if "format_version" in ckpt_or_state or "model" in ckpt_or_state:
+        if prefer_ema and ckpt_or_state.get("ema"):
+            return ckpt_or_state["ema"]
+        return ckpt_or_state["model"]
+    return ckpt_or_state
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
              "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}

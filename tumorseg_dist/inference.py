@@ -27,7 +27,6 @@ from . import checkpoint
 from .checkpoint import CheckpointError
 from .config import Arch, ModelConfig
 from .data.batch import to_channels
-from .engines import weights_of
 from .models import ModelError, build_model
 
 KNOWN_ARCHS = Arch.__args__  # the Literal's choices
@@ -211,7 +210,7 @@ def load_model(path: Path | str, device: str | torch.device = "cpu") -> Predicto
         raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
     try:
         # The EMA weights when the run kept them (`--ema-decay`): those were validated and tested.
-        model.load_state_dict(_strip_prefixes(weights_of(ckpt, prefer_ema=True)))
+        model.load_state_dict(_strip_prefixes(checkpoint.weights_of(ckpt, prefer_ema=True)))
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{path}: its weights do not fit {info['arch']}/{info['encoder']} with "

@@ -6,7 +6,7 @@ interface:
 
 * `DDPEngine` (`--engine ddp`): one process, or torch DDP; `engines/ddp.py`.
 * `DeepSpeedEngine` (`--engine deepspeed`): `engines/deepspeed.py` (imported only when chosen).
-* `engines/parts.py`: what both share (Schedule, EMA, Health, optimizer, grad_norm, weights_of).
+* `engines/parts.py`: what both share (Schedule, EMA, Health, optimizer, grad_norm).
 
 The loop, train.py and the benchmarks call only the members of the `Engine` protocol
 (`engines/protocol.py`). Both engines implement gradient accumulation (`--grad-accum`),
@@ -21,11 +21,11 @@ from ..config import Config
 from ..dist import DistInfo
 from ..precision import Precision, resolve_precision
 from .ddp import DDPEngine
-from .parts import LossFn, NonFiniteLossError, weights_of
+from .parts import LossFn, NonFiniteLossError
 from .protocol import Engine
 
 __all__ = ["DDPEngine", "Engine", "LossFn", "NonFiniteLossError", "build_engine",
-           "build_engine_for_benchmark", "weights_of"]
+           "build_engine_for_benchmark"]
 
 
 def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int,

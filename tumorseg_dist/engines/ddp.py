@@ -14,8 +14,7 @@ from ..config import Config
 from ..dist import DistInfo
 from ..precision import Precision, resolve_precision
 from .parts import (EMA, Health, LossFn, Mark, Schedule, allreduce_gradients, amp_autocast, build_optimizer,
-                    mark_phase, nonfinite_gradients, optimizer_state_bytes, optimizer_steps, tensor_bytes,
-                    weights_of)
+                    mark_phase, nonfinite_gradients, optimizer_state_bytes, optimizer_steps, tensor_bytes)
 
 
 class DDPEngine:
@@ -162,7 +161,7 @@ class DDPEngine:
     def load_weights(self, ckpt_or_state: dict) -> None:
         """Weights only: from a checkpoint dict (either engine's) or a model state dict. The
         model gets the checkpoint's raw weights, the EMA (if on) its EMA weights."""
-        self.model.load_state_dict(weights_of(ckpt_or_state, prefer_ema=False))
+        self.model.load_state_dict(checkpoint.weights_of(ckpt_or_state, prefer_ema=False))
         if isinstance(ckpt_or_state, dict) and "model" in ckpt_or_state:
             self._load_ema(ckpt_or_state)
         elif self.ema is not None:

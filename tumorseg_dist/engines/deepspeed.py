@@ -48,7 +48,7 @@ from ..dist import DistInfo
 from ..precision import Precision, resolve_precision
 from . import deepspeed_io
 from .parts import (EMA, Health, LossFn, Mark, Schedule, amp_autocast, mark_phase, nonfinite_gradients,
-                    optimizer_state_bytes, optimizer_steps, tensor_bytes, weights_of)
+                    optimizer_state_bytes, optimizer_steps, tensor_bytes)
 
 DS_DIR = "deepspeed"  # RUN/checkpoints/deepspeed/<tag>/
 
@@ -383,7 +383,7 @@ class DeepSpeedEngine:
     def load_weights(self, ckpt_or_state: dict) -> None:
         """Weights only (either engine's checkpoint, or a model state dict); the fp32 master
         copies that ZeRO and bf16/fp16 keep are refreshed from them."""
-        self.model.load_state_dict(weights_of(ckpt_or_state, prefer_ema=False))
+        self.model.load_state_dict(checkpoint.weights_of(ckpt_or_state, prefer_ema=False))
         refresh = getattr(self.ds.optimizer, "refresh_fp32_params", None)
         if refresh is not None:
             refresh()

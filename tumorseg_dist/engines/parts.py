@@ -245,16 +245,6 @@ def amp_autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def weights_of(ckpt_or_state: dict, prefer_ema: bool = True) -> dict:
-    """The model state dict in a checkpoint (its EMA weights when it has them and prefer_ema),
-    or the argument itself if it is already a model state dict."""
-    if "format_version" in ckpt_or_state or "model" in ckpt_or_state:
-        if prefer_ema and ckpt_or_state.get("ema"):
-            return ckpt_or_state["ema"]
-        return ckpt_or_state["model"]
-    return ckpt_or_state
-
-
 def tensor_bytes(tensors) -> int:
     """Bytes held by `tensors` (parameters, master copies)."""
     return sum(t.numel() * t.element_size() for t in tensors)
