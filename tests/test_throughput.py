@@ -101,7 +101,7 @@ def test_throughput_uses_only_public_names_and_the_real_loader_factory():
 
 
 def test_flop_counter_matches_design_number():
-    """DESIGN.md: U-Net/ResNet34 at 640x640, 3 channels: 291 GFLOP per image forward+backward."""
+    """The planned figure: U-Net/ResNet34 at 640x640, 3 channels: 291 GFLOP per image forward+backward."""
     fl = tp.flops_per_image("unet", "resnet34", 3, 640)
     assert fl["flops_per_image_fwd_bwd"] / 1e9 == pytest.approx(291, rel=0.005)
     assert fl["flops_per_image_bwd"] == pytest.approx(2 * fl["flops_per_image_fwd"], rel=0.02)

@@ -1,6 +1,6 @@
 """Distributed set-up from torchrun's (or Slurm's) environment, in one frozen record.
 
-Local rank picks the device; GLOBAL rank and world size pick the data shard (DESIGN.md).
+Local rank picks the device; GLOBAL rank and world size pick the data shard.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The shard contract (DESIGN.md): tar shards + DALI `.idx` + `manifest.json`, written atomically.
+"""The shard contract (docs/pack.md): tar shards + DALI `.idx` + `manifest.json`, written atomically.
 
 Every importer produces `Sample`s; `write_dataset` turns an iterable of them into
 `OUT/{split}-{index:06d}.tar` (+ `.idx`) and `OUT/manifest.json`. Output goes to a temporary

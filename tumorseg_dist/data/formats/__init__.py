@@ -1,4 +1,4 @@
-"""Dataset importers, one module per on-disk format (DESIGN.md "The five kinds of data").
+"""Dataset importers, one module per on-disk format.
 
 Each real format has `detect(root, files) -> reason | None` (structure only, no decoding) and
 `scan(root, files, options) -> Scan`. `synthetic` (generated phantoms, no INPUT) is packed by
