@@ -104,3 +104,37 @@ def test_every_setting_a_resume_may_change_is_a_real_field_with_its_flag():
               for f in dataclasses.fields(getattr(Config(), g.name))}
     assert MAY_CHANGE_ON_RESUME <= fields and RESUME_MECHANICS <= fields
     assert flag_name("data", "path") == "--data" and flag_name("train", "log_every") == "--log-every"
+
+
+def test_augmentation_fields_are_declared_once_and_unset_means_the_preset():
+    import dataclasses
+
+    from tumorseg_dist.config import AugmentConfig
+    from tumorseg_dist.data.augment import PRESETS, AugmentParams, resolve
+    declared = [f.name for f in dataclasses.fields(AugmentConfig) if f.name != "augment"]
+    assert [f.name for f in dataclasses.fields(AugmentParams)] == declared
+    for name, preset in PRESETS.items():
+        assert resolve(AugmentConfig(augment=name)) == preset
+    cfg, _ = parse(["--data", "/d", "--augment", "light", "--gamma", "0.25", "--gamma-p", "1"])
+    p = resolve(cfg.augment)
+    assert (p.flip_p, p.gamma, p.gamma_p, p.noise) == (0.5, 0.25, 1.0, 0.0)
+
+
+def test_augment_overrides_round_trip_and_old_minus_one_configs_still_load(tmp_path):
+    from tumorseg_dist.config import to_dict
+    cfg, _ = parse(["--data", "/d", "--noise", "0.01"])
+    save_toml(cfg, tmp_path / "config.toml")
+    assert to_dict(cfg)["augment"] == {"augment": "standard", "noise": 0.01}
+    assert load_toml(tmp_path / "config.toml") == cfg
+    # A run written while -1 meant "the preset's" resumes and reruns with the same settings.
+    old = tmp_path / "old.toml"
+    old.write_text('[data]\npath = "/d"\n[augment]\naugment = "standard"\nflip_p = -1.0\nnoise = 0.01\n')
+    assert load_toml(old) == cfg
+
+
+def test_augment_help_says_the_preset_is_the_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "--flip-p FLOAT Probability of each of horizontal and vertical flip. (default: the preset's)" in out

@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal, Optional
 import tomli_w
 import tyro
 
+from . import cli
+
 Arch = Literal["unet", "unetplusplus", "deeplabv3", "deeplabv3plus", "fpn", "unet-classic"]
 
 
@@ -59,42 +61,49 @@ class DataConfig:
     and mtime), `full` rehashes all, `off` skips (docs/pack.md "Verified shards")."""
 
 
+# An augmentation setting the user did not give (None) is the preset's (data/augment.resolve).
+FromPreset = Annotated[Optional[float], tyro.conf.DisallowNone,
+                       tyro.conf.arg(help_behavior_hint="(default: the preset's)")]
+
+
+# The one declaration of the augmentation fields: data/augment.AugmentParams, the numbers the
+# loaders apply, is made from these names.
 @dataclass
 class AugmentConfig:
     """Training-time augmentation, applied identically to image and mask. Never on val/test.
 
-    Each augmentation has a per-sample probability (`*_p`) and a range; -1 keeps the preset's
-    value. See docs/loader.md for the order and the exact formulas (same in both loaders)."""
+    Each augmentation has a per-sample probability (`*_p`) and a range; one not given is the
+    preset's. See docs/loader.md for the order and the exact formulas (same in both loaders)."""
 
     augment: Literal["none", "light", "standard", "strong"] = "standard"
     """Preset: `none` disables augmentation; the others set probabilities and ranges below."""
-    flip_p: float = -1.0
-    """Probability of each of horizontal and vertical flip (-1: the preset's value)."""
-    affine_p: float = -1.0
-    """Probability of the rotation + scale + translation affine (one transform) (-1: the preset's value)."""
-    rotate_deg: float = -1.0
-    """Max absolute rotation in degrees (-1: the preset's value)."""
-    scale: float = -1.0
-    """Max relative zoom, e.g. 0.1 = [0.9, 1.1] (-1: the preset's value)."""
-    translate: float = -1.0
-    """Max translation as a fraction of the side (-1: the preset's value)."""
-    brightness_p: float = -1.0
-    """Probability of the brightness change (-1: the preset's value)."""
-    brightness: float = -1.0
-    """Max relative brightness change (-1: the preset's value)."""
-    contrast_p: float = -1.0
-    """Probability of the contrast change (-1: the preset's value)."""
-    contrast: float = -1.0
-    """Max relative contrast change (-1: the preset's value)."""
-    gamma_p: float = -1.0
-    """Probability of the gamma change (-1: the preset's value)."""
-    gamma: float = -1.0
-    """Gamma exponent range, e.g. 0.2 = x**g with g in [0.8, 1.2] (-1: the preset's value)."""
-    noise_p: float = -1.0
-    """Probability of additive Gaussian noise (-1: the preset's value)."""
-    noise: float = -1.0
+    flip_p: FromPreset = None
+    """Probability of each of horizontal and vertical flip."""
+    affine_p: FromPreset = None
+    """Probability of the rotation + scale + translation affine (one transform)."""
+    rotate_deg: FromPreset = None
+    """Max absolute rotation in degrees: uniform in [-rotate_deg, rotate_deg]."""
+    scale: FromPreset = None
+    """Max relative zoom, e.g. 0.1 = uniform in [0.9, 1.1]."""
+    translate: FromPreset = None
+    """Max translation as a fraction of the side, uniform per axis."""
+    brightness_p: FromPreset = None
+    """Probability of the brightness change."""
+    brightness: FromPreset = None
+    """Max relative brightness change: multiply by uniform [1-b, 1+b]."""
+    contrast_p: FromPreset = None
+    """Probability of the contrast change."""
+    contrast: FromPreset = None
+    """Max relative contrast change: stretch around the image mean by uniform [1-c, 1+c]."""
+    gamma_p: FromPreset = None
+    """Probability of the gamma change."""
+    gamma: FromPreset = None
+    """Gamma exponent range, e.g. 0.2 = x**g with g uniform in [0.8, 1.2]."""
+    noise_p: FromPreset = None
+    """Probability of additive Gaussian noise."""
+    noise: FromPreset = None
     """Max noise standard deviation in [0, 1] image units; drawn uniformly in [0, noise] per
-    sample (-1: the preset's value)."""
+    sample."""
 
 
 @dataclass
@@ -326,6 +335,9 @@ def apply_overrides(cfg: Config, table: dict[str, Any], source: str) -> Config:
             if key not in hints:
                 raise ConfigError(f"{source}: unknown key {section}.{key}; known keys in "
                                   f"[{section}]: {', '.join(hints)}")
+            if section == "augment" and value == -1:  # how older runs wrote "the preset's"
+                setattr(group, key, None)
+                continue
             setattr(group, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
     return cfg
 
@@ -364,11 +376,6 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _cli(default: Config, args: list[str], prog: str) -> Config:
-    return tyro.cli(Config, default=default, args=args, prog=prog,
-                    config=(tyro.conf.OmitArgPrefixes,))
-
-
 def parse(argv: list[str] | None = None, prog: str = "python -m tumorseg_dist.train") -> tuple[Config, str | None]:
     """Parse `--config FILE` + flags. Returns the config and, for the built-in run, the name of
     the preset that was applied (for the first log line)."""
@@ -383,7 +390,7 @@ def parse(argv: list[str] | None = None, prog: str = "python -m tumorseg_dist.tr
             cfg = apply_overrides(cfg, preset, "built-in preset")
         if known.config is not None:
             cfg = load_toml(known.config, cfg)
-        return _cli(cfg, rest, prog)
+        return cli.parse(Config, rest, name="train", prog=prog, default=cfg)
 
     cfg = layered(None)
     preset_name = None

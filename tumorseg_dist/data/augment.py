@@ -13,30 +13,22 @@ intensity transforms, so brightness, contrast and noise may take values a little
 That is what lets the DALI loader fold brightness and contrast into the normalisation pass
 (x*b*c + b*mean*(1-c), then (· - mean) / std: one per-sample affine map). Elastic
 deformation is not offered: DALI can only express it with `fn.experimental.remap`, which is
-GPU-only, and the CPU and GPU pipelines must be the same definition (DESIGN.md).
+GPU-only, and the CPU and GPU pipelines must be the same definition.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 from ..config import AugmentConfig, ConfigError
 
+# The augmentation fields are declared once, with their meaning, in config.AugmentConfig.
+FIELDS = tuple(f.name for f in dataclasses.fields(AugmentConfig) if f.name != "augment")
 
-@dataclass(frozen=True)
-class AugmentParams:
-    flip_p: float = 0.0        # each of horizontal and vertical flip
-    affine_p: float = 0.0      # probability of the (rotate + scale + translate) affine
-    rotate_deg: float = 0.0    # uniform in [-rotate_deg, rotate_deg]
-    scale: float = 0.0         # zoom uniform in [1-scale, 1+scale]
-    translate: float = 0.0     # shift uniform in [-translate, translate] × side, per axis
-    brightness_p: float = 0.0
-    brightness: float = 0.0    # multiply by uniform [1-b, 1+b]
-    contrast_p: float = 0.0
-    contrast: float = 0.0      # stretch around the image mean by uniform [1-c, 1+c]
-    gamma_p: float = 0.0
-    gamma: float = 0.0         # x ** g, g uniform in [1-gamma, 1+gamma]
-    noise_p: float = 0.0
-    noise: float = 0.0         # additive Gaussian noise, std uniform in [0, noise] ([0,1] units)
+
+class AugmentParams(dataclasses.make_dataclass("_AugmentFields", [(n, float, 0.0) for n in FIELDS],
+                                               frozen=True)):
+    """The numbers the loaders apply: a preset with the user's settings on top, every field
+    AugmentConfig's (a float; 0 = off)."""
 
     @property
     def enabled(self) -> bool:
@@ -79,7 +71,7 @@ def check(p: AugmentParams) -> AugmentParams:
 
 
 def resolve(cfg: AugmentConfig) -> AugmentParams:
-    """The preset, with every field the user set (>= 0) taking precedence."""
-    base = PRESETS[cfg.augment]
-    over = {k: getattr(cfg, k) for k in vars(base) if getattr(cfg, k) >= 0}
-    return check(AugmentParams(**{**vars(base), **over}))
+    """The preset, with every field the user set taking precedence."""
+    base = dataclasses.asdict(PRESETS[cfg.augment])
+    over = {k: getattr(cfg, k) for k in FIELDS if getattr(cfg, k) is not None}
+    return check(AugmentParams(**{**base, **over}))
