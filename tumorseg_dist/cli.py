@@ -17,7 +17,7 @@ import io
 import os
 import re
 import sys
-from typing import Any, Callable, NoReturn, Sequence, TypeVar
+from typing import Annotated, Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
 import tyro
 
@@ -30,6 +30,13 @@ USER_ERRORS = (ValueError, RuntimeError)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _BOX = str.maketrans("", "", "│╭╮╰╯")
+
+
+def optional(tp: Any, meaning: str) -> Any:
+    """The type of a field whose None means something (`--threshold`: the model's): the help
+    says `(default: MEANING)` and the flag takes only a TP, never the word None."""
+    return Annotated[Optional[tp], tyro.conf.DisallowNone,
+                     tyro.conf.arg(help_behavior_hint=f"(default: {meaning})")]
 
 
 def usage_error(name: str, message: str) -> NoReturn:

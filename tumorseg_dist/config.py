@@ -23,6 +23,7 @@ import tyro
 
 from . import cli
 
+VerifyMode = Literal["full", "quick", "off"]  # data/verify.py
 Arch = Literal["unet", "unetplusplus", "deeplabv3", "deeplabv3plus", "fpn", "unet-classic"]
 
 
@@ -55,15 +56,14 @@ class DataConfig:
     statistics from the dataset's manifest.json (recorded here in the run's config)."""
     std: tuple[float, ...] = ()
     """Input normalisation std per model channel (empty: from manifest.json)."""
-    verify_shards: Literal["full", "quick", "off"] = "quick"
+    verify_shards: VerifyMode = "quick"
     """Before the first epoch, check the shards against manifest.json's sha256 and size:
     `quick` hashes only shards new or changed since the last check (cache keyed by path, size
     and mtime), `full` rehashes all, `off` skips (docs/pack.md "Verified shards")."""
 
 
 # An augmentation setting the user did not give (None) is the preset's (data/augment.resolve).
-FromPreset = Annotated[Optional[float], tyro.conf.DisallowNone,
-                       tyro.conf.arg(help_behavior_hint="(default: the preset's)")]
+FromPreset = cli.optional(float, "the preset's")
 
 
 # The one declaration of the augmentation fields: data/augment.AugmentParams, the numbers the

@@ -18,23 +18,24 @@ the counts are summed, so every sample is counted exactly once.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import dist as distmod
-from .cli import guarded
+from . import cli, dist as distmod
+from .config import VerifyMode
 from .data.shards import IndexedShards, read_sample
 from .data.torch_loader import rank_indices
 from .data.shards import ShardError, WorkerFailure, read_manifest, shard_paths
-from .data.verify import MODES, verify_shards
+from .data.verify import verify_shards
 from .figures import overlay_image, save_grid
 from .inference import Predictor, load_model, resolve_threshold, to_original_size
 from .log import fmt
@@ -137,28 +138,34 @@ def plot_cases(rows: list[dict], samples: EvalSamples, model: Predictor, path: P
 
 # ---------------------------------------------------------------- main
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tumorseg_dist.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/best.pt")
-    p.add_argument("--data", type=Path, default=None,
-                   help="packed shard directory (default: the one the checkpoint was trained on)")
-    p.add_argument("--split", default="test", help="split to evaluate (default test)")
-    p.add_argument("--tta", action="store_true", help="average probabilities over 4 flips")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="probability threshold (default: the one the model was trained with)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default RUN/eval-SPLIT[-tta] beside RUN/checkpoints)")
-    p.add_argument("--resolution", choices=["original", "model"], default="original",
-                   help="compare at each image's original size (default) or at the training size")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass, per rank")
-    p.add_argument("--workers", type=int, default=2, help="decoding worker processes per rank")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--cases", type=int, default=4, help="worst and best images in cases.png")
-    p.add_argument("--verify-shards", choices=MODES, default="quick",
-                   help="check the split's shards against manifest.json first: quick (default: size + "
-                        "cached sha256), full (rehash) or off")
-    return p
+@dataclass
+class EvaluateArgs:
+    """The flags of `python -m tumorseg_dist.evaluate`."""
+
+    checkpoint: Path
+    """RUN/checkpoints/best.pt"""
+    data: cli.optional(Path, "the data the checkpoint was trained on") = None
+    """Packed shard directory."""
+    split: str = "test"
+    """Split to evaluate."""
+    tta: bool = False
+    """Average probabilities over 4 flips."""
+    threshold: cli.optional(float, "the one the model was trained with") = None
+    """Probability threshold."""
+    out: cli.optional(Path, "RUN/eval-SPLIT[-tta] beside RUN/checkpoints") = None
+    """Output folder."""
+    resolution: Literal["original", "model"] = "original"
+    """Compare at each image's original size, or at the training size."""
+    batch_size: int = 8
+    """Images per forward pass, per rank."""
+    workers: int = 2
+    """Decoding worker processes per rank."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cases: int = 4
+    """Worst and best images in cases.png."""
+    verify_shards: VerifyMode = "quick"
+    """Check the split's shards against manifest.json first: quick (size + cached sha256),
+    full (rehash) or off."""
 
 
 def default_out(ckpt: Path, split: str, tta: bool) -> Path:
@@ -179,7 +186,7 @@ def gather_rows(rows: list[dict]) -> list[dict]:
     return [r for part in out for r in part]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: EvaluateArgs) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     d = distmod.init(args.device)
@@ -263,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return guarded("evaluate", run, build_parser().parse_args(argv))
+    return cli.guarded("evaluate", run, cli.parse(EvaluateArgs, argv, name="evaluate", description=__doc__))
 
 
 if __name__ == "__main__":

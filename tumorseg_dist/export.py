@@ -11,17 +11,17 @@ difference is printed and must be below --atol. The file only appears at --onnx 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cli import guarded
+from . import cli
 from .data.shards import IndexedShards, read_sample
 from .data.shards import MANIFEST, read_manifest, shard_paths
 from .imageio import read_image
@@ -108,21 +108,26 @@ def check_onnx(path: Path, net: torch.nn.Module, x: torch.Tensor) -> float:
     return float(np.abs(got - want).max())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tumorseg_dist.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/best.pt")
-    p.add_argument("--onnx", type=Path, required=True, help="output .onnx file")
-    p.add_argument("--size", type=int, default=None, help="input side length (default: the training size)")
-    p.add_argument("--dynamic-batch", action="store_true", help="batch dimension free (default: 1)")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--input", type=Path, default=None,
-                   help="image file or shard dir to check the export on (default: the training data)")
-    p.add_argument("--atol", type=float, default=1e-4, help="max allowed |onnxruntime - PyTorch|")
-    return p
+@dataclass
+class ExportArgs:
+    """The flags of `python -m tumorseg_dist.export`."""
+
+    checkpoint: Path
+    """RUN/checkpoints/best.pt"""
+    onnx: Path
+    """Output .onnx file."""
+    size: cli.optional(int, "the training size") = None
+    """Input side length."""
+    dynamic_batch: bool = False
+    """Batch dimension free (off: batch 1)."""
+    opset: int = 17
+    input: cli.optional(Path, "the training data") = None
+    """Image file or shard dir to check the export on."""
+    atol: float = 1e-4
+    """Max allowed |onnxruntime - PyTorch|."""
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: ExportArgs) -> int:
     model = load_model(args.checkpoint, "cpu")
     size = args.size or model.size
     multiple = 16 if model.arch == "unet-classic" else 32
@@ -164,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return guarded("export", run, build_parser().parse_args(argv))
+    return cli.guarded("export", run, cli.parse(ExportArgs, argv, name="export", description=__doc__))
 
 
 if __name__ == "__main__":

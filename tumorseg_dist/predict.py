@@ -16,18 +16,19 @@ and the exit status is then 1 (0 when every input was written).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+import tyro
 from PIL import Image
 
-from .cli import guarded
+from . import cli
 from .data.shards import IndexedShards, read_sample
 from .data.shards import MANIFEST, ShardError, read_manifest, shard_paths
 from .figures import overlay_image
@@ -53,7 +54,7 @@ def _mask_png_name(rel: PurePosixPath) -> str:
     return str(rel.with_suffix(".png"))
 
 
-def collect_inputs(inputs: list[Path], splits: list[str] | None) -> tuple[list[InputItem], list[IndexedShards], list[tuple[str, str]]]:
+def collect_inputs(inputs: tuple[Path, ...], splits: tuple[str, ...]) -> tuple[list[InputItem], list[IndexedShards], list[tuple[str, str]]]:
     """Expand files, folders and shard dirs into items; missing inputs go to `problems`."""
     items: list[InputItem] = []
     shard_sets: list[IndexedShards] = []
@@ -123,23 +124,30 @@ def _collate(batch: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------- main
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tumorseg_dist.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                   help="image files, folders of images, or packed shard directories")
-    p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/best.pt")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--tta", action="store_true", help="average probabilities over 4 flips")
-    p.add_argument("--overlay", action="store_true", help="also write overlays/<name>.png")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="probability threshold (default: the one the model was trained with)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--split", action="append", default=None,
-                   help="shard inputs: only this split (repeatable; default every split)")
-    p.add_argument("--workers", type=int, default=2, help="image-reading worker processes")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    return p
+@dataclass
+class PredictArgs:
+    """The flags of `python -m tumorseg_dist.predict`."""
+
+    inputs: Annotated[tuple[Path, ...], tyro.conf.Positional,
+                      tyro.conf.arg(metavar="INPUT...", help_behavior_hint="(required)")]
+    """Image files, folders of images, or packed shard directories."""
+    checkpoint: Path
+    """RUN/checkpoints/best.pt"""
+    out: Path
+    """Output folder."""
+    tta: bool = False
+    """Average probabilities over 4 flips."""
+    overlay: bool = False
+    """Also write overlays/<name>.png."""
+    threshold: cli.optional(float, "the one the model was trained with") = None
+    """Probability threshold."""
+    batch_size: int = 8
+    split: Annotated[tuple[str, ...], tyro.conf.UseAppendAction,
+                     tyro.conf.arg(help_behavior_hint="(default: every split)")] = ()
+    """Shard inputs: only this split (repeatable: --split val --split test)."""
+    workers: int = 2
+    """Image-reading worker processes."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 def unique_name(name: str, taken: set[str]) -> str:
@@ -151,7 +159,7 @@ def unique_name(name: str, taken: set[str]) -> str:
     return f"{stem}__{n}.png"
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: PredictArgs) -> int:
     from .dist import resolve_device
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -223,7 +231,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return guarded("predict", run, build_parser().parse_args(argv))
+    args = cli.parse(PredictArgs, argv, name="predict", description=__doc__)
+    if not args.inputs:
+        cli.usage_error("predict", "no INPUT: give image files, folders of images or shard directories")
+    return cli.guarded("predict", run, args)
 
 
 if __name__ == "__main__":
