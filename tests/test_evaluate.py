@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +31,40 @@ def test_hausdorff95_known_distances_and_empty_masks():
     a = square(64, 10, 10, 20)
     assert evaluate.hausdorff95(a, a) == 0.0
     assert evaluate.hausdorff95(a, square(64, 10, 13, 20)) == pytest.approx(3.0)
+    # Undefined when either mask is empty (MONAI alone gives inf or NaN): NaN, left out of means.
     assert math.isnan(evaluate.hausdorff95(a, np.zeros_like(a)))
     assert math.isnan(evaluate.hausdorff95(np.zeros_like(a), a))
+    assert math.isnan(evaluate.hausdorff95(np.zeros_like(a), np.zeros_like(a)))
 
 
-def test_hausdorff95_matches_monai():
-    monai_metrics = pytest.importorskip("monai.metrics")
-    rng = np.random.default_rng(0)
+def rect(y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    m = np.zeros((64, 64), bool)
+    m[y0:y0 + h, x0:x0 + w] = True
+    return m
+
+
+def test_hausdorff95_from_monai_equals_the_old_values():
+    """The values our removed scipy version gave (recorded before it went), now from MONAI."""
     from scipy import ndimage
-    for _ in range(3):
+    rng = np.random.default_rng(0)
+    old = [9.219544457292887, 17.899806088648454, 13.01152144312159]
+    for want in old:
         p = ndimage.binary_opening(rng.random((48, 40)) > 0.6, iterations=1)
         t = ndimage.binary_opening(rng.random((48, 40)) > 0.55, iterations=1)
-        want = monai_metrics.compute_hausdorff_distance(
-            torch.from_numpy(p)[None, None].float(), torch.from_numpy(t)[None, None].float(),
-            percentile=95).item()
         assert evaluate.hausdorff95(p, t) == pytest.approx(want, abs=1e-4)
+    assert evaluate.hausdorff95(rect(10, 10, 20, 20), rect(30, 25, 8, 30)) == pytest.approx(25.397681696873146, abs=1e-4)
+    assert evaluate.hausdorff95(rect(0, 0, 12, 64), rect(5, 3, 30, 20)) == pytest.approx(41.0, abs=1e-4)
+
+
+def test_hausdorff95_in_mm_from_the_pixel_spacing():
+    a, b = square(64, 10, 10, 20), square(64, 10, 13, 20)  # 3 px apart along columns
+    assert evaluate.hausdorff95(a, b, (0.5, 0.8)) == pytest.approx(3 * 0.8)
+    assert evaluate.hausdorff95(a, square(64, 14, 10, 20), (0.5, 0.8)) == pytest.approx(4 * 0.5)
+    # the json's spacing is the original image's: at the model size a pixel is larger
+    assert evaluate.pixel_spacing({"pixel_spacing": [0.5, 0.8]}, (256, 128), (64, 64)) == (2.0, 1.6)
+    assert evaluate.pixel_spacing({"pixel_spacing": [0.5, 0.8]}, (64, 64), (64, 64)) == (0.5, 0.8)
+    for meta in ({}, {"pixel_spacing": None}, {"pixel_spacing": [0, 1]}, {"pixel_spacing": "x"}):
+        assert evaluate.pixel_spacing(meta, (64, 64), (64, 64)) is None
 
 
 def test_score_counts_as_training_counts():
@@ -110,7 +130,13 @@ def test_outputs_defaults_and_original_resolution(ckpt_32, synthetic_shards):
     assert all(0 <= int(r["target_area"]) <= 64 * 64 for r in rows)
     with_both = [r for r in rows if int(r["target_area"]) and int(r["prediction_area"])]
     assert m["hd95_images"] == len(with_both) == sum(1 for r in rows if r["hd95"])
+    assert m["hd95_mm_images"] == 0 and all(r["hd95_mm"] == "" for r in rows)  # no pixel_spacing
     assert (out / "cases.png").stat().st_size > 1000
+    # the log file has the console's lines, timestamped
+    log = (out / "evaluate.log").read_text().splitlines()
+    assert any(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  evaluate: dice \S+ iou .* -> .*", ln)
+               for ln in log), log
+    assert sum("evaluate: " in ln for ln in log) >= 3  # start, drawing, result
 
 
 @pytest.mark.slow  # two torchrun processes importing torch: ~20 s of CPU, more on a busy machine

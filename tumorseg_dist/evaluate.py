@@ -3,9 +3,11 @@
 Writes to --out (default RUN/eval-<split>[-tta]/ next to the checkpoint's run):
 
   metrics.json    dataset-level Dice, IoU, precision, recall, accuracy (from summed TP/FP/FN/TN),
-                  mean per-image Dice/IoU, mean/median Hausdorff-95 over the images where both
-                  masks are non-empty, and what was evaluated (checkpoint, data, split, TTA, ...)
-  per_image.csv   key, source, group, dice, iou, target/prediction area, hd95 per image
+                  mean per-image Dice/IoU, mean/median Hausdorff-95 (MONAI's) over the images
+                  where both masks are non-empty, in pixels and, for images whose json gives
+                  pixel_spacing, in mm; and what was evaluated (checkpoint, data, split, TTA, ...)
+  per_image.csv   key, source, group, dice, iou, target/prediction area, hd95 (px), hd95_mm
+  evaluate.log    the lines shown on the console, timestamped
   cases.png       the worst and the best images by Dice, with ground truth (green) and
                   prediction (red) contours
 
@@ -36,33 +38,44 @@ from .data.shards import IndexedShards, read_sample
 from .data.torch_loader import rank_indices
 from .data.shards import ShardError, WorkerFailure, read_manifest, shard_paths
 from .data.verify import verify_shards
-from .figures import overlay_image, save_grid
+from .figures import overlay_image, save_grid, wrap_name
 from .inference import Predictor, load_model, resolve_threshold, to_original_size
-from .log import fmt
+from .log import Console, fmt
 from .metrics import mask_confusion, per_image_scores, summarize
 
-CSV_FIELDS = ["key", "source", "group", "dice", "iou", "target_area", "prediction_area", "hd95"]
+CSV_FIELDS = ["key", "source", "group", "dice", "iou", "target_area", "prediction_area", "hd95",
+              "hd95_mm"]
 
 
 # ---------------------------------------------------------------- Hausdorff-95
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-    # 4-connected erosion, outside the image counts as background: MONAI's edges (get_mask_edges)
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
-
-
-def hausdorff95(pred: np.ndarray, target: np.ndarray) -> float:
-    """Symmetric 95th-percentile Hausdorff distance in pixels between the two masks' boundaries
-    (MONAI's definition: the max of the two directed 95th percentiles). NaN if either is empty."""
-    from scipy import ndimage
+def hausdorff95(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, float] | None = None) -> float:
+    """MONAI's symmetric 95th-percentile Hausdorff distance between the two masks' boundaries, in
+    pixels, or in the units of `spacing` (row, column pixel size; mm). Our convention where it
+    is undefined: NaN (left out of the mean and median, blank in per_image.csv) if either mask
+    is empty, where MONAI would give inf or NaN with a warning."""
     pred, target = np.asarray(pred, bool), np.asarray(target, bool)
     if not pred.any() or not target.any():
         return float("nan")
-    sp, st = _surface(pred), _surface(target)
-    to_target = ndimage.distance_transform_edt(~st)[sp]
-    to_pred = ndimage.distance_transform_edt(~sp)[st]
-    return float(max(np.percentile(to_target, 95), np.percentile(to_pred, 95)))
+    from monai.metrics import compute_hausdorff_distance  # ~2-10 s to import: only when needed
+    d = compute_hausdorff_distance(torch.from_numpy(pred)[None, None], torch.from_numpy(target)[None, None],
+                                   include_background=True, percentile=95,
+                                   spacing=None if spacing is None else [float(v) for v in spacing])
+    return float(d.item())
+
+
+def pixel_spacing(meta: dict, original: tuple[int, int], compared: tuple[int, int]) -> tuple[float, float] | None:
+    """The (row, column) pixel size in mm of the compared masks, from the sample's json
+    `pixel_spacing` [row mm, column mm] of the original image (scaled when the comparison is at
+    the model size), or None when the sample does not give it."""
+    sp = meta.get("pixel_spacing")
+    try:
+        row, col = (float(v) for v in sp)
+    except (TypeError, ValueError):
+        return None
+    if not (row > 0 and col > 0 and math.isfinite(row) and math.isfinite(col)):
+        return None
+    return row * original[0] / compared[0], col * original[1] / compared[1]
 
 
 # ---------------------------------------------------------------- data
@@ -116,10 +129,11 @@ def score(prob: torch.Tensor, mask: np.ndarray, threshold: float, resolution: st
 # ---------------------------------------------------------------- figure
 
 def plot_cases(rows: list[dict], samples: EvalSamples, model: Predictor, path: Path,
-               threshold: float, tta: bool, per_side: int = 4) -> None:
-    """Worst `per_side` images by Dice (top row) and best ones with a non-empty target (bottom)."""
+               threshold: float, tta: bool, per_side: int = 4) -> list[str]:
+    """Worst `per_side` images by Dice (top row) and best ones with a non-empty target (bottom),
+    each titled with its whole sample name (wrapped) and Dice. Returns the captions."""
     if not rows:
-        return
+        return []
     by_dice = sorted(rows, key=lambda r: (r["dice"], r["key"]))
     worst = by_dice[:per_side]
     positive = [r for r in reversed(by_dice) if r["target_area"] > 0 and r not in worst]
@@ -131,9 +145,13 @@ def plot_cases(rows: list[dict], samples: EvalSamples, model: Predictor, path: P
             s = samples.load(row["_index"])
             pred = model.predict_image(s["image"], tta, threshold)
             panels.append((overlay_image(s["image"], pred, s["mask"]),
-                           f"{label}: {row['key'][:28]}\nDice {row['dice']:.3f}"))
+                           f"{label}: {wrap_name(row['key'])}\nDice {row['dice']:.3f}"))
         grid.append(panels)
-    save_grid(grid, path, "green: ground truth, red: prediction (original size)")
+    lines = max((c.count("\n") + 1 for row in grid for _, c in row), default=2)
+    # Taller panels for captions of more lines: whole names, not cut and not overlapping.
+    save_grid(grid, path, "green: ground truth, red: prediction (original size)",
+              panel=(3.2, 3.2 + 0.14 * lines))
+    return [c for row in grid for _, c in row]
 
 
 # ---------------------------------------------------------------- main
@@ -190,6 +208,7 @@ def run(args: EvaluateArgs) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     d = distmod.init(args.device)
+    log = Console(d.is_main)
     model = load_model(args.checkpoint, d.device)
     threshold = resolve_threshold(args.threshold, model)
     data = args.data or model.config.get("data", {}).get("path")
@@ -197,7 +216,7 @@ def run(args: EvaluateArgs) -> int:
         raise ValueError(f"{args.checkpoint} does not record its data; pass --data shards/NAME")
     data = Path(data)
     manifest = read_manifest(data)
-    verify_shards(data, [args.split], args.verify_shards, d)
+    verify_shards(data, [args.split], args.verify_shards, d, log.info)
     shards = IndexedShards(shard_paths(data, args.split, manifest))
     n = len(shards)
     if n == 0:
@@ -205,15 +224,14 @@ def run(args: EvaluateArgs) -> int:
     mine = [i for i in rank_indices(n, d.rank, d.world_size, False, 0, 0) if i >= 0]
     samples = EvalSamples(shards, model, mine)
     out = args.out or default_out(args.checkpoint, args.split, args.tta)
-    if d.is_main:
-        print(f"evaluate: {args.checkpoint} ({model.name}, {model.size}px) on {data} "
-              f"split {args.split}: {n} images, {d.world_size} rank(s), threshold {threshold}, "
-              f"{args.resolution} resolution{', flip-TTA' if args.tta else ''}", flush=True)
+    log.info(f"evaluate: {args.checkpoint} ({model.name}, {model.size}px) on {data} "
+             f"split {args.split}: {n} images, {d.world_size} rank(s), threshold {threshold}, "
+             f"{args.resolution} resolution{', flip-TTA' if args.tta else ''}")
     loader = torch.utils.data.DataLoader(samples, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, collate_fn=_collate)
     rows: list[dict] = []
     counts = []
-    for batch in loader:
+    for batch in log.progress(loader, len(loader), f"evaluate {args.split}", unit="batch"):
         for s in batch:
             if isinstance(s, WorkerFailure):
                 s.reraise()
@@ -221,9 +239,11 @@ def run(args: EvaluateArgs) -> int:
         for s, prob in zip(batch, probs):
             pred, target, c = score(prob, s["mask"], threshold, args.resolution, model.size)
             counts.append(c)
+            mm = pixel_spacing(s["meta"], s["mask"].shape, target.shape)
             rows.append({"key": s["key"], "source": s["meta"].get("source", ""),
                          "group": s["meta"].get("group") or "", "target_area": int(target.sum()),
                          "prediction_area": int(pred.sum()), "hd95": hausdorff95(pred, target),
+                         "hd95_mm": float("nan") if mm is None else hausdorff95(pred, target, mm),
                          "_index": s["index"]})
     c = torch.stack(counts) if counts else torch.zeros(0, 4, dtype=torch.float64)
     dice, iou = per_image_scores(c)
@@ -238,16 +258,22 @@ def run(args: EvaluateArgs) -> int:
     if d.is_main:
         metrics = summarize(totals)  # NaN where a ratio is undefined: null in JSON, n/a printed
         hd = np.array([r["hd95"] for r in rows if math.isfinite(r["hd95"])])
+        hd_mm = np.array([r["hd95_mm"] for r in rows if math.isfinite(r["hd95_mm"])])
         metrics.update({
             "hd95_mean": float(hd.mean()) if hd.size else None,
             "hd95_median": float(np.median(hd)) if hd.size else None,
             "hd95_images": int(hd.size),
             "hd95_unit": "pixels of the original image" if args.resolution == "original"
             else f"pixels at the model size {model.size}",
+            # Only the images whose json gives pixel_spacing: none of the built-in formats does.
+            "hd95_mm_mean": float(hd_mm.mean()) if hd_mm.size else None,
+            "hd95_mm_median": float(np.median(hd_mm)) if hd_mm.size else None,
+            "hd95_mm_images": int(hd_mm.size),
             "checkpoint": str(args.checkpoint), "data": str(data), "split": args.split,
             "tta": args.tta, "threshold": threshold, "resolution": args.resolution,
             "world_size": d.world_size, "arch": model.arch, "encoder": model.encoder, "size": model.size})
         out.mkdir(parents=True, exist_ok=True)
+        log.open_file(out / "evaluate.log")
         (out / "metrics.json").write_text(json.dumps({k: _finite(v) for k, v in metrics.items()},
                                                      indent=2) + "\n")
         rows.sort(key=lambda r: r["key"])
@@ -256,16 +282,20 @@ def run(args: EvaluateArgs) -> int:
             wr.writeheader()
             for r in rows:
                 wr.writerow({**r, "dice": f"{r['dice']:.6f}", "iou": f"{r['iou']:.6f}",
-                             "hd95": "" if not math.isfinite(r["hd95"]) else f"{r['hd95']:.3f}"})
+                             **{k: "" if not math.isfinite(r[k]) else f"{r[k]:.3f}" for k in ("hd95", "hd95_mm")}})
         if args.cases > 0:
+            log.info(f"evaluate: drawing {out / 'cases.png'} (the {args.cases} worst and best images)")
             plot_cases(rows, EvalSamples(shards, model, []), model, out / "cases.png", threshold,
                        args.tta, args.cases)
         hd_txt = f"{metrics['hd95_mean']:.2f}" if metrics["hd95_mean"] is not None else "n/a"
-        print(f"evaluate: dice {fmt(metrics['dice'])} iou {fmt(metrics['iou'])} precision "
-              f"{fmt(metrics['precision'])} recall {fmt(metrics['recall'])} mean image dice "
-              f"{fmt(metrics['mean_image_dice'])} hd95 {hd_txt} ({metrics['samples']} images) -> {out}")
+        if metrics["hd95_mm_mean"] is not None:
+            hd_txt += f" px, {metrics['hd95_mm_mean']:.2f} mm"
+        log.info(f"evaluate: dice {fmt(metrics['dice'])} iou {fmt(metrics['iou'])} precision "
+                 f"{fmt(metrics['precision'])} recall {fmt(metrics['recall'])} mean image dice "
+                 f"{fmt(metrics['mean_image_dice'])} hd95 {hd_txt} ({metrics['samples']} images) -> {out}")
     distmod.barrier()
     distmod.cleanup()
+    log.close()
     return 0
 
 

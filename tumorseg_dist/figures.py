@@ -2,12 +2,16 @@
 
 `overlay_image` paints ground truth (green) and prediction (red) contours on an image;
 `predict --overlay`, evaluate's cases.png and training's overlays.png (and its wandb copy) are
-all drawn by it, so they look alike. `save_grid` lays such panels out in one figure. Ground
-floor: imports nothing from the package (matplotlib only when a figure is saved).
+all drawn by it, so they look alike. `save_grid` lays such panels out in one figure;
+`plot_curves` draws training's curves.png. Each drawer returns what it drew (captions, ticks),
+which is what the tests check. Ground floor: imports nothing from the package (matplotlib only
+when a figure is saved).
 """
 from __future__ import annotations
 
 import math
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,20 +73,96 @@ def save_grid(rows: list[list[tuple[np.ndarray, str]]], path: Path, title: str,
     plt.close(fig)
 
 
-def plot_overlays(images: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor, path: Path,
-                  mean, std, threshold: float = 0.5, max_images: int = 8) -> None:
-    """Training's figure of a batch: normalised [B, C, S, S] images (un-normalised here with the
-    training mean/std), [B, 1, S, S] masks and probabilities, 4 per row, drawn by overlay_image."""
-    n = min(max_images, images.shape[0])
+def wrap_name(name: str, width: int = 28) -> str:
+    """A sample name on as many lines as it needs: every character kept, long keys broken at
+    separators where they have them."""
+    return "\n".join(textwrap.wrap(name, width, break_on_hyphens=True, break_long_words=True)) or name
+
+
+@dataclass
+class OverlayBatch:
+    """The images a training overlay figure shows, chosen from a whole split (lesions first).
+
+    images [B, C, S, S] normalised, masks [B, 1, S, S], probs [B, 1, S, S]; dice: each shown
+    image's Dice at the threshold; without_lesion / split_images: of the split, how many images
+    have an empty ground truth, of how many."""
+    images: torch.Tensor
+    masks: torch.Tensor
+    probs: torch.Tensor
+    dice: list[float]
+    without_lesion: int
+    split_images: int
+
+
+def plot_overlays(shown: OverlayBatch, path: Path, mean, std, threshold: float = 0.5,
+                  split: str = "test", max_images: int = 8) -> list[str]:
+    """Training's figure: `shown` un-normalised with the training mean/std, 4 per row, drawn by
+    overlay_image, each titled with its Dice; the title says how many of the split's images have
+    no lesion (those are shown only when too few have one). Returns the panel captions."""
+    n = min(max_images, shown.images.shape[0])
     if n == 0:
-        return
+        return []
     m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     panels = []
     for i in range(n):
-        img = (images[i].float().cpu() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
-        pred = probs[i, 0].float().cpu().numpy() > threshold
-        panels.append((overlay_image(img, pred, masks[i, 0].float().cpu().numpy() > 0.5), ""))
+        img = (shown.images[i].float().cpu() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
+        pred = shown.probs[i, 0].float().cpu().numpy() > threshold
+        gt = shown.masks[i, 0].float().cpu().numpy() > 0.5
+        caption = f"Dice {shown.dice[i]:.3f}" + ("" if gt.any() else " (no lesion)")
+        panels.append((overlay_image(img, pred, gt), caption))
     cols = min(4, n)
     rows = [panels[r * cols:(r + 1) * cols] for r in range(math.ceil(n / cols))]
-    save_grid(rows, path, "green: ground truth, red: prediction", panel=(3.0, 3.0), fontsize=11)
+    title = (f"green: ground truth, red: prediction; {shown.without_lesion} of the "
+             f"{shown.split_images} {split} images have no lesion")
+    save_grid(rows, path, title, panel=(3.0, 3.2), fontsize=11)
+    return [c for _, c in panels]
+
+
+@dataclass
+class Curves:
+    """What curves.png shows (returned by plot_curves)."""
+    epochs: list[int]
+    xticks: list[float]
+    best_epoch: int | None
+    lr: list[float]
+
+
+def plot_curves(records: list[dict], path: Path, best_epoch: int | None = None,
+                monitor: str = "val_dice") -> Curves | None:
+    """Loss, validation Dice/IoU and the learning rate (its own panel, log scale: it spans
+    decades) per epoch, integer epoch ticks, the best epoch (the checkpoint used for the test
+    split) marked on each panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    if not records:
+        return None
+    ep = [int(r["epoch"]) for r in records]
+    lr = [r.get("lr") for r in records]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
+    a.plot(ep, [r.get("train_loss") for r in records], marker=".", label="train")
+    a.plot(ep, [r.get("val_loss") for r in records], marker=".", label="val")
+    a.set_ylabel("loss")
+    b.plot(ep, [r.get("val_dice") for r in records], marker=".", label="val Dice")
+    b.plot(ep, [r.get("val_iou") for r in records], marker=".", label="val IoU")
+    b.set_ylim(0, 1)
+    c.plot(ep, lr, marker=".", color="tab:purple", label="learning rate")
+    c.set_ylabel("learning rate")
+    if all(v is not None and v > 0 for v in lr):
+        c.set_yscale("log")
+    best = best_epoch if best_epoch in ep else None
+    for ax in (a, b, c):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if best is not None:
+            ax.axvline(best, color="grey", linestyle="--", linewidth=1,
+                       label=f"best epoch {best} ({monitor})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.canvas.draw()
+    xticks = [float(t) for t in a.get_xticks() if ep[0] - 0.5 <= t <= ep[-1] + 0.5]
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Curves(ep, xticks, best, lr)

@@ -1,30 +1,137 @@
-"""Run output on rank 0: console lines, a progress bar, metrics.jsonl and the two figures."""
+"""Run output: console lines and progress bars for a person, the same lines with timestamps in a
+log file, and (RunLog) metrics.jsonl / steps.jsonl. Rank 0 only: elsewhere every method is a no-op.
+
+Lines go through the `logging` module (logger "tumorseg_dist"): information to stdout, warnings
+to stderr, both to the log file. A progress bar appears only when stderr is a terminal, and while
+one is shown, log lines are written above it (tqdm's logging_redirect_tqdm), never through it.
+"""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
+
+LOGGER = logging.getLogger("tumorseg_dist")
+FILE_FORMAT = logging.Formatter("%(asctime)s  %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 
 
-class RunLog:
-    """Everything rank 0 writes about a run; on other ranks every method is a no-op."""
+class _ConsoleHandler(logging.StreamHandler):
+    """One console handler (logging_redirect_tqdm swaps exactly one) that sends information to
+    stdout and warnings to stderr, whatever sys.stdout/sys.stderr are at the time of the line."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.dir, self.enabled = Path(run_dir), enabled
-        self.metrics_path = self.dir / "metrics.jsonl"
-        self.steps_path = self.dir / "steps.jsonl"  # per log interval, full precision
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        super().emit(record)
+
+
+class _LaterFile(logging.Handler):
+    """A log file that may only be opened once its folder exists (a run refused early leaves no
+    folder): lines before `open` are kept in memory and written first."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(FILE_FORMAT)
+        self.pending: list[str] = []
+        self.file = None
+
+    def open(self, path: Path) -> None:
+        if self.file is None:
+            self.file = open(path, "a", encoding="utf-8")  # a resumed run adds to its log
+            self.file.writelines(self.pending)
+            self.file.flush()
+            self.pending = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+            if self.file is None:
+                self.pending.append(line)
+            else:
+                self.file.write(line)
+                self.file.flush()  # a killed run keeps every line it showed
+        except Exception:  # noqa: BLE001 - logging must not end a run
+            self.handleError(record)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        super().close()
+
+
+class Console:
+    """What one command shows: `info`/`warning` lines, `progress` bars, and the log file
+    (`open_file(path)` once its folder exists). Creating one replaces the previous one's handlers,
+    so a process that runs several commands (tests) never writes to an old stream or file."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        for h in list(LOGGER.handlers):
+            LOGGER.removeHandler(h)
+            h.close()
+        LOGGER.setLevel(logging.INFO)
+        LOGGER.propagate = False  # the root logger (a library's basicConfig) must not print twice
+        self._file = _LaterFile()
+        if enabled:
+            console = _ConsoleHandler()
+            console.setFormatter(logging.Formatter("%(message)s"))
+            LOGGER.addHandler(console)
+            LOGGER.addHandler(self._file)
+        else:
+            LOGGER.addHandler(logging.NullHandler())
 
     def info(self, msg: str) -> None:
         if self.enabled:
-            print(msg, flush=True)
+            LOGGER.info(msg)
 
-    def progress(self, iterable: Iterable, total: int, desc: str):
+    def warning(self, msg: str) -> None:
+        if self.enabled:
+            LOGGER.warning(msg)
+
+    def open_file(self, path: Path) -> None:
+        """From now on (and for every line shown so far) also write to `path`, timestamped."""
+        if self.enabled:
+            self._file.open(Path(path))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def progress(self, iterable: Iterable, total: int | None, desc: str, unit: str = "it") -> Iterable:
+        """`iterable`, with a bar on a terminal; unchanged (no bar characters anywhere) when this
+        rank does not log or stderr is not a terminal (a log file, a batch job, a pipe)."""
         if not self.enabled or not sys.stderr.isatty():
             return iterable
-        from tqdm import tqdm
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+        return _bar(iterable, total, desc, unit)
+
+
+def _bar(iterable: Iterable, total: int | None, desc: str, unit: str) -> Iterator:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with logging_redirect_tqdm(loggers=[LOGGER]), \
+            tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+                 file=sys.stderr) as bar:
+        yield from bar
+
+
+class RunLog(Console):
+    """Everything rank 0 writes about a training run: its lines (and RUN/train.log, opened by
+    `open_file()` once the run directory exists), metrics.jsonl and steps.jsonl."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        super().__init__(enabled)
+        self.dir = Path(run_dir)
+        self.log_path = self.dir / "train.log"
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.steps_path = self.dir / "steps.jsonl"  # per log interval, full precision
+
+    def open_file(self, path: Path | None = None) -> None:
+        super().open_file(self.log_path if path is None else path)
 
     def records(self) -> list[dict]:
         if not self.metrics_path.is_file():
@@ -100,23 +207,3 @@ def epoch_line(r: dict) -> str:
     return (f"epoch {r['epoch']:>3} step {r['step']:>6}  train_loss {fmt(r['train_loss'])}  "
             f"val_loss {fmt(r['val_loss'])}  val_dice {fmt(r['val_dice'])}  val_iou {fmt(r['val_iou'])}  "
             f"lr {r['lr']:.2e}  {r['images_per_s']:.1f} img/s  {r['seconds']:.1f}s")
-
-
-def plot_curves(records: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    if not records:
-        return
-    ep = [r["epoch"] for r in records]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [r.get("train_loss") for r in records], label="train")
-    a.plot(ep, [r.get("val_loss") for r in records], label="val")
-    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
-    b.plot(ep, [r.get("val_dice") for r in records], label="val Dice")
-    b.plot(ep, [r.get("val_iou") for r in records], label="val IoU")
-    b.set_xlabel("epoch"), b.set_ylim(0, 1), b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-

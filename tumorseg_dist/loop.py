@@ -16,10 +16,11 @@ import torch
 from . import checkpoint
 from .config import Config, to_dict
 from .data.batch import Batch, Loader
-from .dist import DistInfo, all_reduce_sum
-from .log import RunLog, epoch_line, plot_curves
+from .dist import DistInfo, all_reduce_sum, broadcast_object
+from .figures import OverlayBatch, plot_curves
+from .log import RunLog, epoch_line
 from .losses import DiceBCELoss
-from .metrics import MetricAccumulator, summarize
+from .metrics import MetricAccumulator, confusion, per_image_scores, summarize
 
 
 @dataclass
@@ -66,30 +67,65 @@ def train_step(engine, batch: Batch) -> torch.Tensor:
     return engine.train_step(batch.image, batch.mask)
 
 
+class _FigurePicker:
+    """Up to `n` of this rank's images for an overlay figure, those with a lesion first (an
+    empty image shows little), with their Dice, and the count of lesion-free images."""
+
+    def __init__(self, n: int, threshold: float):
+        self.n, self.threshold = n, threshold
+        self.lesion: list[tuple] = []
+        self.empty: list[tuple] = []
+        self.without_lesion = 0
+
+    def add(self, image: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        has = mask.flatten(1).amax(1) > 0.5
+        self.without_lesion += int((~has).sum())
+        if len(self.lesion) >= self.n:
+            return
+        dice, _ = per_image_scores(confusion(logits, mask, self.threshold))
+        probs = torch.sigmoid(logits.float())
+        for i in range(image.shape[0]):
+            pool = self.lesion if has[i] else self.empty
+            if len(pool) < self.n:
+                pool.append((image[i].float().cpu(), mask[i].cpu(), probs[i].cpu(), dice[i].item()))
+
+    def result(self, split_images: int, device: torch.device) -> OverlayBatch | None:
+        # Collective: the lesion-free count is the split's, summed over ranks.
+        without = int(all_reduce_sum(torch.tensor([float(self.without_lesion)], device=device)).item())
+        chosen = (self.lesion + self.empty)[:self.n]
+        if not chosen:
+            return None
+        images, masks, probs, dice = zip(*chosen)
+        return OverlayBatch(torch.stack(images), torch.stack(masks), torch.stack(probs), list(dice),
+                            without, split_images)
+
+
 @torch.no_grad()
 def evaluate(engine, loader: Loader, loss_fn: DiceBCELoss | None, threshold: float,
-             log: RunLog | None = None, desc: str = "val", keep_first: bool = False):
+             log: RunLog | None = None, desc: str = "val", keep: int = 0):
     """Dataset-level metrics over every real sample of the split, counted once across ranks.
 
     "loss" is `loss_fn` over the whole split as one batch (its parts are summed over batches
     and ranks before the ratio, see docs/loss.md), so it does not depend on the world size or
-    the batch size; NaN without a loss_fn. With keep_first, also returns this rank's first
-    batch and its probabilities (for figures)."""
+    the batch size; NaN without a loss_fn. With keep > 0, also returns an OverlayBatch of up to
+    `keep` of this rank's images (lesions first) for figures, else only the metrics."""
     engine.eval()
     acc = MetricAccumulator(engine.device, extra=DiceBCELoss.N_PARTS)
-    first = None
-    it = loader if log is None else log.progress(loader, len(loader), desc)
+    picker = _FigurePicker(keep, threshold) if keep > 0 else None
+    it = loader if log is None else log.progress(loader, len(loader), desc, unit="batch")
     for batch in it:
         logits = engine.eval_logits(batch.image)
         v = batch.valid
         parts = None if loss_fn is None else loss_fn.parts(logits[v], batch.mask[v])
         acc.update(logits, batch.mask, v, threshold, parts)
-        if keep_first and first is None:
-            first = (batch.image[v].float(), batch.mask[v], torch.sigmoid(logits[v].float()))
+        if picker is not None:
+            picker.add(batch.image[v], batch.mask[v], logits[v])
     counts, parts = acc.reduce()
     metrics = summarize(counts)
     metrics["loss"] = float("nan") if loss_fn is None else loss_fn.from_parts(parts)
-    return (metrics, first) if keep_first else metrics
+    if picker is None:
+        return metrics
+    return metrics, picker.result(int(metrics["samples"]), engine.device)
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
@@ -170,7 +206,8 @@ def train_epoch(cfg: Config, engine, loader: Loader, state: TrainState, epoch: i
         return all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(seen)])) + carried
 
     seen, t0, outcome = 0, time.perf_counter(), "done"
-    for i, batch in enumerate(log.progress(loader, steps_per_epoch, f"epoch {epoch + 1}")):
+    bar = log.progress(loader, steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", unit="batch")
+    for i, batch in enumerate(bar):
         if i < state.batch_in_epoch:
             continue  # resumed mid-epoch: these batches were trained before the stop
         loss = train_step(engine, batch)
@@ -232,6 +269,9 @@ def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, 
     mode = "max" if t.monitor == "val_dice" else "min"
     stop = StopRequest(dist)
     reason = "done"
+    # Picking figure images ends in a collective, so every rank must agree to pick: only rank 0
+    # has a tracker.
+    images = bool(broadcast_object(tracker is not None and tracker.wants_images))
     try:
         for epoch in range(state.epoch, t.epochs):
             train, reason = train_epoch(cfg, engine, train_loader, state, epoch, dist, log, stop,
@@ -239,8 +279,7 @@ def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, 
             if reason == "preempted":
                 return state, reason
             engine.check_health()
-            images = tracker is not None and tracker.wants_images
-            val, first = evaluate(engine, val_loader, loss_fn, t.threshold, log, keep_first=True) \
+            val, shown = evaluate(engine, val_loader, loss_fn, t.threshold, log, keep=8) \
                 if images else (evaluate(engine, val_loader, loss_fn, t.threshold, log), None)
             state.epoch, state.batch_in_epoch = epoch + 1, 0
             record = epoch_record(state, train, val, engine.lr())
@@ -259,9 +298,9 @@ def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, 
             log.append(record)
             log.info(epoch_line(record))
             if tracker is not None:
-                tracker.log_epoch(record, first)
+                tracker.log_epoch(record, shown)
             if dist.is_main:
-                plot_curves(log.records(), run_dir / "curves.png")
+                plot_curves(log.records(), run_dir / "curves.png", state.best_epoch or None, t.monitor)
             if reason != "done":
                 if reason == "early_stop":
                     best = f"no epoch had a defined {t.monitor}" if state.best is None \

@@ -10,7 +10,7 @@
 Logged: the resolved config; per log interval the loss, learning rate and skipped non-finite
 steps (the values the loop already synced for its log line: no extra syncs); per epoch the
 metrics record (incl. images/s; an undefined metric, NaN, is left out of that point rather
-than charted), peak GPU memory, and an overlay figure of the first validation images. Any
+than charted), peak GPU memory, and an overlay figure of validation images (those with a lesion first). Any
 wandb error is reported once and turns tracking off; training goes on, and metrics.jsonl is
 written whatever the mode.
 """
@@ -80,7 +80,7 @@ class Tracker:
             data["train/skipped_nonfinite_steps"] = skipped
         self._safe("logging a step", lambda: self.run.log(data, step=step))
 
-    def log_epoch(self, record: dict, first=None) -> None:
+    def log_epoch(self, record: dict, shown=None) -> None:
         def do():
             import wandb
             data = defined({(k if k in ("epoch", "lr") else f"epoch/{k}"): v for k, v in record.items()
@@ -88,14 +88,14 @@ class Tracker:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 data["epoch/gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
                 torch.cuda.reset_peak_memory_stats()
-            if first is not None and self.wants_images:
+            if shown is not None and self.wants_images:
                 from .figures import plot_overlays
                 media = self.run_dir / "wandb"
                 media.mkdir(parents=True, exist_ok=True)
                 with tempfile.NamedTemporaryFile(suffix=".png", dir=media, delete=False) as f:
                     tmp = Path(f.name)
                 try:
-                    plot_overlays(*first, tmp, self.mean, self.std, self.threshold)
+                    plot_overlays(shown, tmp, self.mean, self.std, self.threshold, split="val")
                     if tmp.stat().st_size:
                         data["val/overlays"] = wandb.Image(str(tmp), caption=f"epoch {record['epoch']}: "
                                                            "green ground truth, red prediction")

@@ -44,7 +44,9 @@ def prepare_data(cfg: Config, dist: distmod.DistInfo) -> Path:
 def resolve_run_dir(cfg: Config, data_dir: Path) -> Path:
     if cfg.run.out is not None:
         return Path(cfg.run.out)
-    name = cfg.run.name or f"{data_dir.name}-{cfg.model.arch}-{cfg.model.encoder}"
+    # The classic U-Net has no encoder: its --encoder (a default nobody chose) would misname it.
+    model = cfg.model.arch if cfg.model.arch == "unet-classic" else f"{cfg.model.arch}-{cfg.model.encoder}"
+    name = cfg.run.name or f"{data_dir.name}-{model}"
     return Path("runs") / name
 
 
@@ -72,10 +74,10 @@ def evaluate_test_split(cfg: Config, engine, data_dir: Path, dist, loss_fn, log:
               run_dir: Path) -> None:
     """Test-split metrics and the overlay figure with the weights now in the engine."""
     test_loader = build_loader(cfg, data_dir, "test", dist, training=False, precision=engine.precision)
-    test, first = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep_first=True)
+    test, shown = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep=8)
     log.write_json("test_metrics.json", {"best_epoch": state.best_epoch, "stopped": reason, **test})
-    if dist.is_main and first is not None:
-        plot_overlays(*first, run_dir / "overlays.png", cfg.data.mean, cfg.data.std, cfg.train.threshold)
+    if dist.is_main and shown is not None:
+        plot_overlays(shown, run_dir / "overlays.png", cfg.data.mean, cfg.data.std, cfg.train.threshold)
     log.info(f"test ({test['samples']} images, best epoch {state.best_epoch}): dice {fmt(test['dice'])} "
              f"iou {fmt(test['iou'])} precision {fmt(test['precision'])} recall {fmt(test['recall'])} "
              f"-> {run_dir}")
@@ -120,6 +122,7 @@ def run(cfg: Config, preset: str | None) -> int:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_toml(cfg, run_dir / "config.toml")
+        log.open_file()  # RUN/train.log: every line shown so far, then the rest
         for tmp in checkpoint.remove_stale_temps(run_dir / "checkpoints"):
             log.info(f"removed {tmp}: the temp file of a checkpoint write that was killed")
     engine.write_run_files(run_dir)  # DeepSpeed: RUN/deepspeed_config.json
@@ -151,6 +154,7 @@ def run(cfg: Config, preset: str | None) -> int:
     else:
         evaluate_test_split(cfg, engine, data_dir, dist, loss_fn, log, state, reason, run_dir)
     distmod.cleanup()
+    log.close()
     return 0
 
 
