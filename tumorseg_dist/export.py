@@ -26,6 +26,7 @@ from .data.shards import IndexedShards, read_sample
 from .data.shards import MANIFEST, read_manifest, shard_paths
 from .imageio import read_image
 from .inference import Predictor, load_model
+from .log import Console
 
 
 def real_input(model: Predictor, given: Path | None) -> tuple[np.ndarray | None, str]:
@@ -128,6 +129,7 @@ class ExportArgs:
 
 
 def run(args: ExportArgs) -> int:
+    log = Console()
     model = load_model(args.checkpoint, "cpu")
     size = args.size or model.size
     multiple = 16 if model.arch == "unet-classic" else 32
@@ -135,8 +137,8 @@ def run(args: ExportArgs) -> int:
         raise ValueError(f"--size must be a multiple of {multiple} for {model.arch}, got {size}")
     image, where = real_input(model, args.input)
     if image is None:
-        print(f"export: warning: the training data {model.config.get('data', {}).get('path')} is not "
-              f"here and no --input was given; checking on a random input instead", file=sys.stderr)
+        log.warning(f"export: warning: the training data {model.config.get('data', {}).get('path')} is "
+                    f"not here and no --input was given; checking on a random input instead")
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, model.in_channels, size, size, generator=g)
         where = "random normal input"
@@ -144,27 +146,33 @@ def run(args: ExportArgs) -> int:
         x = model.preprocess(image, size)[None]
     args.onnx.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.onnx.with_name(f".{args.onnx.name}.tmp-{os.getpid()}")
+    # The check's steps: the export, then onnxruntime on batch 1 (and 3: a free batch must work).
+    steps = [("export", None), ("check batch 1", x)]
+    if args.dynamic_batch:
+        steps.append(("check batch 3", torch.cat([x, x.flip(-1), x.flip(-2)])))
     try:
-        export_onnx(model, tmp, size, args.dynamic_batch, args.opset, x)
-        diffs = [check_onnx(tmp, model.model, x)]
-        if args.dynamic_batch:  # a different batch size must work too
-            diffs.append(check_onnx(tmp, model.model, torch.cat([x, x.flip(-1), x.flip(-2)])))
+        diffs = []
+        for what, batch in log.progress(steps, len(steps), "export", unit="step"):
+            if batch is None:
+                export_onnx(model, tmp, size, args.dynamic_batch, args.opset, x)
+            else:
+                diffs.append(check_onnx(tmp, model.model, batch))
         diff = max(diffs)
-        print(f"export: onnxruntime vs PyTorch on {where}: max abs difference {diff:.3e} "
-              f"(logits, {'batch 1 and 3' if args.dynamic_batch else 'batch 1'}, {size}x{size})")
+        log.info(f"export: onnxruntime vs PyTorch on {where}: max abs difference {diff:.3e} "
+                 f"(logits, {'batch 1 and 3' if args.dynamic_batch else 'batch 1'}, {size}x{size})")
         if not diff <= args.atol:
-            print(f"export: error: difference {diff:.3e} is above --atol {args.atol:g}; "
-                  f"{args.onnx} was not written", file=sys.stderr)
+            log.warning(f"export: error: difference {diff:.3e} is above --atol {args.atol:g}; "
+                        f"{args.onnx} was not written")
             return 1
         os.replace(tmp, args.onnx)
     finally:
         if tmp.exists():
             tmp.unlink()
     mb = args.onnx.stat().st_size / 2 ** 20
-    print(f"export: wrote {args.onnx} ({mb:.1f} MB, opset {args.opset}): input 'image' "
-          f"[{'N' if args.dynamic_batch else 1}, {model.in_channels}, {size}, {size}] normalised "
-          f"with mean {list(model.mean)} std {list(model.std)}; output 'logits' -> sigmoid -> "
-          f"> {model.threshold}")
+    log.info(f"export: wrote {args.onnx} ({mb:.1f} MB, opset {args.opset}): input 'image' "
+             f"[{'N' if args.dynamic_batch else 1}, {model.in_channels}, {size}, {size}] normalised "
+             f"with mean {list(model.mean)} std {list(model.std)}; output 'logits' -> sigmoid -> "
+             f"> {model.threshold}")
     return 0
 
 

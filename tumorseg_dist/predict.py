@@ -9,6 +9,7 @@ and packed shard directories (`shards/NAME`, every split unless --split). Writes
                             shard inputs, the ground-truth contour (green)
   DIR/areas.csv             lesion area per image (pixels and fraction of the image)
   DIR/skipped.csv           inputs that could not be read, with the reason (only if any)
+  DIR/predict.log           the lines shown on the console, timestamped
 
 In folders, files named like masks (`X_mask.png`, `X_mask_1.png`) are left out; pass them as
 files to predict them anyway. Unreadable inputs are reported and skipped; the rest are written,
@@ -34,6 +35,7 @@ from .data.shards import MANIFEST, ShardError, read_manifest, shard_paths
 from .figures import overlay_image
 from .imageio import IMAGE_EXTS, ImageFileError, read_image
 from .inference import Predictor, load_model, resolve_threshold
+from .log import Console
 
 MASK_NAME = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
 
@@ -163,29 +165,31 @@ def run(args: PredictArgs) -> int:
     from .dist import resolve_device
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    log = Console()
     model = load_model(args.checkpoint, resolve_device(args.device))
     threshold = resolve_threshold(args.threshold, model)
     items, shard_sets, problems = collect_inputs(args.inputs, args.split)
     for src, why in problems:
-        print(f"predict: skipped {src}: {why}", file=sys.stderr)
+        log.warning(f"predict: skipped {src}: {why}")
     if not items:
         raise ValueError("no images to predict in " + ", ".join(map(str, args.inputs)))
-    print(f"predict: {len(items)} image(s) with {model.name} at {model.size}px, "
-          f"threshold {threshold}{', flip-TTA' if args.tta else ''} -> {args.out}")
+    log.info(f"predict: {len(items)} image(s) with {model.name} at {model.size}px, "
+             f"threshold {threshold}{', flip-TTA' if args.tta else ''} -> {args.out}")
     masks_dir, over_dir = args.out / "masks", args.out / "overlays"
     masks_dir.mkdir(parents=True, exist_ok=True)
+    log.open_file(args.out / "predict.log")
     loader = torch.utils.data.DataLoader(
         PredictDataset(items, shard_sets, model), batch_size=args.batch_size, shuffle=False,
         num_workers=args.workers, collate_fn=_collate)
     rows, taken, renamed = [], set(), []
-    for batch in loader:
+    for batch in log.progress(loader, len(loader), "predict", unit="batch"):
         good = []
         for r in batch:
             if r["error"] is None:
                 good.append(r)
             else:
                 problems.append((r["item"].display, r["error"]))
-                print(f"predict: skipped {r['error']}", file=sys.stderr)
+                log.warning(f"predict: skipped {r['error']}")
         if not good:
             continue
         preds = model.predict([r["tensor"] for r in good], [r["image"].shape[:2] for r in good],
@@ -213,8 +217,8 @@ def run(args: PredictArgs) -> int:
         wr.writeheader()
         wr.writerows(rows)
     for src, name in renamed:
-        print(f"predict: {src}: its mask name was already written by another input; "
-              f"wrote masks/{name} instead", file=sys.stderr)
+        log.warning(f"predict: {src}: its mask name was already written by another input; "
+                    f"wrote masks/{name} instead")
     skipped = args.out / "skipped.csv"
     if problems:
         with open(skipped, "w", newline="") as f:
@@ -223,10 +227,11 @@ def run(args: PredictArgs) -> int:
             wr.writerows(problems)
     elif skipped.exists():
         skipped.unlink()  # left from an earlier run into the same folder
-    print(f"predict: wrote {len(rows)} mask(s) to {masks_dir}"
-          + (f" and overlays to {over_dir}" if args.overlay else "")
-          + f"; areas in {args.out / 'areas.csv'}"
-          + (f"; {len(problems)} input(s) skipped, listed in {skipped}" if problems else ""))
+    log.info(f"predict: wrote {len(rows)} mask(s) to {masks_dir}"
+             + (f" and overlays to {over_dir}" if args.overlay else "")
+             + f"; areas in {args.out / 'areas.csv'}"
+             + (f"; {len(problems)} input(s) skipped, listed in {skipped}" if problems else ""))
+    log.close()
     return 1 if problems else 0
 
 
