@@ -31,6 +31,10 @@ def test_single_process_writes_the_run_directory(tmp_path, synthetic_shards, ext
     test = json.loads((run / "test_metrics.json").read_text())
     assert test["samples"] == read_manifest(synthetic_shards)["splits"]["test"]["samples"]
     assert "test (" in p.stdout
+    # train.log: every console line, timestamped; no progress bar without a terminal
+    logged = [ln.split("  ", 1)[1] for ln in (run / "train.log").read_text().splitlines()]
+    assert logged == p.stdout.splitlines()
+    assert "\r" not in p.stderr and "batch/s" not in p.stderr and "it/s" not in p.stderr
 
 
 def test_bad_data_dir_is_a_clear_error(tmp_path):
