@@ -4,7 +4,7 @@ import torch
 from tumorseg_dist import checkpoint
 from tumorseg_dist.config import Config
 from tumorseg_dist.dist import DistInfo
-from tumorseg_dist.engines import DDPEngine
+from tumorseg_dist.engines import DDPEngine, build_engine
 from tumorseg_dist.loop import TrainState, checkpoint_state, restore
 from tumorseg_dist.losses import reference_dice_bce
 from tumorseg_dist.models import build_model
@@ -17,7 +17,7 @@ def make_engine(seed: int) -> DDPEngine:
     cfg.train.amp, cfg.train.channels_last = "off", False
     cfg.data.mean, cfg.data.std = (0.5,), (0.25,)
     dist = DistInfo(0, 0, 1, torch.device("cpu"))
-    return DDPEngine(cfg, build_model(cfg.model, 1), dist, reference_dice_bce, total_steps=10)
+    return build_engine(cfg, build_model(cfg.model, 1), dist, reference_dice_bce, total_steps=10)
 
 
 def test_round_trip_restores_everything(tmp_path):

@@ -261,13 +261,13 @@ from pathlib import Path
 from tumorseg_dist import checkpoint
 from tumorseg_dist.config import Config
 from tumorseg_dist.dist import DistInfo
-from tumorseg_dist.engines.deepspeed import DeepSpeedEngine
+from tumorseg_dist.engines import build_engine
 ckpt_dir = Path(sys.argv[1])
 cfg = Config(); cfg.train.amp = "off"; cfg.train.channels_last = False; cfg.train.batch_size = 4
 cfg.engine.engine, cfg.engine.zero_stage = "deepspeed", 2
 torch.manual_seed(0)
 net = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.BatchNorm2d(64), nn.Conv2d(64, 1, 1))
-e = DeepSpeedEngine(cfg, net, DistInfo(0, 0, 1, torch.device("cpu")), F.binary_cross_entropy_with_logits, 10)
+e = build_engine(cfg, net, DistInfo(0, 0, 1, torch.device("cpu")), F.binary_cross_entropy_with_logits, 10)
 x, y = torch.randn(4, 1, 8, 8), (torch.rand(4, 1, 8, 8) > 0.5).float()
 e.train(); e.train_step(x, y)
 meta = {"format_version": 1, "train_state": {"epoch": 1, "step": 1}}

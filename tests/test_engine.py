@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tumorseg_dist.config import Config, ConfigError
 from tumorseg_dist.dist import DistInfo
-from tumorseg_dist.engines import DDPEngine, NonFiniteLossError, build_engine_for_benchmark
+from tumorseg_dist.engines import DDPEngine, NonFiniteLossError, build_engine, build_engine_for_benchmark
 from tumorseg_dist.engines.deepspeed import DeepSpeedEngine
 from tumorseg_dist.engines.parts import PHASES, Health, nonfinite_gradients
 from tumorseg_dist.engines.protocol import Engine
@@ -34,7 +34,7 @@ def make(seed=0, loss_fn=bce, **engine):
     cfg.optim.scheduler = "none"
     for k, v in engine.items():
         setattr(cfg.engine, k, v)
-    return DDPEngine(cfg, tiny_net(seed), CPU, loss_fn, total_steps=100)
+    return build_engine(cfg, tiny_net(seed), CPU, loss_fn, total_steps=100)
 
 
 def data(n=4, seed=1):

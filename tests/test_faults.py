@@ -40,7 +40,7 @@ NAN_DS = r"""
 import os, sys, torch, torch.nn as nn, torch.nn.functional as F
 from tumorseg_dist.config import Config
 from tumorseg_dist.dist import DistInfo
-from tumorseg_dist.engines.deepspeed import DeepSpeedEngine
+from tumorseg_dist.engines import build_engine
 from tumorseg_dist.engines import NonFiniteLossError
 cfg = Config(); cfg.train.amp = "off"; cfg.train.channels_last = False; cfg.train.batch_size = 4
 cfg.engine.engine, cfg.engine.zero_stage, cfg.engine.max_bad_steps = "deepspeed", int(sys.argv[1]), 3
@@ -52,7 +52,7 @@ def loss_fn(logits, y):
     return loss if calls["n"] == 1 else loss * float("nan")
 torch.manual_seed(0)
 net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 1))
-e = DeepSpeedEngine(cfg, net, DistInfo(0, 0, 1, torch.device("cpu")), loss_fn, 10)
+e = build_engine(cfg, net, DistInfo(0, 0, 1, torch.device("cpu")), loss_fn, 10)
 x, y = torch.randn(4, 1, 8, 8), (torch.rand(4, 1, 8, 8) > 0.5).float()
 e.train(); e.train_step(x, y)
 good = [p.detach().clone() for p in e.model.parameters()]

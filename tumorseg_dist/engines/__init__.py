@@ -30,7 +30,9 @@ __all__ = ["DDPEngine", "Engine", "LossFn", "NonFiniteLossError", "build_engine"
 
 def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int,
                  precision: Precision | None = None) -> Engine:
-    """`precision`: the run's (train.run resolves it once); omitted, it is resolved from cfg.train."""
+    """`precision`: the run's (train.run resolves it once); omitted, it is resolved from cfg.train
+    here, for library callers and tests (the engines themselves never decide it)."""
+    precision = precision or resolve_precision(cfg.train, dist.device)
     if cfg.engine.engine == "ddp":
         return DDPEngine(cfg, model, dist, loss_fn, total_steps, precision)
     from .deepspeed import DeepSpeedEngine

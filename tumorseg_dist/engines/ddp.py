@@ -12,22 +12,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .. import checkpoint
 from ..config import Config
 from ..dist import DistInfo
-from ..precision import Precision, resolve_precision
-from .parts import (EMA, Health, LossFn, Mark, Schedule, allreduce_gradients, amp_autocast, build_optimizer,
+from ..precision import Precision
+from .parts import (EMA, EngineBase, Health, LossFn, Mark, Schedule, allreduce_gradients, amp_autocast, build_optimizer,
                     mark_phase, nonfinite_gradients, optimizer_state_bytes, optimizer_steps, tensor_bytes)
 
 
-class DDPEngine:
+class DDPEngine(EngineBase):
     """Single process or torch DDP; AMP via autocast (+ GradScaler for fp16)."""
 
     name = "ddp"
 
     def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int,
-                 precision: Precision | None = None):
-        self.cfg, self.dist, self.loss_fn = cfg, dist, loss_fn
-        e = cfg.engine
-        self.device = dist.device
-        self.precision = p = precision or resolve_precision(cfg.train, dist.device)
+                 precision: Precision):
+        super().__init__(cfg, dist, loss_fn, precision)
+        e, p = cfg.engine, precision
         self.model = model.to(self.device, memory_format=p.memory_format)  # unwrapped: eval/save
         self.fused = self.device.type in ("cpu", "cuda")
         self.optimizer = build_optimizer(cfg, self.model.parameters(), fused=self.fused)

@@ -45,9 +45,9 @@ from .. import checkpoint
 from .. import dist as distmod
 from ..config import Config, ConfigError
 from ..dist import DistInfo
-from ..precision import Precision, resolve_precision
+from ..precision import Precision
 from . import deepspeed_io
-from .parts import (EMA, Health, LossFn, Mark, Schedule, amp_autocast, mark_phase, nonfinite_gradients,
+from .parts import (EMA, EngineBase, Health, LossFn, Mark, Schedule, amp_autocast, mark_phase, nonfinite_gradients,
                     optimizer_state_bytes, optimizer_steps, tensor_bytes)
 
 DS_DIR = "deepspeed"  # RUN/checkpoints/deepspeed/<tag>/
@@ -170,17 +170,15 @@ def init_deepspeed(dist: DistInfo):
     return deepspeed
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(EngineBase):
     """DeepSpeed engine with ZeRO 0/1/2; AMP via torch_autocast (bf16) or DeepSpeed's fp16 mode."""
 
     name = "deepspeed"
 
     def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo, loss_fn: LossFn, total_steps: int,
-                 precision: Precision | None = None):
-        self.cfg, self.dist, self.loss_fn = cfg, dist, loss_fn
-        e = cfg.engine
-        self.device = dist.device
-        self.precision = p = precision or resolve_precision(cfg.train, dist.device)
+                 precision: Precision):
+        super().__init__(cfg, dist, loss_fn, precision)
+        e, p = cfg.engine, precision
         self.config = deepspeed_config(cfg, dist.world_size, p.amp)
         self.notes: list[str] = []
         if e.deepspeed_config is not None:

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 
 from ..config import Config
+from ..dist import DistInfo
+from ..precision import Precision
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # `train_step(..., mark=f)` calls f(phase) as each phase of the step ends (benchmarks time them).
@@ -27,6 +29,15 @@ def mark_phase(mark: Mark | None, phase: str) -> None:
     """mark(phase) when a timed step was asked for (see Mark)."""
     if mark is not None:
         mark(phase)
+
+
+class EngineBase:
+    """What both engines hold: the config, the ranks, the loss and the run's precision."""
+
+    def __init__(self, cfg: Config, dist: DistInfo, loss_fn: LossFn, precision: Precision):
+        self.cfg, self.dist, self.loss_fn = cfg, dist, loss_fn
+        self.device = dist.device
+        self.precision = precision
 
 
 class NonFiniteLossError(RuntimeError):
