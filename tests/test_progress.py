@@ -159,3 +159,22 @@ def test_run_names_say_what_ran():
     assert resolve_run_dir(cfg, Path("shards/busi")) == Path("runs/busi-unet-classic")
     cfg.model.arch = "unetplusplus"
     assert resolve_run_dir(cfg, Path("shards/busi")) == Path("runs/busi-unetplusplus-resnet34")
+
+
+@pytest.mark.slow  # a real training run on a pseudo-terminal: ~30 s on a busy 2-core box
+def test_training_on_a_terminal_shows_epoch_and_validation_bars_and_whole_step_lines(tmp_path, synthetic_shards):
+    from conftest import TINY
+    run = tmp_path / "run"
+    rc, out = run_on_a_terminal([PY, "-m", "tumorseg_dist.train", *TINY, "--data", str(synthetic_shards),
+                                 "--out", str(run), "--epochs", "1", "--batch-size", "4",
+                                 "--log-every", "1", "--loader", "torch"], tmp_path)
+    assert rc == 0, out[-3000:]
+    assert re.search(r"epoch 1/1:\s+\d+%\|", out) and re.search(r"val:\s+\d+%\|", out), out[-3000:]
+    assert re.search(r"test:\s+\d+%\|", out), out[-3000:]
+    pieces = [p for p in re.split(r"[\r\n]+", out) if p.strip()]
+    steps = [p for p in pieces if "loss" in p and "%|" not in p and "epoch" not in p]
+    assert len(steps) == len((run / "steps.jsonl").read_text().splitlines()) >= 2, steps
+    assert all(re.fullmatch(r"  step \d+ loss \d+\.\d{4} lr \S+", p) for p in steps), steps
+    assert not [p for p in pieces if "%|" in p and ("step " in p or "train_loss" in p)]
+    logged = [re.sub(STAMP, "", ln) for ln in (run / "train.log").read_text().splitlines()]
+    assert all("%|" not in ln and "\r" not in ln for ln in logged) and set(steps) <= set(logged)
