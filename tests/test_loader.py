@@ -31,7 +31,7 @@ def test_eval_partition_counts_each_sample_once(n, world):
     assert len({len(p) for p in parts}) == 1
     real = sorted(i for p in parts for i in p if i >= 0)
     assert real == list(range(n))
-    batches = [batches_for(p, 3, False) for p in parts]
+    batches = [batches_for(p, 3) for p in parts]
     assert len({len(b) for b in batches}) == 1
 
 

@@ -47,6 +47,7 @@ class LoaderSpec:
     num_workers: int
     memory_format: torch.memory_format  # Precision.memory_format: the batches' layout
     image_dtype: torch.dtype = torch.float32   # what AMP computes in: bf16/fp16 halve the copy
+    grad_accum: int = 1      # training epochs are whole optimizer steps (order.py)
 
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L") and DALI's GRAY output

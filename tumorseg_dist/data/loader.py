@@ -12,6 +12,7 @@ import torch
 from ..dist import DistInfo
 from ..precision import Precision, resolve_precision
 from .batch import Loader, LoaderSpec, norm_stats
+from .order import divisible_choices
 from .shards import read_manifest
 from .torch_loader import TorchLoader
 
@@ -38,14 +39,16 @@ def build_loader(cfg, shard_dir: Path, split: str, dist: DistInfo, training: boo
     from .augment import PRESETS, resolve
     if cfg.train.batch_size % dist.world_size:
         raise ValueError(f"--batch-size {cfg.train.batch_size} is the GLOBAL batch and must be divisible "
-                         f"by the world size {dist.world_size}")
+                         f"by the world size {dist.world_size}: "
+                         f"{divisible_choices(cfg.train.batch_size, dist.world_size)}")
     mean, std = resolve_norm(cfg, shard_dir)
     spec = LoaderSpec(
         shard_dir=Path(shard_dir), split=split, training=training, size=cfg.data.size,
         in_channels=cfg.data.in_channels, batch_size=cfg.train.batch_size // dist.world_size,
         mean=mean, std=std, augment=resolve(cfg.augment) if training else PRESETS["none"],
         seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-        memory_format=precision.memory_format, image_dtype=precision.image_dtype)
+        memory_format=precision.memory_format, image_dtype=precision.image_dtype,
+        grad_accum=cfg.engine.grad_accum)
     if cfg.data.loader == "dali":
         from .dali import DaliLoader
         return DaliLoader(spec, dist)

@@ -1,123 +1,182 @@
 """`--loader torch`: a torch `DataLoader` over the shards, with the augmentation in its workers.
 
 It reads samples by offset through the shards' DALI `.idx` files (the same index DALI uses),
-which gives exact per-global-rank partitions and per-epoch shuffles from the seed.
+which gives exact per-global-rank partitions; training follows the epoch's global order
+(`order.py`), so the samples a global position holds do not depend on the world size.
 """
 from __future__ import annotations
 
 import math
 from typing import Iterator
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..dist import DistInfo
 from .augment import AugmentParams
 from .batch import Batch, LoaderSpec, source_channels, to_channels
+from .order import epoch_length, global_order, rank_slices
 from .shards import IndexedShards, ShardError, WorkerFailure, read_manifest, read_sample, shard_paths
 
 
 # ---------------------------------------------------------------- partitioning
 
 def rank_indices(n: int, rank: int, world: int, training: bool, seed: int, epoch: int) -> list[int]:
-    """This rank's sample order for one epoch; -1 marks padding.
+    """This rank's sample order for one epoch, one sample at a time; -1 marks padding.
 
-    Training: a seeded permutation of all samples, dealt round-robin by GLOBAL rank, the short
-    ranks topped up by wrapping (real samples, so the batch statistics stay real). Evaluation:
-    the natural order dealt round-robin, short ranks padded with -1 (masked out of metrics)."""
-    per_rank = math.ceil(n / world)
+    Training: this rank's positions of the epoch's global order (`order.py`) with a per-rank
+    batch of 1. Evaluation: the natural order dealt round-robin, short ranks padded with -1
+    (masked out of metrics), so every real sample is counted once."""
     if training:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
-        order = (order * (1 + (per_rank * world) // max(n, 1)))[:per_rank * world]
-        return order[rank::world]
+        order = global_order(n, seed, epoch, epoch_length(n, world))
+        return [i for batch in rank_slices(order, world, rank, world) for _, i in batch]
+    per_rank = math.ceil(n / world)
     mine = list(range(rank, n, world))
     return mine + [-1] * (per_rank - len(mine))
 
 
-def batches_for(indices: list[int], batch_size: int, training: bool) -> list[list[int]]:
-    if training:
-        # Drop the ragged tail so every step has a full per-rank batch (stable BN, equal steps).
-        steps = max(1, len(indices) // batch_size)
-        padded = indices * (1 + (steps * batch_size) // max(len(indices), 1))
-        return [padded[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+def batches_for(indices: list[int], batch_size: int) -> list[list[int]]:
+    """Evaluation batches of one rank's `rank_indices` (the last one may be short)."""
     return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
 
 
 # ---------------------------------------------------------------- the torch loader
 
-def _augment(img: torch.Tensor, mask: torch.Tensor, p: AugmentParams, g: torch.Generator):
-    """One set of random parameters per sample, applied to image (bilinear) and mask (nearest).
-
-    Same order, ranges and formulas as the DALI pipeline (`dali.py`, docs/loader.md); the random
-    draws themselves differ between the loaders."""
-    from torchvision.transforms.v2 import functional as TF
-
-    def u(lo: float, hi: float) -> float:
-        return lo + (hi - lo) * torch.rand((), generator=g).item()
-
+def _draws(p: AugmentParams, rng: np.random.Generator) -> dict:
+    """One sample's random parameters, drawn in the documented order (docs/loader.md)."""
     def coin(prob: float) -> bool:
-        return prob > 0 and u(0, 1) < prob
+        return prob > 0 and rng.random() < prob
 
-    if coin(p.flip_p):
-        img, mask = img.flip(-1), mask.flip(-1)
-    if coin(p.flip_p):
-        img, mask = img.flip(-2), mask.flip(-2)
+    d = {"hflip": coin(p.flip_p), "vflip": coin(p.flip_p), "affine": None}
     if (p.rotate_deg or p.scale or p.translate) and coin(p.affine_p):
-        angle = u(-p.rotate_deg, p.rotate_deg)
-        scale = u(1 - p.scale, 1 + p.scale)
-        h, w = img.shape[-2:]
-        tx, ty = u(-p.translate, p.translate) * w, u(-p.translate, p.translate) * h
-        img = TF.affine(img, angle=angle, translate=[tx, ty], scale=scale, shear=[0.0, 0.0],
-                        interpolation=TF.InterpolationMode.BILINEAR)
-        mask = TF.affine(mask, angle=angle, translate=[tx, ty], scale=scale, shear=[0.0, 0.0],
-                         interpolation=TF.InterpolationMode.NEAREST)
-    if p.gamma and coin(p.gamma_p):
-        img = img.clamp(0, 1) ** u(1 - p.gamma, 1 + p.gamma)
-    if p.brightness and coin(p.brightness_p):
-        img = img * u(1 - p.brightness, 1 + p.brightness)
-    if p.contrast and coin(p.contrast_p):
-        m = img.mean()
-        img = (img - m) * u(1 - p.contrast, 1 + p.contrast) + m
-    if p.noise and coin(p.noise_p):
-        img = img + torch.randn(img.shape, generator=g) * u(0, p.noise)
-    return img, mask
+        d["affine"] = (rng.uniform(-p.rotate_deg, p.rotate_deg), rng.uniform(1 - p.scale, 1 + p.scale),
+                       rng.uniform(-p.translate, p.translate), rng.uniform(-p.translate, p.translate))
+    d["gamma"] = rng.uniform(1 - p.gamma, 1 + p.gamma) if p.gamma and coin(p.gamma_p) else None
+    d["brightness"] = rng.uniform(1 - p.brightness, 1 + p.brightness) if p.brightness and coin(p.brightness_p) else 1.0
+    d["contrast"] = rng.uniform(1 - p.contrast, 1 + p.contrast) if p.contrast and coin(p.contrast_p) else 1.0
+    d["noise"] = rng.uniform(0, p.noise) if p.noise and coin(p.noise_p) else 0.0
+    return d
+
+
+def _geometry_matrix(src_hw: tuple[int, int], size: int, d: dict) -> np.ndarray:
+    """The 2×3 OpenCV matrix (source pixel -> output pixel) of resize, flips, then the affine
+    (rotation and zoom about the centre, then the shift), composed as DALI composes them, so the
+    image is resampled once. Pixel centres sit at integer coordinates, as in OpenCV."""
+    h, w = src_hw
+    sx, sy = size / w, size / h
+    m = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1.0]])
+    flip = np.eye(3)
+    if d["hflip"]:
+        flip[0, 0], flip[0, 2] = -1.0, size - 1.0
+    if d["vflip"]:
+        flip[1, 1], flip[1, 2] = -1.0, size - 1.0
+    angle, scale, tx, ty = d["affine"]
+    c = (size - 1) / 2
+    aff = np.vstack([cv2.getRotationMatrix2D((c, c), angle, scale), [0, 0, 1.0]])
+    aff[0, 2] += tx * size
+    aff[1, 2] += ty * size
+    return (aff @ flip @ m)[:2]
+
+
+def _resize(img: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image: bilinear, antialiased when shrinking (torch's filter, DALI's rule); mask: nearest
+    at pixel centres (torch's nearest-exact = DALI's INTERP_NN), so it stays exactly binary."""
+    h, w = mask.shape
+    if (h, w) == (size, size):
+        return img, mask
+    if h <= size and w <= size:   # no antialiasing needed: OpenCV's bilinear is the same filter
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    else:
+        t = torch.from_numpy(img if img.ndim == 3 else img[:, :, None]).permute(2, 0, 1)[None]
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        img = t[0].permute(1, 2, 0).numpy()
+        img = img[:, :, 0] if img.shape[2] == 1 else np.ascontiguousarray(img)
+    m = F.interpolate(torch.from_numpy(mask)[None, None], size=(size, size), mode="nearest-exact")
+    return img, m[0, 0].numpy()
+
+
+def _augment(img: np.ndarray, mask: np.ndarray, size: int, p: AugmentParams, rng: np.random.Generator):
+    """Resize and augment one sample (H×W or H×W×C float32 in [0, 1], H×W mask) to size×size.
+
+    The DALI pipeline's kinds, ranges, probabilities and order (docs/loader.md), done in OpenCV:
+    with the affine, flips + affine (+ the resize, when the source is no larger than the
+    output) are one `warpAffine` (image bilinear, mask nearest, outside = 0); without it, flips
+    move pixels and resample nothing. Returns the image in [0, 1] units and the per-sample
+    (scale, offset) of brightness and contrast, which the caller folds into the normalisation
+    as DALI does; gamma and noise are applied here. The random draws differ from DALI's."""
+    d = _draws(p, rng)
+    if d["affine"] is None:
+        img, mask = _resize(img, mask, size)
+        axes = [a for a, on in ((1, d["hflip"]), (0, d["vflip"])) if on]
+        if axes:
+            img, mask = np.ascontiguousarray(np.flip(img, axes)), np.ascontiguousarray(np.flip(mask, axes))
+    else:
+        if mask.shape[0] > size or mask.shape[1] > size:   # shrink with antialiasing first
+            img, mask = _resize(img, mask, size)
+        m = _geometry_matrix(mask.shape, size, d)
+        img = cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        mask = cv2.warpAffine(mask, m, (size, size), flags=cv2.INTER_NEAREST,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    if d["gamma"] is not None:
+        img = np.power(np.clip(img, 0, 1), d["gamma"], dtype=np.float32)
+    b, c = d["brightness"], d["contrast"]
+    # x*b then (· - mean)*c + mean, mean = b*mean(x): one affine map x*scale + offset.
+    scale, offset = b * c, (b * float(img.mean()) * (1 - c) if c != 1.0 else 0.0)
+    if d["noise"]:
+        # Drawn in output units after the map: (x*scale + offset) + n = (x + n/scale)*scale + offset.
+        img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(d["noise"] / scale)
+    return img, mask, scale, offset
 
 
 class _Collate:
-    """Runs in the workers: decode -> resize -> augment -> channels -> normalise -> stack.
-    Grey stays one channel until after the augmentation (the model's copies are made last)."""
+    """Runs in the workers: decode -> resize -> augment -> channels -> normalise, written
+    straight into the batch tensor. Grey stays one channel until the normalisation, which
+    writes the model's copies (docs/loader.md)."""
 
     def __init__(self, spec: LoaderSpec, dataset: IndexedShards):
         self.spec, self.ds = spec, dataset
+        self._threads_set = False
 
     def __call__(self, items: list[tuple[int, int]]):
+        if not self._threads_set and torch.utils.data.get_worker_info() is not None:
+            # One thread per worker: the workers already fill the cores this process may use.
+            cv2.setNumThreads(1)
+            self._threads_set = True
         try:
             return self._batch(items)
         except ShardError as e:
             return WorkerFailure(str(e))
 
     def _batch(self, items: list[tuple[int, int]]):
-        spec = self.spec
-        imgs, masks, valid, keys = [], [], [], []
-        for idx, seed in items:
+        spec, size, n = self.spec, self.spec.size, len(items)
+        img = torch.empty(n, spec.in_channels, size, size)
+        masks = torch.empty(n, 1, size, size)
+        mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+        valid, keys = [], []
+        augment = spec.training and spec.augment.enabled
+        for j, (idx, seed) in enumerate(items):
             real = idx >= 0
             s = read_sample(self.ds, idx if real else 0)
             t = source_channels(torch.from_numpy(s.image).permute(2, 0, 1), spec.in_channels)
-            m = torch.from_numpy(s.mask)[None]
-            t = F.interpolate(t[None], size=(spec.size, spec.size), mode="bilinear",
-                              align_corners=False, antialias=True)[0]
-            # nearest-exact = pixel-centre nearest neighbour, the same rule as DALI's INTERP_NN.
-            m = F.interpolate(m[None], size=(spec.size, spec.size), mode="nearest-exact")[0]
-            if spec.training and spec.augment.enabled:
-                t, m = _augment(t, m, spec.augment, torch.Generator().manual_seed(seed))
-            imgs.append(to_channels(t, spec.in_channels))
-            masks.append(m)
+            x = t.permute(1, 2, 0).numpy()
+            x = x[:, :, 0] if x.shape[2] == 1 else np.ascontiguousarray(x)
+            if augment:
+                x, m, scale, offset = _augment(x, s.mask, size, spec.augment, np.random.default_rng(seed))
+            else:
+                (x, m), scale, offset = _resize(x, s.mask, size), 1.0, 0.0
+            t = torch.from_numpy(x)
+            t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+            t = t.expand(spec.in_channels, -1, -1) if t.shape[0] == 1 else to_channels(t, spec.in_channels)
+            # (x*scale + offset - mean) / std in one pass per channel, into the batch.
+            torch.addcmul((offset - mean) / std, t, scale / std, out=img[j])
+            masks[j, 0] = torch.from_numpy(m)
             valid.append(real)
             keys.append(s.key if real else "")
-        img = torch.stack(imgs)
-        mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-        std = torch.tensor(spec.std).view(1, -1, 1, 1)
-        return (img - mean) / std, torch.stack(masks), torch.tensor(valid), keys
+        return img, masks, torch.tensor(valid), keys
 
 
 class TorchLoader:
@@ -133,21 +192,28 @@ class TorchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _global_batch(self) -> int:
+        return self.spec.batch_size * self.dist.world_size
+
+    def _epoch_samples(self) -> int:
+        return epoch_length(len(self.dataset), self._global_batch() * self.spec.grad_accum)
+
     def _plan(self) -> list[list[tuple[int, int]]]:
-        s = self.spec
-        idx = rank_indices(len(self.dataset), self.dist.rank, self.dist.world_size, s.training,
-                           s.seed, self.epoch)
-        out = []
-        for b, batch in enumerate(batches_for(idx, s.batch_size, s.training)):
-            # Per-sample augmentation seed: independent of worker count and rank layout.
-            out.append([(i, hash((s.seed, self.epoch, i, b)) & 0x7FFFFFFF) for i in batch])
-        return out
+        """(sample index, augmentation seed) per sample, per batch of this rank."""
+        s, d = self.spec, self.dist
+        if not s.training:
+            idx = rank_indices(len(self.dataset), d.rank, d.world_size, False, s.seed, self.epoch)
+            return [[(i, 0) for i in batch] for batch in batches_for(idx, s.batch_size)]
+        order = global_order(len(self.dataset), s.seed, self.epoch, self._epoch_samples())
+        # The augmentation seed follows the global position: the same draws for a sample
+        # whatever the world size, worker count or rank that reads it.
+        return [[(i, hash((s.seed, self.epoch, pos)) & 0x7FFFFFFF) for pos, i in batch]
+                for batch in rank_slices(order, self._global_batch(), d.rank, d.world_size)]
 
     def __len__(self) -> int:
-        n, w = len(self.dataset), self.dist.world_size
-        per_rank = math.ceil(n / w)
         if self.spec.training:
-            return max(1, per_rank // self.spec.batch_size)
+            return self._epoch_samples() // self._global_batch()
+        per_rank = math.ceil(len(self.dataset) / self.dist.world_size)
         return math.ceil(per_rank / self.spec.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
