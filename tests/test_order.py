@@ -66,3 +66,34 @@ def test_torch_loader_ranks_read_their_slice_with_the_same_augmentation(syntheti
     for pos in one:
         assert one[pos][0] == two[pos][0]
         assert torch.equal(one[pos][1], two[pos][1])
+
+
+def _ckpt(world, batch, accum, engine="ddp", samples=12):
+    cfg = Config()
+    cfg.train.batch_size, cfg.engine.grad_accum, cfg.engine.engine, cfg.data.loader = batch, accum, engine, "torch"
+    from tumorseg_dist.config import to_dict
+    return cfg, {"config": to_dict(cfg), "train_state": {"world_size": world, "global_batch": batch,
+                                                         "samples_in_epoch": samples, "step": 3}}
+
+
+def test_relayout_keeps_per_rank_and_optimizer_batch_or_names_the_world_sizes_that_fit(tmp_path):
+    from tumorseg_dist.config import ConfigError
+    from tumorseg_dist.resume_guard import relayout
+    cfg, ckpt = _ckpt(2, 4, 3)
+    assert "--batch-size 4 -> 6, --grad-accum 3 -> 2" in relayout(cfg, ckpt, tmp_path / "last.pt", 3)[0]
+    assert (cfg.train.batch_size, cfg.engine.grad_accum) == (6, 2)
+    cfg, ckpt = _ckpt(2, 4, 3)
+    with pytest.raises(ConfigError, match=r"Resume on 2 or 3 ranks \(any of 1, 2, 3, 6\)"):
+        relayout(cfg, ckpt, tmp_path / "last.pt", 4)
+    cfg, ckpt = _ckpt(2, 4, 3, engine="deepspeed")
+    with pytest.raises(ConfigError, match="ZeRO shards resume only on 2 ranks"):
+        relayout(cfg, ckpt, tmp_path / "last.pt", 1)
+
+
+def test_old_checkpoints_position_in_batches_becomes_samples_and_counters_follow_the_layout():
+    from tumorseg_dist.loop import saved_state
+    _, ckpt = _ckpt(2, 4, 3)
+    old = {**ckpt, "train_state": {"step": 3, "batch_in_epoch": 3}}
+    assert saved_state(old, 4).samples_in_epoch == 12
+    s = saved_state(ckpt, 6)   # 3 micro-batches of 4 = 2 of 6
+    assert (s.step, s.samples_in_epoch, s.global_batch) == (2, 12, 6)

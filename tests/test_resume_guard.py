@@ -157,7 +157,8 @@ def test_interrupted_epoch_train_loss_equals_the_uninterrupted_runs(finished, sy
     reference = records(finished)[0]
     assert 1 <= saved < reference["step"], out[-2000:]
     p = run_cli(cmd, cwd=tmp_path)
-    assert f", batch {saved} of the next epoch" in p.stdout, p.stdout[-2000:]
+    # The position is global samples (--batch-size 8 per step), whatever the world size.
+    assert f", sample {saved * 8} of the next epoch" in p.stdout, p.stdout[-2000:]
     resumed = records(run)[0]
     assert resumed["step"] == reference["step"]
     assert resumed["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)

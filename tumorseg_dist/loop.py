@@ -26,8 +26,12 @@ from .metrics import MetricAccumulator, confusion, per_image_scores, summarize
 @dataclass
 class TrainState:
     epoch: int = 0            # completed epochs
-    step: int = 0             # optimizer steps taken
-    batch_in_epoch: int = 0   # batches of epoch `epoch` already trained (mid-epoch resume)
+    step: int = 0             # micro-batches taken, each of `global_batch` samples
+    # The position: global samples of epoch `epoch` already trained, whatever the world size
+    # (mid-epoch resume). Checkpoints before it held `batch_in_epoch` (see `saved_state`).
+    samples_in_epoch: int = 0
+    global_batch: int = 0     # samples per micro-batch over all ranks when this was saved
+    world_size: int = 0       # ranks that saved it (0: not recorded)
     # Their training-loss sum and batch count over all ranks, so the resumed epoch's
     # train_loss averages every batch of the epoch, not only those after the resume.
     epoch_loss_sum: float = 0.0
@@ -61,6 +65,16 @@ class StopRequest:
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def gather_keys(batch: Batch, dist: DistInfo) -> list[str]:
+    """--record-keys: the sample keys of this global micro-batch, rank 0's slice first
+    (collective: every rank calls it at the same step)."""
+    if not dist.distributed:
+        return list(batch.keys)
+    every: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(every, list(batch.keys))
+    return [k for keys in every for k in keys]
 
 
 def train_step(engine, batch: Batch) -> torch.Tensor:
@@ -156,11 +170,29 @@ def save(cfg: Config, engine, state: TrainState, path: Path, dist: DistInfo) -> 
     engine.save_checkpoint(path, checkpoint_meta(cfg, state))
 
 
-def restore(engine, ckpt: dict, path: Path | None = None, weights_only: bool = False) -> TrainState:
+def saved_state(ckpt: dict, global_batch: int) -> TrainState:
+    """The checkpoint's TrainState, its counters in micro-batches of `global_batch` samples (the
+    layout this run trains with, see resume_guard.relayout). An old checkpoint's
+    `batch_in_epoch` (batches of the global batch it was written with) becomes samples."""
+    ts = dict(ckpt["train_state"])
+    saved_batch = ts.get("global_batch") or (ckpt.get("config") or {}).get("train", {}).get("batch_size") \
+        or global_batch
+    if "batch_in_epoch" in ts:
+        ts["samples_in_epoch"] = ts.pop("batch_in_epoch") * saved_batch
+    state = TrainState(**ts)
+    if saved_batch != global_batch:   # positions sit on optimizer steps: the division is exact
+        state.step = state.step * saved_batch // global_batch
+    state.global_batch = global_batch
+    return state
+
+
+def restore(engine, ckpt: dict, path: Path | None = None, weights_only: bool = False,
+            global_batch: int = 0) -> TrainState:
     """Resume the full state from `ckpt` (read from `path`), or with weights_only load its model
     (and EMA) weights into a fresh TrainState. A checkpoint this engine cannot fully resume
-    (`engine.can_resume` says why: another world size or ZeRO layout) is an error that says
-    how to use it instead."""
+    (`engine.can_resume` says why: another ZeRO layout or DeepSpeed world size) is an error
+    that says how to use it instead. Counters come back in micro-batches of `global_batch`
+    (0: the checkpoint's own), so a resume on another world size continues the same position."""
     where = "the checkpoint" if path is None else Path(path)
     if weights_only:
         _load_fitting(engine.load_weights, ckpt, where)
@@ -171,10 +203,13 @@ def restore(engine, ckpt: dict, path: Path | None = None, weights_only: bool = F
             f"{where} cannot be resumed by this run: {why}. Resume it with the layout it was "
             f"written with, or fine-tune from its weights with --out NEW_DIR --resume {where} "
             f"--weights-only")
+    state = saved_state(ckpt, global_batch or ckpt["train_state"].get("global_batch") or 1)
+    if "micro_batches" in ckpt:   # the DDP engine's accumulation counter, in the same unit
+        ckpt = {**ckpt, "micro_batches": state.step}
     _load_fitting(lambda c: engine.load_state_dict(c, None if path is None else Path(path).parent),
                   ckpt, where)
     checkpoint.set_rng_state(ckpt["rng"])
-    return TrainState(**ckpt["train_state"])
+    return state
 
 
 def _load_fitting(load, ckpt: dict, where) -> None:
@@ -192,9 +227,15 @@ def _load_fitting(load, ckpt: dict, where) -> None:
 
 def train_epoch(cfg: Config, engine, loader: Loader, state: TrainState, epoch: int, dist: DistInfo,
                 log: RunLog, stop: StopRequest, tracker, ckpt_dir: Path) -> tuple[dict, str]:
-    """One epoch of steps from `state.batch_in_epoch`. Returns (train stats, outcome) with
-    outcome "done", "max_steps" or "preempted" (last.pt already saved at this step)."""
+    """One epoch of steps from `state.samples_in_epoch`. Returns (train stats, outcome) with
+    outcome "done", "max_steps" or "preempted" (last.pt already saved at this step).
+
+    A stop is taken only at an optimizer-step boundary: the checkpoint then holds no half-
+    accumulated gradient, and its position divides by any layout of the same optimizer batch."""
     t = cfg.train
+    accum = cfg.engine.grad_accum
+    state.world_size, state.global_batch = dist.world_size, t.batch_size
+    start = state.samples_in_epoch // t.batch_size
     steps_per_epoch = len(loader)
     loader.set_epoch(epoch)
     engine.train()
@@ -205,17 +246,18 @@ def train_epoch(cfg: Config, engine, loader: Loader, state: TrainState, epoch: i
     def totals() -> torch.Tensor:  # collective: [loss sum, batches] of the epoch so far
         return all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(seen)])) + carried
 
-    seen, t0, outcome = 0, time.perf_counter(), "done"
+    seen, t0, outcome, check_stop = 0, time.perf_counter(), "done", False
     bar = log.progress(loader, steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", unit="batch")
     for i, batch in enumerate(bar):
-        if i < state.batch_in_epoch:
+        if i < start:
             continue  # resumed mid-epoch: these batches were trained before the stop
         loss = train_step(engine, batch)
         loss_sum += loss.double()
         seen += 1
         state.step += 1
-        state.batch_in_epoch = i + 1
+        state.samples_in_epoch = (i + 1) * t.batch_size
         at_log = state.step % t.log_every == 0
+        keys = gather_keys(batch, dist) if at_log and t.record_keys else None
         if at_log:
             skipped = engine.check_health()  # same on every rank; may raise
             if dist.is_main:
@@ -223,19 +265,24 @@ def train_epoch(cfg: Config, engine, loader: Loader, state: TrainState, epoch: i
                 log.info(f"  step {state.step} loss {lv:.4f} lr {lr:.2e}"
                          + (f" ({skipped} non-finite steps skipped)" if skipped else ""))
                 log.append_step({"step": state.step, "epoch": epoch + 1, "loss": lv, "lr": lr,
-                                 "skipped": skipped})
+                                 "skipped": skipped, "samples": state.step * t.batch_size,
+                                 **({} if keys is None else {"keys": keys})})
                 if tracker is not None:
                     tracker.log_step(state.step, lv, lr, skipped)
         if t.max_steps is not None and state.step >= t.max_steps:
             outcome = "max_steps"
             break
-        if (at_log or i + 1 == steps_per_epoch) and stop.agreed():
+        check_stop |= at_log or i + 1 == steps_per_epoch
+        if check_stop and (state.step % accum == 0 or i + 1 == steps_per_epoch):
+            check_stop = False
+            if not stop.agreed():
+                continue
             engine.check_health()
             so_far = totals()
             state.epoch_loss_sum, state.epoch_loss_count = so_far[0].item(), int(so_far[1].item())
             save(cfg, engine, state, ckpt_dir / "last.pt", dist)
             log.info(f"stop requested: saved {ckpt_dir / 'last.pt'} at step {state.step} "
-                     f"(epoch {epoch + 1}, batch {state.batch_in_epoch}); resume with --resume auto")
+                     f"(epoch {epoch + 1}, sample {state.samples_in_epoch} of {steps_per_epoch * t.batch_size}); resume with --resume auto")
             return {}, "preempted"
     elapsed = time.perf_counter() - t0
     epoch_totals = totals()
@@ -281,7 +328,7 @@ def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, 
             engine.check_health()
             val, shown = evaluate(engine, val_loader, loss_fn, t.threshold, log, keep=8) \
                 if images else (evaluate(engine, val_loader, loss_fn, t.threshold, log), None)
-            state.epoch, state.batch_in_epoch = epoch + 1, 0
+            state.epoch, state.samples_in_epoch = epoch + 1, 0
             record = epoch_record(state, train, val, engine.lr())
             monitored = record[t.monitor]
             if improved(monitored, state.best, mode, t.min_delta):

@@ -5,6 +5,11 @@ requested config with the checkpoint's. A checkpoint carries `config` (the resol
 other values for settings that decide what the run computes would mix two runs silently (the
 optimizer state, for one, brings the old learning rate back), so those are one error listing
 every difference; the settings in `config.MAY_CHANGE_ON_RESUME` are applied and logged.
+
+The world size may change (DDP): `relayout` keeps the per-rank batch and the optimizer batch
+(--batch-size x --grad-accum) of the checkpoint and recomputes the global micro-batch and the
+accumulation for the new number of ranks, so the run continues the same global sample order
+(data/order.py) at the same position with the same batch statistics (docs/cluster.md).
 """
 from __future__ import annotations
 
@@ -40,15 +45,26 @@ def _show(value) -> str:
     return "none" if value is None else str(value)
 
 
-def differences(requested: Config, saved: Config) -> tuple[list[str], list[str]]:
-    """(frozen, allowed): one "--flag old -> new" per setting that differs."""
+# Compared as their product (the optimizer batch) when the checkpoint says its world size:
+# `relayout` then sets them for this run's world size.
+LAYOUT = frozenset({"train.batch_size", "engine.grad_accum"})
+
+
+def optimizer_batch(cfg: Config) -> int:
+    return cfg.train.batch_size * cfg.engine.grad_accum
+
+
+def differences(requested: Config, saved: Config, elastic: bool = False) -> tuple[list[str], list[str]]:
+    """(frozen, allowed): one "--flag old -> new" per setting that differs. `elastic`: the
+    batch layout is compared as the optimizer batch only (see LAYOUT)."""
     frozen, allowed = [], []
+    same_batch = elastic and optimizer_batch(requested) == optimizer_batch(saved)
     for group in dataclasses.fields(Config):
         new_group, old_group = getattr(requested, group.name), getattr(saved, group.name)
         for f in dataclasses.fields(new_group):
             dotted = f"{group.name}.{f.name}"
             old, new = getattr(old_group, f.name), getattr(new_group, f.name)
-            if dotted in RESUME_MECHANICS or old == new:
+            if dotted in RESUME_MECHANICS or old == new or (same_batch and dotted in LAYOUT):
                 continue
             line = f"{flag_name(group.name, f.name)} {_show(old)} -> {_show(new)}"
             (allowed if dotted in MAY_CHANGE_ON_RESUME else frozen).append(line)
@@ -75,7 +91,8 @@ def check(requested: Config, ckpt: dict, path: Path, weights_only: bool) -> list
                           f"for {model_identity(requested)}: {fix}")
     if weights_only:
         return []
-    frozen, allowed = differences(requested, saved)
+    elastic = bool((ckpt.get("train_state") or {}).get("world_size"))
+    frozen, allowed = differences(requested, saved, elastic)
     if frozen:
         recorded = path.parent.parent / "config.toml"
         hint = f" (--config {recorded} holds them)" if recorded.is_file() else ""
@@ -83,6 +100,46 @@ def check(requested: Config, ckpt: dict, path: Path, weights_only: bool) -> list
                           f"{', '.join(frozen)}. Either resume with the checkpoint's values{hint}, "
                           f"{NEW_RUN}, or {FINE_TUNE.format(path=path)}")
     return [f"changed on resume: {line}" for line in allowed]
+
+
+def _nearest(candidates: list[int], want: int) -> list[int]:
+    return sorted(sorted(candidates, key=lambda w: (abs(w - want), w))[:2])
+
+
+def relayout(cfg: Config, ckpt: dict, path: Path, world: int) -> list[str]:
+    """Set cfg's --batch-size and --grad-accum for `world` ranks from the checkpoint's layout
+    (its per-rank batch and optimizer batch kept); return the log lines of what changed. Raises
+    ConfigError when that layout does not fit `world` ranks or the engine cannot move."""
+    saved_world = int((ckpt.get("train_state") or {}).get("world_size") or 0)
+    saved = saved_config(ckpt, path)
+    if not saved_world or saved is None:
+        return []   # written before the world size was recorded: the flags as given
+    per_rank = saved.train.batch_size // saved_world
+    total = optimizer_batch(saved)
+    position = int(ckpt["train_state"].get("samples_in_epoch", 0) or ckpt["train_state"].get("batch_in_epoch", 0))
+    if world != saved_world:
+        if cfg.engine.engine == "deepspeed":
+            raise ConfigError(f"{path} was written by DeepSpeed on {saved_world} ranks; its ZeRO shards resume "
+                              f"only on {saved_world} ranks (this run has {world}). Resume on {saved_world} "
+                              f"ranks, or {FINE_TUNE.format(path=path)}")
+        if cfg.data.loader == "dali" and position:
+            raise ConfigError(f"{path} stopped mid-epoch under --loader dali, whose sample selection "
+                              f"follows the world size; resume it on {saved_world} ranks (this run has "
+                              f"{world}), or use --loader torch for runs that change size mid-epoch")
+    if total % (per_rank * world):
+        fits = [w for w in range(1, total // per_rank + 1) if total % (per_rank * w) == 0]
+        raise ConfigError(f"{path}: the run trains optimizer batches of {total} samples (--batch-size "
+                          f"{saved.train.batch_size} x --grad-accum {saved.engine.grad_accum} on {saved_world} "
+                          f"ranks, {per_rank} per rank); on {world} ranks {total} does not split into per-rank "
+                          f"batches of {per_rank}. Resume on {' or '.join(map(str, _nearest(fits, world)))} ranks "
+                          f"(any of {', '.join(map(str, fits))}), or {NEW_RUN}")
+    batch, accum = per_rank * world, total // (per_rank * world)
+    old = (cfg.train.batch_size, cfg.engine.grad_accum)
+    cfg.train.batch_size, cfg.engine.grad_accum = batch, accum
+    if world == saved_world and old == (batch, accum):
+        return []
+    return [f"resumed on {world} ranks (written on {saved_world}): per-rank batch {per_rank} and optimizer "
+            f"batch {total} kept; --batch-size {old[0]} -> {batch}, --grad-accum {old[1]} -> {accum}"]
 
 
 @dataclass

@@ -5,6 +5,7 @@ With no --data it packs the built-in synthetic set once and trains on it.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,16 @@ from .models import build_model
 from .precision import resolve_precision
 
 SHARDS_ROOT = Path("shards")
+
+
+def deterministic(device: torch.device) -> None:
+    """--deterministic: no nondeterministic kernels (an op without a deterministic version is an
+    error naming it). The torch loader's augmentation is seeded per global position already, so
+    worker count and scheduling do not change what a sample gets."""
+    if device.type == "cuda":   # cuBLAS needs a fixed workspace to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def prepare_data(cfg: Config, dist: distmod.DistInfo) -> Path:
@@ -50,23 +61,24 @@ def resolve_run_dir(cfg: Config, data_dir: Path) -> Path:
     return Path("runs") / name
 
 
-def resume(engine, src: resume_guard.Source | None, dist, log: RunLog) -> TrainState:
-    """Continue from `src` (full state, or its weights only), else start fresh."""
+def resume(engine, src: resume_guard.Source | None, dist, log: RunLog, batch: int) -> TrainState:
+    """Continue from `src` (full state, or its weights only), else start fresh; counters in
+    micro-batches of this run's global `batch`."""
     if src is None or src.weights_only:
         if dist.is_main:  # a fresh run, or fine-tuning: new logs
             log.metrics_path.unlink(missing_ok=True)
             log.steps_path.unlink(missing_ok=True)
         if src is None:
             return TrainState()
-    state = restore(engine, src.ckpt, src.path, src.weights_only)
+    state = restore(engine, src.ckpt, src.path, src.weights_only, global_batch=batch)
     if src.weights_only:
         log.info(f"loaded weights only from {src.path}; optimizer, lr schedule and progress start "
                  f"fresh (fine-tuning)")
         return state
     log.rewind(state.epoch, state.last_record)
-    log.rewind_steps(state.step)
+    log.rewind_steps(int(src.ckpt["train_state"]["step"]))   # the checkpoint's own unit
     log.info(f"resumed from {src.path}: epoch {state.epoch}, step {state.step}"
-             + (f", batch {state.batch_in_epoch} of the next epoch" if state.batch_in_epoch else ""))
+             + (f", sample {state.samples_in_epoch} of the next epoch" if state.samples_in_epoch else ""))
     return state
 
 
@@ -89,6 +101,8 @@ def run(cfg: Config, preset: str | None) -> int:
     precision = resolve_precision(cfg.train, dist.device)  # the one decision, handed down
     cfg.train.amp = precision.amp  # config.toml records what runs ("auto" resolved)
     torch.manual_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        deterministic(dist.device)
     data_dir = prepare_data(cfg, dist)
     cfg.data.path = data_dir
     cfg.data.mean, cfg.data.std = resolve_norm(cfg, data_dir)  # recorded in config + checkpoints
@@ -107,6 +121,9 @@ def run(cfg: Config, preset: str | None) -> int:
     src = resume_guard.source(cfg, run_dir, dist.device)
     for line in [] if src is None else resume_guard.check(cfg, src.ckpt, src.path, src.weights_only):
         log.info(line)
+    if src is not None and not src.weights_only:
+        for line in resume_guard.relayout(cfg, src.ckpt, src.path, dist.world_size):
+            log.info(line)
     model = build_model(cfg.model, cfg.data.in_channels)  # first: missing weights fail at once
 
     train_loader = build_loader(cfg, data_dir, "train", dist, training=True, precision=precision)
@@ -127,7 +144,7 @@ def run(cfg: Config, preset: str | None) -> int:
             log.info(f"removed {tmp}: the temp file of a checkpoint write that was killed")
     engine.write_run_files(run_dir)  # DeepSpeed: RUN/deepspeed_config.json
 
-    state = resume(engine, src, dist, log)
+    state = resume(engine, src, dist, log, cfg.train.batch_size)
     if state.epoch >= cfg.train.epochs or state.stopped_early:
         log.info("nothing left to train: the checkpoint already finished its epochs")
         reason = "done"
