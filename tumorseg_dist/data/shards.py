@@ -534,35 +534,58 @@ def read_index(tar: Path) -> list[SampleRef]:
 
 class IndexedShards:
     """Map-style view of a split's tars: sample i -> its raw members (`read_member`) or, decoded,
-    a `ShardSample` (`read_sample`, also `shards[i]`). Picklable into DataLoader workers."""
+    a `ShardSample` (`read_sample`, also `shards[i]`). Picklable into DataLoader workers.
+
+    The sample list comes from the `.idx` files (checked against the tar sizes first, so a
+    truncated shard is one line before anything opens it); the bytes come from wids' indexed tar
+    reader (`wids.wids.IndexedTarSamples`, memory-mapped), opened lazily, one per shard and
+    process. Why not `wids.ShardListDataset`: see docs/loader.md."""
 
     def __init__(self, tars: list[Path]):
         self.tars = tars
         self.refs: list[SampleRef] = []
+        self._first: list[int] = []        # index of each shard's first sample in `refs`
         for si, t in enumerate(tars):
+            self._first.append(len(self.refs))
             self.refs += [SampleRef(si, r.members, r.key) for r in read_index(t)]
-        self._files: dict[int, io.BufferedReader] = {}
+        self._open: dict[int, object] = {}
 
     def __len__(self) -> int:
         return len(self.refs)
 
+    def _shard(self, si: int):
+        shard = self._open.get(si)
+        if shard is None:
+            from wids.wids import IndexedTarSamples
+            tar = self.tars[si]
+            try:
+                shard = IndexedTarSamples(path=str(tar))
+            except Exception as e:   # a header that does not parse: the tar itself is damaged
+                raise ShardError(f"{tar} is not a readable tar ({type(e).__name__}: {e}); "
+                                 f"re-pack: {_repack_hint(tar)}") from e
+            n = (self._first[si + 1] if si + 1 < len(self._first) else len(self.refs)) - self._first[si]
+            if len(shard) != n:
+                raise ShardError(f"{tar} holds {len(shard)} samples but its .idx lists {n}; "
+                                 f"re-pack: {_repack_hint(tar)}")
+            self._open[si] = shard
+        return shard
+
     def read_member(self, i: int) -> dict[str, bytes]:
         ref = self.refs[i]
-        f = self._files.get(ref.shard)
-        if f is None:
-            f = self._files[ref.shard] = open(self.tars[ref.shard], "rb")
-        out = {}
-        for ext, off, size in ref.members:
-            f.seek(off)
-            out[ext] = f.read(size)
-        return out
+        sample = self._shard(ref.shard)[i - self._first[ref.shard]]
+        if sample["__key__"] != ref.key:
+            tar = self.tars[ref.shard]
+            raise ShardError(f"{tar}: sample {i - self._first[ref.shard]} is {sample['__key__']!r} in the tar "
+                             f"but {ref.key!r} in its .idx; re-pack: {_repack_hint(tar)}")
+        # wids keys members by ".ext"; ours (and DALI's .idx) by "ext".
+        return {ext[1:]: data.getvalue() for ext, data in sample.items() if ext != "__key__"}
 
     def __getitem__(self, i: int) -> ShardSample:
         return read_sample(self, i)
 
     def __getstate__(self):
-        # File handles do not cross process boundaries; each worker opens its own.
-        return {**self.__dict__, "_files": {}}
+        # Memory maps do not cross process boundaries; each worker opens its own.
+        return {**self.__dict__, "_open": {}}
 
 
 @dataclass(frozen=True)
