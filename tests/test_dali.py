@@ -294,22 +294,63 @@ def test_intensity_augmentation_follows_the_documented_formula(shards):
 
 
 def test_torch_augment_has_the_same_parameters():
-    img, mask = torch.rand(1, 32, 32), (torch.rand(1, 32, 32) > 0.5).float()
-    out, m = _augment(img, mask, PRESETS["strong"], torch.Generator().manual_seed(0))
-    assert out.shape == img.shape and set(m.unique().tolist()) <= {0.0, 1.0}
-    # Brightness then contrast about the image mean: an affine map of x that keeps mean*b.
+    rng = np.random.default_rng
+    img, mask = np.random.default_rng(0).random((32, 32), dtype=np.float32), np.zeros((32, 32), np.float32)
+    mask[8:20, 10:24] = 1
+    out, m, _, _ = _augment(img, mask, 48, PRESETS["strong"], rng(0))
+    assert out.shape == m.shape == (48, 48) and set(np.unique(m).tolist()) <= {0.0, 1.0}
+    # Brightness then contrast about the image mean: one map x*scale + offset that keeps mean*b.
     bc = AugmentParams(brightness_p=1, brightness=0.3, contrast_p=1, contrast=0.3)
-    out, _ = _augment(img, mask, bc, torch.Generator().manual_seed(1))
-    x = img.flatten().double()
-    slope, icept = np.polyfit(x.numpy(), out.flatten().double().numpy(), 1)
-    assert np.allclose(out.flatten().double().numpy(), slope * x.numpy() + icept, atol=1e-5)
-    assert 0.49 <= slope <= 1.69 and slope != pytest.approx(1.0)
-    b = float(out.mean() / img.mean())
-    assert 0.7 <= b <= 1.3 and icept == pytest.approx(b * float(img.mean()) * (1 - slope / b), abs=1e-5)
+    out, _, scale, offset = _augment(img, mask, 32, bc, rng(1))
+    assert np.array_equal(out, img)                         # folded into the normalisation
+    mu = float(img.mean())
+    b = (offset + scale * mu) / mu                          # mean(x*scale + offset) = b*mean(x)
+    c = scale / b
+    assert 0.7 <= b <= 1.3 and 0.7 <= c <= 1.3 and c != pytest.approx(1.0)
+    np.testing.assert_allclose(img * scale + offset, (img * b - b * mu) * c + b * mu, atol=1e-6)
     # Gamma first, on [0, 1]: x ** g.
-    out, _ = _augment(img, mask, AugmentParams(gamma_p=1, gamma=0.3), torch.Generator().manual_seed(2))
-    gi = float(torch.log(out[0, 0, 0]) / torch.log(img[0, 0, 0]))
-    assert 0.7 <= gi <= 1.3 and torch.allclose(out, img ** gi, atol=1e-5)
+    out, _, scale, offset = _augment(img, mask, 32, AugmentParams(gamma_p=1, gamma=0.3), rng(2))
+    gi = float(np.log(out[0, 0]) / np.log(img[0, 0]))
+    assert 0.7 <= gi <= 1.3 and np.allclose(out, img ** gi, atol=1e-5) and (scale, offset) == (1.0, 0.0)
+
+
+def test_torch_augmentation_moves_image_and_mask_together(tmp_path):
+    """--loader torch, strong geometry: in every training sample the bright object of the image
+    lies on the augmented mask (Dice >= 0.95), and the geometry did move most samples (the same
+    comparison against the un-augmented mask fails), so a desynchronised mask would be caught."""
+    d = make_shards(tmp_path / "ph", {"train": 16, "val": 1, "test": 1}, size=(72, 88))
+    aug = replace(PRESETS["strong"], noise_p=0.0, gamma_p=0.0, brightness_p=0.0, contrast_p=0.0)
+    dist = DistInfo(0, 0, 1, CPU)
+    got = by_key(TorchLoader(spec_for(d, "train", True, size=80, aug=aug, batch=8), dist))
+    base = by_key(TorchLoader(spec_for(d, "train", True, size=80, batch=8), dist))
+    moved = 0
+    for k, (img, m) in got.items():
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+        assert dice(img[0].numpy() > 0.45, m[0].numpy()) >= 0.95, k
+        moved += dice(m[0].numpy(), base[k][1][0].numpy()) < 0.98
+    assert moved >= 10
+
+
+def test_torch_flips_alone_move_image_and_mask_exactly(shards):
+    dist = DistInfo(0, 0, 1, CPU)
+    tr = spec_for(shards["png"], "train", True, aug=PRESETS["light"], batch=13)
+    got = by_key(TorchLoader(tr, dist))
+    base = by_key(TorchLoader(replace(tr, augment=PRESETS["none"]), dist))
+    seen = set()
+    for k, (img, m) in got.items():
+        bi, bm = base[k]
+        for dims in ([], [2], [1], [1, 2]):
+            want = (bi.flip(dims), bm.flip(dims)) if dims else (bi, bm)
+            if torch.equal(img, want[0]):
+                assert torch.equal(m, want[1]), k
+                seen.add(tuple(dims))
+                break
+        else:
+            raise AssertionError(f"{k}: not a flip of the un-augmented sample")
+    assert len(seen) >= 3
+
+
+def test_augment_overrides_are_checked():
     assert resolve(AugmentConfig(augment="light", gamma=0.25, gamma_p=1.0)).gamma == 0.25
     with pytest.raises(ConfigError, match="--gamma-p"):
         resolve(AugmentConfig(gamma_p=1.5))

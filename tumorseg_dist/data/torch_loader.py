@@ -138,13 +138,8 @@ class _Collate:
 
     def __init__(self, spec: LoaderSpec, dataset: IndexedShards):
         self.spec, self.ds = spec, dataset
-        self._threads_set = False
 
     def __call__(self, items: list[tuple[int, int]]):
-        if not self._threads_set and torch.utils.data.get_worker_info() is not None:
-            # One thread per worker: the workers already fill the cores this process may use.
-            cv2.setNumThreads(1)
-            self._threads_set = True
         try:
             return self._batch(items)
         except ShardError as e:
@@ -218,6 +213,10 @@ class TorchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         dev = self.dist.device
+        if self.spec.num_workers:
+            # OpenCV's thread pool does not survive fork (a worker forked after the pool started
+            # hangs in its first OpenCV call); the workers are the parallelism.
+            cv2.setNumThreads(0)
         dl = torch.utils.data.DataLoader(
             self._plan(), batch_size=None, shuffle=False, num_workers=self.spec.num_workers,
             collate_fn=self._collate, pin_memory=dev.type == "cuda",
