@@ -121,7 +121,7 @@ def _augment(img: np.ndarray, mask: np.ndarray, size: int, p: AugmentParams, rng
         mask = cv2.warpAffine(mask, m, (size, size), flags=cv2.INTER_NEAREST,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     if d["gamma"] is not None:
-        img = np.power(np.clip(img, 0, 1), d["gamma"], dtype=np.float32)
+        img = cv2.pow(np.clip(img, 0, 1), d["gamma"])   # 4x numpy's power, same values to 1e-6
     b, c = d["brightness"], d["contrast"]
     # x*b then (· - mean)*c + mean, mean = b*mean(x): one affine map x*scale + offset.
     scale, offset = b * c, (b * float(img.mean()) * (1 - c) if c != 1.0 else 0.0)
@@ -147,8 +147,8 @@ class _Collate:
 
     def _batch(self, items: list[tuple[int, int]]):
         spec, size, n = self.spec, self.spec.size, len(items)
-        img = torch.empty(n, spec.in_channels, size, size)
-        masks = torch.empty(n, 1, size, size)
+        img = _batch_tensor((n, spec.in_channels, size, size), spec.image_dtype, spec.memory_format)
+        masks = _batch_tensor((n, 1, size, size), torch.float32, spec.memory_format)
         mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
         valid, keys = [], []
@@ -165,13 +165,31 @@ class _Collate:
                 (x, m), scale, offset = _resize(x, s.mask, size), 1.0, 0.0
             t = torch.from_numpy(x)
             t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
-            t = t.expand(spec.in_channels, -1, -1) if t.shape[0] == 1 else to_channels(t, spec.in_channels)
-            # (x*scale + offset - mean) / std in one pass per channel, into the batch.
-            torch.addcmul((offset - mean) / std, t, scale / std, out=img[j])
+            # (x*scale + offset - mean) / std in float32, then one copy into the batch's layout
+            # and dtype; a grey image with one mean/std is computed once and copied to each channel.
+            k, q = scale / std, (offset - mean) / std
+            if t.shape[0] == 1 and bool((k == k[0]).all() and (q == q[0]).all()):
+                z = t * float(k[0])
+                z += float(q[0])
+            else:
+                z = torch.addcmul(q, to_channels(t, spec.in_channels), k)
+            img[j].copy_(z.expand(spec.in_channels, -1, -1) if z.shape[0] == 1 else z)
             masks[j, 0] = torch.from_numpy(m)
             valid.append(real)
             keys.append(s.key if real else "")
         return img, masks, torch.tensor(valid), keys
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, fmt: torch.memory_format) -> torch.Tensor:
+    """An empty batch in the layout and dtype the training step wants, so the main process's
+    `.to()`/`.contiguous()` are no-ops (a channels-last copy of 16×3×640×640 there cost 76 ms a
+    batch). In a worker it lives in shared memory, as torch's default collate does it, so it
+    crosses to the main process without a copy."""
+    strides = torch.empty(shape, device="meta", memory_format=fmt).stride()
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty_strided(shape, strides, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
 
 
 class TorchLoader:
