@@ -25,7 +25,8 @@ def test_round_trip_restores_everything(tmp_path):
     x, y = torch.randn(2, 1, 64, 64), (torch.rand(2, 1, 64, 64) > 0.7).float()
     a.train()
     a.train_step(x, y)
-    state = TrainState(epoch=3, step=7, best=0.5, best_epoch=2, bad_epochs=1)
+    state = TrainState(epoch=3, step=7, best=0.5, best_epoch=2, bad_epochs=1,
+                       global_batch=a.cfg.train.batch_size, world_size=1)
     checkpoint.atomic_save(checkpoint_state(a.cfg, a, state), tmp_path / "last.pt")
     rng_after_save = torch.rand(1)
 
