@@ -49,22 +49,23 @@ def _one_line(report: str) -> str | None:
     """The message of tyro's boxed error report, on one line (None if it has no recognisable
     message). The box is made for a terminal; a log or a test wants `NAME: error: ...`."""
     lines = [_ANSI.sub("", ln).translate(_BOX).strip() for ln in report.splitlines()]
-    lines = [ln for ln in lines if ln]
-
-    def rule(ln: str) -> bool:
-        return set(ln) <= set("─- ")
-
-    if not lines:
+    sections: list[list[str]] = [[]]
+    for ln in lines[1:]:  # lines[0] is the box's title ("Value error", "Required options")
+        if ln and set(ln) <= set("─- "):
+            sections.append([])
+        elif ln:
+            sections[-1].append(ln)
+    sections = [sec for sec in sections if sec and not sec[0].startswith("For full helptext")]
+    if not sections:
         return None
-    body = lines[1:]  # lines[0] is the box's title ("Value error", "Unrecognized options")
-    while body and rule(body[0]):
-        body.pop(0)
-    message = []
-    for ln in body:
-        if rule(ln):
-            break
-        message.append(ln)
-    return " ".join(message) or None
+    parts = [" ".join(sections[0])]
+    parts += [" ".join(sec) for sec in sections[1:] if sec[0].startswith("Unrecognized options")]
+    message = "; ".join(parts)
+    # "Error parsing --split: --split '0.5': ..." when our own parser's message names the flag
+    m = re.match(r"Error parsing (\S+): (.*)", message)
+    if m and m.group(2).startswith("--"):
+        message = m.group(2)
+    return re.sub(r"^Missing from .*?: ", "missing ", message)
 
 
 def parse(cls: Callable[..., T], argv: Sequence[str] | None, *, name: str, prog: str | None = None,
@@ -78,7 +79,7 @@ def parse(cls: Callable[..., T], argv: Sequence[str] | None, *, name: str, prog:
 
     def run() -> T:
         return tyro.cli(cls, args=argv, prog=prog, description=description,
-                        config=(tyro.conf.OmitArgPrefixes,), **kwargs)
+                        config=(tyro.conf.OmitArgPrefixes, tyro.conf.DisallowNone), **kwargs)
 
     if any(a in ("-h", "--help") for a in argv):  # help: to stdout, at the terminal's width
         return run()

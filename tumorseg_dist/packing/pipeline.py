@@ -12,7 +12,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -24,35 +24,11 @@ from ..data.formats import FORMATS, detect
 from ..data.formats.common import JPEG_EXTS, Item, LayoutError, Options, PackInputError, Scan, load_item, walk
 
 from ..data.formats.common import links_outside
+from .config import PackConfig
 from .signals import hold, stop_on_signals
 from .workers import ordered_map as workers_map
 
 CHUNK = 4   # items per worker task
-
-
-@dataclass
-class PackConfig:
-    """Everything `python -m tumorseg_dist.pack` was asked to do (see its --help)."""
-
-    input: Path
-    out: Path
-    format: str = "auto"
-    options: Options = field(default_factory=Options)
-    groups: str = "auto"                  # auto | none | FILE.csv
-    split: tuple[float, float, float] = (0.7, 0.2, 0.1)
-    seed: int = 0
-    codec: str = "png"
-    jpeg_quality: int = 95
-    shard_size: int = 256 << 20
-    workers: int = 1
-    on_error: str = "fail"                # fail | skip
-    dry_run: bool = False
-    overwrite: bool = False
-    task_index: int | None = None         # Slurm array: this task's slice of the input list
-    num_tasks: int | None = None
-    dataset: str | None = None            # "dataset" in each sample's json (default: --out's name)
-    progress: bool = True
-    follow_links: bool = False            # read files that links inside INPUT lead to outside it
 
 
 class PackAbort(RuntimeError):

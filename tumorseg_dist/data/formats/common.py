@@ -252,13 +252,23 @@ def load_item(item: Item, root: Path) -> tuple[np.ndarray, np.ndarray, list[str]
 
 @dataclass
 class Options:
-    """The layout options of the CLI that formats read (see `python -m tumorseg_dist.pack -h`)."""
+    """How INPUT's files are laid out (each format reads the options named after it)."""
 
     images_dir: str | None = None
+    """folders: the images folder, relative to INPUT (None: found by name)."""
     masks_dir: str | None = None
+    """folders: the masks folder, relative to INPUT (None: found by name)."""
     mask_suffix: str = "_mask"
+    """suffix: X.ext pairs with X<SUFFIX>.ext."""
     mask_fusion: str = "any"
+    """lidc: `any`, `majority` (more than half of the readers) or `reader:K`."""
     categories: str | None = None
+    """coco: comma-separated category names, or id:N (None: all)."""
+
+    def __post_init__(self) -> None:
+        f = self.mask_fusion
+        if not (f in ("any", "majority") or (f.startswith("reader:") and f[7:].isdigit())):
+            raise ValueError(f"--mask-fusion {f!r}: use any, majority or reader:K (e.g. reader:0)")
 
 
 SPLIT_NAMES = {"train": "train", "training": "train", "valid": "val", "val": "val",
