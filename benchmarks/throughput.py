@@ -26,7 +26,6 @@ the same run.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import json
@@ -35,10 +34,14 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+import tyro
 
+from tumorseg_dist import cli
 from _provenance import provenance as _provenance   # this script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -645,16 +648,16 @@ def parse_sweep(spec: str, args) -> tuple[str, list]:
     key, sep, values = spec.partition("=")
     key = key.strip().lstrip("-").replace("-", "_")
     if not sep or not values:
-        raise SystemExit(f"--sweep {spec!r}: expected KEY=V1,V2,... e.g. batch_size=8,16,32")
+        cli.usage_error("throughput", f"--sweep {spec!r}: expected KEY=V1,V2,... e.g. batch_size=8,16,32")
     if not hasattr(args, key) or key in ("sweep", "stage", "json", "out", "profile"):
-        raise SystemExit(f"--sweep {spec!r}: {key!r} is not a benchmark setting "
+        cli.usage_error("throughput", f"--sweep {spec!r}: {key!r} is not a benchmark setting "
                          f"(e.g. batch_size, size, amp, channels_last, loader, workers)")
     current = getattr(args, key)
 
     def typed(v: str):
         if isinstance(current, bool):
             if v.lower() not in ("true", "false", "1", "0", "on", "off"):
-                raise SystemExit(f"--sweep {key}: {v!r} is not true/false")
+                cli.usage_error("throughput", f"--sweep {key}: {v!r} is not true/false")
             return v.lower() in ("true", "1", "on")
         if isinstance(current, int):
             return int(v)
@@ -718,70 +721,92 @@ def settings_of(args) -> dict:
 
 # ---------------------------------------------------------------- command line
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["data", "model", "train", "all"], default="all")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", type=Path, default=None, help="packed shard directory (shards/NAME)")
-    src.add_argument("--synthetic", action="store_true",
-                     help="phantoms packed once under --data-dir (the default without --data)")
-    p.add_argument("--size", type=int, default=640, help="training side (the loader's resize target)")
-    p.add_argument("--batch-size", type=int, default=16, help="GLOBAL batch (per rank = batch / world size)")
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--steps", "--batches", dest="steps", type=int, default=20, help="timed steps (batches)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, cuDNN autotune)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    g = p.add_argument_group("data and train stages")
-    g.add_argument("--loader", default="dali,torch,naive", help="comma list of dali, torch, naive")
-    g.add_argument("--codec", default="png", help="--synthetic: comma list of png, jp2, raw, jpeg "
-                   "(data stage: each; train stage: the first)")
-    g.add_argument("--source-size", type=int, default=512, help="--synthetic: side of the stored phantoms")
-    g.add_argument("--samples", type=int, default=128, help="--synthetic: phantoms in the benchmark data set")
-    g.add_argument("--data-dir", default=str(REPO / "shards" / "bench"), help="--synthetic: where they are packed")
-    g.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
-                   help="DataLoader workers / DALI threads per rank")
-    g.add_argument("--augment", default="standard", choices=["none", "light", "standard", "strong"])
-    g.add_argument("--repeats", type=int, default=1, help="data stage: measure every row N times, round-robin; report the best")
-    m = p.add_argument_group("model and train stages")
-    m.add_argument("--arch", default="unet")
-    m.add_argument("--encoder", default="resnet34")
-    m.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="auto: bf16 (or fp16) on a GPU, off on CPU; bf16 autocast also runs on CPU")
-    m.add_argument("--compile", action="store_true", help="torch.compile the model")
-    m.add_argument("--engine", choices=["ddp", "deepspeed"], default="ddp")
-    m.add_argument("--zero-stage", type=int, default=0, help="--engine deepspeed: ZeRO stage 0, 1 or 2")
-    m.add_argument("--fused-loss", choices=["auto", "on", "off"], default="auto")
-    m.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default="adamw")
-    m.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
-                   help="count FLOPs per image with torch.utils.flop_counter (meta device)")
-    m.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True,
-                   help="under torchrun: also time one rank alone for the scaling efficiency")
-    m.add_argument("--single-rank-images-per-s", type=float, default=None,
-                   help="under torchrun: one rank's img/s from a separate run (instead of --scaling)")
-    m.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this process")
-    o = p.add_argument_group("output")
-    o.add_argument("--sweep", default=None, help="KEY=V1,V2,... e.g. batch_size=8,16,32: one run per value; "
-                   "out-of-memory is reported as the limit")
-    o.add_argument("--json", type=Path, default=None, help="write one JSON object per row (JSON lines)")
-    o.add_argument("--out", type=Path, default=None, help="append the whole JSON document as one line")
-    o.add_argument("--print-json", action="store_true", help="also print the JSON document on stdout")
-    o.add_argument("--profile", type=Path, default=None, help="write torch.profiler traces (Perfetto) here")
-    args = p.parse_args(argv)
+@dataclass
+class ThroughputArgs:
+    """What to measure (see docs/benchmarks.md)."""
+
+    stage: Literal["data", "model", "train", "all"] = "all"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: cli.optional(Path, "--synthetic") = None
+    """Packed shard directory (shards/NAME)."""
+    synthetic: bool = False
+    """Phantoms packed once under --data-dir (what runs without --data)."""
+    size: int = 640
+    """Training side (the loader's resize target)."""
+    batch_size: int = 16
+    """GLOBAL batch (per rank = batch / world size)."""
+    in_channels: int = 3
+    steps: Annotated[int, tyro.conf.arg(aliases=("--batches",))] = 20
+    """Timed steps (batches)."""
+    warmup: int = 3
+    """Untimed steps first (compilation, cuDNN autotune)."""
+    channels_last: bool = True
+    loader: str = "dali,torch,naive"
+    """Data and train stages: comma list of dali, torch, naive."""
+    codec: str = "png"
+    """--synthetic: comma list of png, jp2, raw, jpeg (data stage: each; train stage: the first)."""
+    source_size: int = 512
+    """--synthetic: side of the stored phantoms."""
+    samples: int = 128
+    """--synthetic: phantoms in the benchmark data set."""
+    data_dir: str = str(REPO / "shards" / "bench")
+    """--synthetic: where they are packed."""
+    workers: int = min(os.cpu_count() or 1, 8)
+    """DataLoader workers / DALI threads per rank (default: this machine's cores, at most 8)."""
+    augment: Literal["none", "light", "standard", "strong"] = "standard"
+    repeats: int = 1
+    """Data stage: measure every row N times, round-robin; report the best."""
+    arch: str = "unet"
+    encoder: str = "resnet34"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """auto: bf16 (or fp16) on a GPU, off on CPU; bf16 autocast also runs on CPU."""
+    compile: bool = False
+    """torch.compile the model."""
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 0
+    """--engine deepspeed: ZeRO stage 0, 1 or 2."""
+    fused_loss: Literal["auto", "on", "off"] = "auto"
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    flops: bool = True
+    """Count FLOPs per image with torch.utils.flop_counter (meta device)."""
+    scaling: bool = True
+    """Under torchrun: also time one rank alone for the scaling efficiency."""
+    single_rank_images_per_s: cli.optional(float, "measured with --scaling") = None
+    """Under torchrun: one rank's img/s from a separate run (instead of --scaling)."""
+    threads: cli.optional(int, "torch's choice") = None
+    """torch.set_num_threads for this process."""
+    sweep: cli.optional(str, "one run") = None
+    """KEY=V1,V2,... e.g. batch_size=8,16,32: one run per value; out-of-memory is reported as
+    the limit."""
+    json: cli.optional(Path, "none") = None
+    """Write one JSON object per row (JSON lines)."""
+    out: cli.optional(Path, "none") = None
+    """Append the whole JSON document as one line."""
+    print_json: bool = False
+    """Also print the JSON document on stdout."""
+    profile: cli.optional(Path, "no traces") = None
+    """Write torch.profiler traces (Perfetto) here."""
+
+
+def parse(argv: list[str]) -> ThroughputArgs:
+    args = cli.parse(ThroughputArgs, argv, name="throughput", prog="python benchmarks/throughput.py",
+                     description=__doc__.split("\n\n")[0])
+    if args.data is not None and args.synthetic:
+        cli.usage_error("throughput", "--data and --synthetic exclude each other")
     for flag, value, known in (("--loader", args.loader, {"dali", "torch", "naive"}),
                                ("--codec", args.codec, {"png", "jp2", "raw", "jpeg"})):
         bad = set(value.split(",")) - known
         if bad:
-            p.error(f"{flag}: unknown {', '.join(sorted(bad))}; choose from {', '.join(sorted(known))}")
+            cli.usage_error("throughput", f"{flag}: unknown {', '.join(sorted(bad))}; "
+                            f"choose from {', '.join(sorted(known))}")
     if args.data is not None and args.loader == "naive" and args.stage != "model":
-        p.error("--loader naive reads PNG folders written from the phantoms: use it with --synthetic "
-                "(or add --loader dali,torch to measure --data)")
+        cli.usage_error("throughput", "--loader naive reads PNG folders written from the phantoms: use it "
+                        "with --synthetic (or add --loader dali,torch to measure --data)")
     if args.data is not None and not (args.data / "manifest.json").is_file():
-        p.error(f"--data {args.data}: no manifest.json there; pack it first "
-                f"(python -m tumorseg_dist.pack ... --out {args.data}) or use --synthetic")
+        cli.usage_error("throughput", f"--data {args.data}: no manifest.json there; pack it first "
+                        f"(python -m tumorseg_dist.pack ... --out {args.data}) or use --synthetic")
     if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+        cli.usage_error("throughput", "--steps must be >= 1 and --warmup >= 0")
     return args
 
 
@@ -790,12 +815,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     from tumorseg_dist import dist as distmod
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU visible; use --device cpu or auto")
+        cli.usage_error("throughput", "--device cuda: no CUDA GPU visible; use --device cpu or auto")
     if args.threads:
         torch.set_num_threads(args.threads)
     dist = distmod.init(args.device)
     if args.batch_size % dist.world_size:
-        raise SystemExit(f"--batch-size {args.batch_size} is the GLOBAL batch and must be divisible by "
+        cli.usage_error("throughput", f"--batch-size {args.batch_size} is the GLOBAL batch and must be divisible by "
                          f"the world size {dist.world_size}")
     prov = provenance(argv, dist.device)   # at the start: date and load average before the run
     prov["world_size"] = dist.world_size
@@ -807,7 +832,7 @@ def main(argv: list[str] | None = None) -> dict:
         if sweep_key is not None:
             setattr(run_args, sweep_key, value)
             if run_args.batch_size % dist.world_size:
-                raise SystemExit(f"--sweep batch_size={value}: not divisible by the world size {dist.world_size}")
+                cli.usage_error("throughput", f"--sweep batch_size={value}: not divisible by the world size {dist.world_size}")
         got = guarded(lambda: run_stage(args.stage, run_args, dist, ctx), args.stage, dist.device)
         for r in got:
             r.setdefault("status", "ok")

@@ -3,6 +3,7 @@ global rank, padding/validity, resume-safe epochs, loader parity with --loader t
 from __future__ import annotations
 
 import json
+import sys
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -480,6 +481,7 @@ def test_throughput_data_stage_reports_rows_with_provenance(tmp_path, monkeypatc
     monkeypatch.syspath_prepend(str(bench))  # as when run as a script: its helpers beside it
     spec = importlib.util.spec_from_file_location("throughput", bench / "throughput.py")
     mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "throughput", mod)  # its flags dataclass is looked up by module
     spec.loader.exec_module(mod)
     doc = mod.main(["--stage", "data", "--loader", "dali,torch,naive", "--codec", "raw", "--size", "32",
                     "--source-size", "32", "--samples", "12", "--batches", "2", "--warmup", "1",

@@ -17,6 +17,7 @@ from conftest import REPO, TORCHRUN, run_cli
 sys.path.insert(0, str(REPO / "benchmarks"))
 spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
 tp = importlib.util.module_from_spec(spec)
+sys.modules["throughput"] = tp  # its dataclass (the flags) is looked up by module name
 spec.loader.exec_module(tp)
 
 TINY = ["--device", "cpu", "--size", "64", "--in-channels", "1", "--encoder", "resnet18",
