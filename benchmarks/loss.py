@@ -16,7 +16,6 @@ in the same run.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -26,10 +25,13 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from tumorseg_dist import cli
 from tumorseg_dist.losses import reference_dice_bce
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,25 +39,37 @@ ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=640, help="image side S (N×1×S×S)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="logits dtype")
-    ap.add_argument("--channels-last", action="store_true", help="logits in channels_last format")
-    ap.add_argument("--dice-reduction", choices=["batch", "image"], default="batch")
-    ap.add_argument("--pos-weight", type=float, default=None)
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--iters", type=int, default=20, help="timed iterations per variant")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed iterations (compilation) first")
-    ap.add_argument("--variants", default="reference,compiled,fused",
-                    help="comma list of reference, compiled, fused")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU: torch.set_num_threads (1 avoids OpenMP stalls on a busy shared box)")
-    ap.add_argument("--peak-bandwidth-gbs", type=float, default=None,
-                    help="device memory bandwidth for the roofline (default: from CUDA properties)")
-    ap.add_argument("--json", action="store_true", help="print only the JSON object")
-    return ap.parse_args(argv)
+@dataclass
+class LossBenchArgs:
+    """What to time (see docs/benchmarks.md)."""
+
+    size: int = 640
+    """Image side S (N×1×S×S)."""
+    batch_size: int = 32
+    dtype: Literal["fp32", "fp16", "bf16"] = "bf16"
+    """Logits dtype."""
+    channels_last: bool = False
+    """Logits in channels_last format."""
+    dice_reduction: Literal["batch", "image"] = "batch"
+    pos_weight: cli.optional(float, "none") = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    iters: int = 20
+    """Timed iterations per variant."""
+    warmup: int = 3
+    """Untimed iterations (compilation) first."""
+    variants: str = "reference,compiled,fused"
+    """Comma list of reference, compiled, fused."""
+    threads: cli.optional(int, "torch's choice") = None
+    """CPU: torch.set_num_threads (1 avoids OpenMP stalls on a busy shared box)."""
+    peak_bandwidth_gbs: cli.optional(float, "from CUDA properties") = None
+    """Device memory bandwidth for the roofline."""
+    json: bool = False
+    """Print only the JSON object."""
+
+
+def parse_args(argv=None) -> LossBenchArgs:
+    return cli.parse(LossBenchArgs, argv, name="loss", prog="python benchmarks/loss.py",
+                     description=__doc__.split("\n\n")[0])
 
 
 def git_commit() -> dict:
@@ -192,7 +206,7 @@ def main(argv=None) -> dict:
     else:
         device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda requested but torch.cuda.is_available() is False")
+        cli.usage_error("loss", "--device cuda requested but torch.cuda.is_available() is False")
 
     try:
         import triton

@@ -11,7 +11,6 @@ does not depend on the load, and `cpu_utilisation` shows how many cores the run 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -19,7 +18,9 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tumorseg_dist import cli  # noqa: E402
 from tumorseg_dist.data.formats import Options  # noqa: E402
 from tumorseg_dist.packing.pipeline import PackConfig, run  # noqa: E402
 from tumorseg_dist.data.phantoms import phantom  # noqa: E402
@@ -76,17 +78,26 @@ def time_pack(root: Path, out: Path, codec: str, workers: int, repeat: int) -> t
     return best, cpu, size
 
 
+@dataclass
+class PackBenchArgs:
+    """What to time (see docs/benchmarks.md)."""
+
+    images: int = 96
+    size: int = 640
+    channels: Literal[1, 3] = 1
+    workers: str = f"1,{os.cpu_count() or 1}"
+    """Comma list of --workers values to time (1 and this machine's cores)."""
+    codec: str = "png,jp2,raw,jpeg"
+    """Comma list of codecs."""
+    repeat: int = 1
+    """Best of this many runs per (codec, workers)."""
+    json: cli.optional(Path, "none") = None
+    """Also write the JSON here."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=96)
-    p.add_argument("--size", type=int, default=640)
-    p.add_argument("--channels", type=int, choices=(1, 3), default=1)
-    p.add_argument("--workers", default=f"1,{os.cpu_count() or 1}")
-    p.add_argument("--codec", default="png,jp2,raw,jpeg")
-    p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--json", type=Path, help="also write the JSON here")
-    a = p.parse_args(argv)
+    a = cli.parse(PackBenchArgs, argv, name="pack-bench", prog="python benchmarks/pack.py", description=__doc__)
     workers = sorted({int(w) for w in a.workers.split(",")})
     doc = {**provenance(argv), "images": a.images, "size": a.size, "channels": a.channels, "rows": []}
     with tempfile.TemporaryDirectory(prefix="pack-bench-") as tmp:

@@ -16,7 +16,6 @@ beside the shards when that is not writable. Run it on its own to warm the cache
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -24,7 +23,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Annotated, Callable, Iterable, Literal
+
+import tyro
 
 from .shards import (MANIFEST, SPLITS, ShardError, read_manifest, repack_command, sha256_file,
                      shard_paths)
@@ -188,20 +189,27 @@ def verify_shards(shard_dir: Path, splits: Iterable[str], mode: str = "quick", d
     return report
 
 
+@dataclass
+class VerifyArgs:
+    """Check a packed dataset's shards against manifest.json (and warm the hash cache that
+    training's quick check reads)."""
+
+    shards: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="SHARDS")]
+    """Packed shard directory."""
+    mode: Literal["full", "quick"] = "full"
+    split: Annotated[tuple[Literal[SPLITS], ...], tyro.conf.UseAppendAction,  # type: ignore[valid-type]
+                     tyro.conf.arg(help_behavior_hint="(default: every split)")] = ()
+    """Only this split (repeatable)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tumorseg_dist.data.verify",
-                                description="Check a packed dataset's shards against manifest.json "
-                                            "(and warm the hash cache that training's quick check reads).")
-    p.add_argument("shards", type=Path, help="packed shard directory")
-    p.add_argument("--mode", choices=("full", "quick"), default="full")
-    p.add_argument("--split", action="append", choices=SPLITS, help="only this split (repeatable)")
-    args = p.parse_args(argv)
-    try:
+    from .. import cli
+    args = cli.parse(VerifyArgs, argv, name="verify", prog="python -m tumorseg_dist.data.verify")
+
+    def run() -> int:
         verify_shards(args.shards, args.split or SPLITS, args.mode)
-    except ShardError as e:
-        print(f"verify: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+    return cli.guarded("verify", run)
 
 
 if __name__ == "__main__":
