@@ -31,6 +31,10 @@ class ConfigError(ValueError):
     """A recipe or flag that cannot be used; the message names the key and the fix."""
 
 
+# An empty mean/std is the train split's, read from the dataset's manifest.json.
+FromManifest = tyro.conf.arg(help_behavior_hint="(default: from manifest.json)")
+
+
 @dataclass
 class DataConfig:
     """Where samples come from and how they reach the model."""
@@ -51,10 +55,10 @@ class DataConfig:
     """Built-in set only: number of phantom images to generate."""
     synthetic_size: int = 256
     """Built-in set only: side length of the generated phantoms."""
-    mean: tuple[float, ...] = ()
+    mean: Annotated[tuple[float, ...], FromManifest] = ()
     """Input normalisation mean per model channel in [0, 1] units. Empty: the train split's
     statistics from the dataset's manifest.json (recorded here in the run's config)."""
-    std: tuple[float, ...] = ()
+    std: Annotated[tuple[float, ...], FromManifest] = ()
     """Input normalisation std per model channel (empty: from manifest.json)."""
     verify_shards: VerifyMode = "quick"
     """Before the first epoch, check the shards against manifest.json's sha256 and size:
