@@ -1,0 +1,183 @@
+"""Every shell command in README.md and docs/*.md runs, so the docs cannot drift from the code.
+
+The convention (docs/design.md, "Docs that run"):
+* every fenced block names its language; ```bash, ```sh and ```console blocks are commands
+  (in console blocks only the `$ ` lines), ```text is output or a synopsis and is not run;
+* a command block that cannot run here carries `<!-- not run: REASON -->` on the line right
+  before it (GPU-only, Slurm-only, multi-node, the network, placeholders);
+* the command blocks of one page run in order, as one bash script with `set -euo pipefail`, in a
+  fresh copy of the working tree with the real ../shared/data beside it, so a page may use what
+  its earlier commands made (pack, then train, then evaluate);
+* training and benchmark commands are scaled down by flags appended to them (`scaled`); the
+  last value of a repeated flag wins, so the doc's own values are overridden, not edited.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+
+PAGES = ["README.md"] + sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))
+COMMAND_LANGS = {"bash", "sh", "console"}
+FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
+NOT_RUN = re.compile(r"^\s*<!--\s*not run:(.*?)-->\s*$")
+
+# Enough to prove the command works end to end on 2 CPU cores: one epoch of two micro-batches.
+TRAIN_FLAGS = "--epochs 1 --max-steps 2 --batch-size 4 --encoder-weights none --num-workers 1 --device cpu"
+SMALL = "--size 64"
+BENCH_FLAGS = {
+    "benchmarks/throughput.py": "--device cpu --size 64 --batch-size 4 --steps 2 --warmup 1 "
+                                "--encoder resnet18 --samples 8 --source-size 64 --workers 1",
+    "benchmarks/loss.py": "--device cpu --size 64 --batch-size 2 --iters 2 --warmup 1",
+    "benchmarks/pack.py": "--images 4 --size 64 --workers 1,2",
+}
+TRAINS = re.compile(r"(-m tumorseg_dist\.train|launch/train\.sh)(\s|$)")
+
+
+@dataclass
+class Block:
+    page: str
+    line: int           # 1-based line of the opening fence
+    lang: str
+    body: str
+    not_run: str | None  # the reason, when marked
+
+
+def blocks(text: str, page: str) -> list[Block]:
+    lines, out, i = text.splitlines(), [], 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, lang, start = m.group(1), m.group(2), i
+        i += 1
+        while i < len(lines) and not re.match(rf"^{indent}```\s*$", lines[i]):
+            i += 1
+        assert i < len(lines), f"{page}:{start + 1}: fenced block never closed"
+        body = "\n".join(ln[len(indent):] for ln in lines[start + 1:i])
+        marker = NOT_RUN.match(lines[start - 1]) if start else None
+        out.append(Block(page, start + 1, lang, body, marker.group(1).strip() if marker else None))
+        i += 1
+    return out
+
+
+def commands(block: Block) -> list[str]:
+    """The block's commands, continuation lines joined, comments and console output dropped."""
+    text = block.body
+    if block.lang == "console":
+        text = "\n".join(ln[2:] for ln in text.splitlines() if ln.startswith("$ "))
+    out = []
+    for ln in text.replace("\\\n", " ").splitlines():
+        ln = re.sub(r"(^|\s)#\s.*$", "", ln).strip()   # a trailing `# comment`
+        if ln and not ln.startswith("#"):
+            out.append(re.sub(r"\s+", " ", ln))
+    return out
+
+
+def scaled(cmd: str) -> str:
+    if cmd.startswith("make ") and re.search(r"\brun\b", cmd):
+        # The install step needs the package index; the suite's .venv is that install.
+        return f"make -o .venv/.installed run ARGS='{TRAIN_FLAGS}'"
+    if TRAINS.search(cmd):
+        # The built-in synthetic run keeps its size: its run name (docs/inference.md) says it.
+        data_given = "--data" in cmd or re.search(r"--config recipes/(?!synthetic)", cmd)
+        return f"{cmd} {TRAIN_FLAGS}" + (f" {SMALL}" if data_given else "")
+    for script, flags in BENCH_FLAGS.items():
+        if script in cmd:
+            return f"{cmd} {flags}"
+    return cmd
+
+
+def page_script(page: str) -> tuple[str, int]:
+    lines, n = ["set -euo pipefail"], 0
+    for b in blocks((REPO / page).read_text(), page):
+        if b.lang not in COMMAND_LANGS or b.not_run:
+            continue
+        for cmd in commands(b):
+            n += 1
+            lines.append(f"echo {shell_quote(f'>>> {page}:{b.line}: {cmd}')} >&2")
+            lines.append(scaled(cmd))
+    return "\n".join(lines) + "\n", n
+
+
+def shell_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+def working_copy(root: Path) -> Path:
+    """The working tree as `git` sees it (tracked and new files), with ../shared/data beside it."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    main = root / "main"
+    for f in filter(None, files):
+        src = REPO / f
+        if src.is_file():
+            (main / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, main / f)
+    (main / ".venv").symlink_to(REPO / ".venv")
+    (root / "shared").mkdir()
+    (root / "shared" / "data").symlink_to(SHARED_DATA)
+    return main
+
+
+# ---------------------------------------------------------------- the convention itself (fast)
+
+def test_the_extractor_finds_commands_skips_marked_blocks_and_scales_training():
+    page = "\n".join([
+        "```bash", "python -m tumorseg_dist.pack IN --out shards/x   # a comment",
+        "python -m tumorseg_dist.train --data shards/x \\", "    --epochs 30", "```",
+        "<!-- not run: needs a GPU -->", "```bash", "nvidia-smi", "```",
+        "```text", "not a command", "```",
+        "```console", "$ python -m tumorseg_dist.evaluate --checkpoint c.pt", "evaluate: dice 0.5", "```",
+    ])
+    bs = blocks(page, "t.md")
+    assert [(b.lang, b.not_run) for b in bs] == [("bash", None), ("bash", "needs a GPU"),
+                                                ("text", None), ("console", None)]
+    assert commands(bs[0]) == ["python -m tumorseg_dist.pack IN --out shards/x",
+                               "python -m tumorseg_dist.train --data shards/x --epochs 30"]
+    assert commands(bs[3]) == ["python -m tumorseg_dist.evaluate --checkpoint c.pt"]
+    train = scaled(commands(bs[0])[1])
+    assert train.endswith(f"--epochs 30 {TRAIN_FLAGS} {SMALL}")
+    assert scaled("python -m tumorseg_dist.train") == f"python -m tumorseg_dist.train {TRAIN_FLAGS}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_block_is_labelled_and_every_skip_says_why(page):
+    for b in blocks((REPO / page).read_text(), page):
+        where = f"{page}:{b.line}"
+        assert b.lang, f"{where}: a fenced block names its language (bash for commands, text otherwise)"
+        if b.not_run is not None:
+            assert b.not_run, f"{where}: `<!-- not run: REASON -->` needs its reason"
+            assert b.lang in COMMAND_LANGS, f"{where}: only a command block can be marked not run"
+
+
+def test_the_docs_have_commands_that_run():
+    assert sum(page_script(p)[1] for p in PAGES) >= 30
+
+
+# ---------------------------------------------------------------- running them (slow)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", [p for p in PAGES if page_script(p)[1]])
+def test_page_commands_run(page, tmp_path):
+    script, _ = page_script(page)
+    main = working_copy(tmp_path)
+    env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(main), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "TRITON_INTERPRET": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
+           "TUMORSEG_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_CACHE": str(tmp_path / "hf"),
+           "MPLBACKEND": "Agg"}
+    p = subprocess.run(["bash", "-c", script], cwd=main, env=env, capture_output=True,
+                       text=True, timeout=1500)
+    if p.returncode != 0:
+        ran = re.findall(r"^>>> (.*)$", p.stderr, re.M)
+        raise AssertionError(f"{ran[-1] if ran else page} exited {p.returncode}\n"
+                             f"--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-5000:]}")
