@@ -34,7 +34,7 @@ TRAIN_FLAGS = "--epochs 1 --max-steps 2 --batch-size 4 --encoder-weights none --
 SMALL = "--size 64"
 BENCH_FLAGS = {
     "benchmarks/throughput.py": "--device cpu --size 64 --batch-size 4 --steps 2 --warmup 1 "
-                                "--encoder resnet18 --samples 8 --source-size 64 --workers 1",
+                                "--encoder resnet18 --samples 12 --source-size 64 --workers 1",
     "benchmarks/loss.py": "--device cpu --size 64 --batch-size 2 --iters 2 --warmup 1",
     "benchmarks/pack.py": "--images 4 --size 64 --workers 1,2",
 }
@@ -90,6 +90,10 @@ def scaled(cmd: str) -> str:
         # The built-in synthetic run keeps its size: its run name (docs/inference.md) says it.
         data_given = "--data" in cmd or re.search(r"--config recipes/(?!synthetic)", cmd)
         return f"{cmd} {TRAIN_FLAGS}" + (f" {SMALL}" if data_given else "")
+    if "-m tumorseg_dist.export" in cmd:
+        # A two-step model's logits differ more between onnxruntime and torch than a trained
+        # one's (the doc shows 5e-06); tests/test_export.py holds the default tolerance.
+        return f"{cmd} --atol 1e-3"
     for script, flags in BENCH_FLAGS.items():
         if script in cmd:
             return f"{cmd} {flags}"
