@@ -14,7 +14,7 @@ from ..config import Config
 from ..dist import DistInfo
 from ..precision import Precision
 from .parts import (EMA, EngineBase, Health, LossFn, Mark, Schedule, allreduce_gradients, amp_autocast, build_optimizer,
-                    mark_phase, nonfinite_gradients, optimizer_state_bytes, optimizer_steps, tensor_bytes)
+                    mark_phase, nonfinite_gradients, optimizer_state_bytes, optimizer_steps)
 
 
 class DDPEngine(EngineBase):
@@ -167,6 +167,6 @@ class DDPEngine(EngineBase):
 
     def memory_report(self) -> dict:
         """Bytes this rank holds for parameters, and for optimizer state (moments etc.)."""
-        return {"param_bytes": tensor_bytes(self.model.parameters()),
+        return {"param_bytes": checkpoint.tensor_bytes(list(self.model.parameters())),
                 "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),
                 "master_param_bytes": 0}

@@ -48,7 +48,7 @@ from ..dist import DistInfo
 from ..precision import Precision
 from . import deepspeed_io
 from .parts import (EMA, EngineBase, Health, LossFn, Mark, Schedule, amp_autocast, mark_phase, nonfinite_gradients,
-                    optimizer_state_bytes, optimizer_steps, tensor_bytes)
+                    optimizer_state_bytes, optimizer_steps)
 
 DS_DIR = "deepspeed"  # RUN/checkpoints/deepspeed/<tag>/
 
@@ -409,6 +409,6 @@ class DeepSpeedEngine(EngineBase):
         basic = self.ds.basic_optimizer if hasattr(self.ds, "basic_optimizer") else self.optimizer
         module_ids = {id(p) for p in self.model.parameters()}
         master = [p for g in basic.param_groups for p in g["params"] if id(p) not in module_ids]
-        return {"param_bytes": tensor_bytes(self.model.parameters()),
+        return {"param_bytes": checkpoint.tensor_bytes(list(self.model.parameters())),
                 "optimizer_state_bytes": optimizer_state_bytes(basic),
-                "master_param_bytes": tensor_bytes(master)}
+                "master_param_bytes": checkpoint.tensor_bytes(master)}

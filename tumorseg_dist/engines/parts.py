@@ -1,5 +1,5 @@
 """The pieces both engines share: optimizer and lr schedule, EMA, the non-finite step guard,
-gradient norm, autocast, and the byte counters behind `memory_report`. (Precision itself is
+gradient norm, autocast, and the optimizer-state byte counter behind `memory_report`. (Precision itself is
 decided in `tumorseg_dist/precision.py`.)
 
 Kept apart from the engines so `ddp.py` and `deepspeed.py` import only downwards and neither
@@ -254,11 +254,6 @@ def amp_autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def tensor_bytes(tensors) -> int:
-    """Bytes held by `tensors` (parameters, master copies)."""
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
