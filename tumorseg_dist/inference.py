@@ -27,7 +27,7 @@ from . import checkpoint
 from .checkpoint import CheckpointError
 from .config import Arch, ModelConfig
 from .data.batch import to_channels
-from .models import ModelError, build_model
+from .models import ModelError, build_model, model_name
 
 KNOWN_ARCHS = Arch.__args__  # the Literal's choices
 
@@ -65,7 +65,7 @@ class Predictor:
     @property
     def name(self) -> str:
         """`unet/resnet34`, or just the architecture when it has no encoder."""
-        return self.arch if self.arch == "unet-classic" else f"{self.arch}/{self.encoder}"
+        return model_name(self.arch, self.encoder)
 
     @property
     def pre(self) -> Preprocess:

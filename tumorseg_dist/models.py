@@ -152,6 +152,12 @@ def load_encoder_weights(encoder: nn.Module, path: Path, in_channels: int, compl
                          f"{str(e).splitlines()[-1].strip()[:200]}") from None
 
 
+def model_name(arch: str, encoder: str, sep: str = "/") -> str:
+    """`unet/resnet34`, or only the architecture when it has no encoder (the classic U-Net's
+    --encoder is a default nobody chose, and naming it would mislead)."""
+    return arch if arch == "unet-classic" else f"{arch}{sep}{encoder}"
+
+
 def build_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
     if cfg.arch == "unet-classic":  # no encoder: --encoder/--encoder-weights do not apply
         return ClassicUNet(in_channels)

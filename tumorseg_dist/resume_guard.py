@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint
+from .models import model_name
 from .config import (MAY_CHANGE_ON_RESUME, RESUME_MECHANICS, Config, ConfigError, apply_overrides,
                      flag_name)
 
@@ -73,7 +74,7 @@ def differences(requested: Config, saved: Config, elastic: bool = False) -> tupl
 
 def model_identity(cfg: Config) -> str:
     m = cfg.model
-    name = m.arch if m.arch == "unet-classic" else f"{m.arch}/{m.encoder}"
+    name = model_name(m.arch, m.encoder)
     return f"{name} with {cfg.data.in_channels} input channel{'s' if cfg.data.in_channels != 1 else ''}"
 
 

@@ -23,7 +23,7 @@ from .figures import plot_overlays
 from .log import RunLog, fmt
 from .loop import TrainState, evaluate, fit, restore
 from .losses import build_loss_fn
-from .models import build_model
+from .models import build_model, model_name
 from .precision import resolve_precision
 
 SHARDS_ROOT = Path("shards")
@@ -55,9 +55,7 @@ def prepare_data(cfg: Config, dist: distmod.DistInfo) -> Path:
 def resolve_run_dir(cfg: Config, data_dir: Path) -> Path:
     if cfg.run.out is not None:
         return Path(cfg.run.out)
-    # The classic U-Net has no encoder: its --encoder (a default nobody chose) would misname it.
-    model = cfg.model.arch if cfg.model.arch == "unet-classic" else f"{cfg.model.arch}-{cfg.model.encoder}"
-    name = cfg.run.name or f"{data_dir.name}-{model}"
+    name = cfg.run.name or f"{data_dir.name}-{model_name(cfg.model.arch, cfg.model.encoder, '-')}"
     return Path("runs") / name
 
 
