@@ -7,10 +7,11 @@ import importlib.util
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import PY, REPO, run_cli
 from tumorseg_dist import cli
 
 
@@ -45,6 +46,7 @@ COMMANDS = {
     "throughput": (lambda: _script("throughput"), "python benchmarks/throughput.py", [], ["--steps", "x"]),
     "loss": (lambda: _script("loss"), "python benchmarks/loss.py", [], ["--iters", "x"]),
     "pack-bench": (lambda: _script("pack"), "python benchmarks/pack.py", [], ["--images", "x"]),
+    "cli-bench": (lambda: _script("cli_help"), "python benchmarks/cli_help.py", [], ["--repeat", "x"]),
 }
 
 
@@ -150,3 +152,51 @@ def test_every_error_class_of_the_package_is_a_user_error():
     for error in (CheckpointError, ConfigError, LayoutError, PackInputError, ShardError, ImageFileError,
                   ModelError, PackAbort, WorkerDied):
         assert issubclass(error, cli.USER_ERRORS), error
+
+
+# ---------------------------------------------------------------- the command table, fast --help
+
+def test_help_of_every_command_imports_no_torch():
+    """--help answers before the heavy imports (torch, DALI, DeepSpeed): the commands import
+    their job only once the flags are good. benchmarks/cli_help.py times it."""
+    from tumorseg_dist.commands import COMMANDS
+    for name, (mod, _) in COMMANDS.items():
+        code = (f"import runpy, sys; sys.argv = [{mod!r}, '--help']\n"
+                f"try:\n    runpy.run_module({mod!r}, run_name='__main__')\n"
+                f"except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+                f"heavy = sorted({{'torch', 'nvidia.dali', 'deepspeed', 'wandb'}} & set(sys.modules))\n"
+                f"assert not heavy, heavy")
+        p = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, f"{name}: {p.stderr[-1500:]}"
+        assert "usage" in p.stdout.lower() or name == "bench" and "benchmark" in p.stdout, (name, p.stdout[:300])
+
+
+def test_python_m_package_lists_every_command_and_dispatches():
+    from tumorseg_dist.commands import COMMANDS
+    p = run_cli([PY, "-m", "tumorseg_dist"], cwd=REPO)
+    for name in COMMANDS:
+        assert f"  {name} " in p.stdout and f"tumorseg-{name}" in p.stdout
+    p = run_cli([PY, "-m", "tumorseg_dist", "evaluate", "--help"], cwd=REPO)
+    assert "--checkpoint" in p.stdout
+    p = run_cli([PY, "-m", "tumorseg_dist", "tarin"], cwd=REPO, check=False)
+    assert p.returncode == 2 and "unknown command 'tarin'" in p.stderr and "train" in p.stderr
+
+
+def test_every_command_has_its_console_script():
+    import configparser
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines())
+    from tumorseg_dist.commands import COMMANDS
+    assert scripts == {f"tumorseg-{n}": f"{mod}:main" for n, (mod, _) in COMMANDS.items()}
+    installed = Path(PY).with_name("tumorseg-evaluate")
+    if installed.exists():   # an install of this checkout (make setup): the script is the same main
+        p = run_cli([str(installed), "--help"], cwd=REPO)
+        assert "--checkpoint" in p.stdout
+
+
+def test_bench_runs_a_benchmark_and_names_the_choices():
+    p = run_cli([PY, "-m", "tumorseg_dist.bench", "nope"], cwd=REPO, check=False)
+    assert p.returncode == 2 and "throughput, loss, pack, cli" in p.stderr
+    p = run_cli([PY, "-m", "tumorseg_dist.bench", "cli", "--help"], cwd=REPO)
+    assert "--repeat" in p.stdout

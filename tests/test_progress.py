@@ -20,7 +20,7 @@ from inference_testing import make_checkpoint, tiny_config
 from tumorseg_dist import log as logmod
 from tumorseg_dist.config import Config
 from tumorseg_dist.loop import _FigurePicker
-from tumorseg_dist.train import resolve_run_dir
+from tumorseg_dist.jobs.train import resolve_run_dir
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  "
 

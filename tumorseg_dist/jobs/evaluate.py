@@ -1,0 +1,251 @@
+"""The work of `python -m tumorseg_dist.evaluate` (its flags and what it writes: tumorseg_dist/evaluate.py):
+score a checkpoint on a packed split, every sample once across ranks."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import dist as distmod
+from ..data.shards import IndexedShards, read_sample
+from ..data.torch_loader import rank_indices
+from ..data.shards import ShardError, WorkerFailure, read_manifest, shard_paths
+from ..data.verify import verify_shards
+from ..figures import overlay_image, save_grid, wrap_name
+from ..inference import Predictor, load_model, resolve_threshold, to_original_size
+from ..log import Console, fmt
+from ..metrics import mask_confusion, per_image_scores, summarize
+from ..options import EvaluateArgs
+
+CSV_FIELDS = ["key", "source", "group", "dice", "iou", "target_area", "prediction_area", "hd95",
+              "hd95_mm"]
+
+
+# ---------------------------------------------------------------- Hausdorff-95
+
+def hausdorff95(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, float] | None = None) -> float:
+    """MONAI's symmetric 95th-percentile Hausdorff distance between the two masks' boundaries, in
+    pixels, or in the units of `spacing` (row, column pixel size; mm). Our convention where it
+    is undefined: NaN (left out of the mean and median, blank in per_image.csv) if either mask
+    is empty, where MONAI would give inf or NaN with a warning."""
+    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+    if not pred.any() or not target.any():
+        return float("nan")
+    from monai.metrics import compute_hausdorff_distance  # ~2-10 s to import: only when needed
+    d = compute_hausdorff_distance(torch.from_numpy(pred)[None, None], torch.from_numpy(target)[None, None],
+                                   include_background=True, percentile=95,
+                                   spacing=None if spacing is None else [float(v) for v in spacing])
+    return float(d.item())
+
+
+def pixel_spacing(meta: dict, original: tuple[int, int], compared: tuple[int, int]) -> tuple[float, float] | None:
+    """The (row, column) pixel size in mm of the compared masks, from the sample's json
+    `pixel_spacing` [row mm, column mm] of the original image (scaled when the comparison is at
+    the model size), or None when the sample does not give it."""
+    sp = meta.get("pixel_spacing")
+    try:
+        row, col = (float(v) for v in sp)
+    except (TypeError, ValueError):
+        return None
+    if not (row > 0 and col > 0 and math.isfinite(row) and math.isfinite(col)):
+        return None
+    return row * original[0] / compared[0], col * original[1] / compared[1]
+
+
+# ---------------------------------------------------------------- data
+
+class EvalSamples(torch.utils.data.Dataset):
+    """Sample i of a split -> model input, original mask and its metadata."""
+
+    def __init__(self, shards: IndexedShards, model: Predictor, indices: list[int]):
+        self.shards, self.indices = shards, indices
+        self.pre = model.pre
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, i: int) -> dict:
+        s = read_sample(self.shards, i)
+        return {"index": i, "key": s.key, "meta": s.meta, "image": s.image, "mask": s.mask > 0}
+
+    def __getitem__(self, j: int) -> dict | WorkerFailure:
+        try:
+            s = self.load(self.indices[j])
+        except ShardError as e:
+            return WorkerFailure(str(e))
+        s["tensor"] = self.pre(s["image"])
+        del s["image"]  # not needed for metrics; the figure re-reads its few cases
+        return s
+
+
+def _collate(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+def model_size_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """The loader's mask resize (nearest-exact) to the training size."""
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return (F.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0] > 0.5).numpy()
+
+
+def score(prob: torch.Tensor, mask: np.ndarray, threshold: float, resolution: str, size: int):
+    """One image: (prediction, target) at the chosen resolution and its float64 [TP, FP, FN, TN],
+    counted by the metrics module as training counts them."""
+    if resolution == "original":
+        pred = to_original_size(prob, *mask.shape) > threshold
+        target = torch.from_numpy(mask)
+    else:
+        pred = prob.float().cpu()[0] > threshold
+        target = torch.from_numpy(model_size_mask(mask, size))
+    return pred.numpy(), target.numpy(), mask_confusion(pred[None], target[None])[0]
+
+
+# ---------------------------------------------------------------- figure
+
+def plot_cases(rows: list[dict], samples: EvalSamples, model: Predictor, path: Path,
+               threshold: float, tta: bool, per_side: int = 4) -> list[str]:
+    """Worst `per_side` images by Dice (top row) and best ones with a non-empty target (bottom),
+    each titled with its whole sample name (wrapped) and Dice. Returns the captions."""
+    if not rows:
+        return []
+    by_dice = sorted(rows, key=lambda r: (r["dice"], r["key"]))
+    worst = by_dice[:per_side]
+    positive = [r for r in reversed(by_dice) if r["target_area"] > 0 and r not in worst]
+    best = (positive or [r for r in reversed(by_dice) if r not in worst])[:per_side]
+    grid = []
+    for label, chosen in (("worst", worst), ("best", best)):
+        panels = []
+        for row in chosen:
+            s = samples.load(row["_index"])
+            pred = model.predict_image(s["image"], tta, threshold)
+            panels.append((overlay_image(s["image"], pred, s["mask"]),
+                           f"{label}: {wrap_name(row['key'])}\nDice {row['dice']:.3f}"))
+        grid.append(panels)
+    lines = max((c.count("\n") + 1 for row in grid for _, c in row), default=2)
+    # Taller panels for captions of more lines: whole names, not cut and not overlapping.
+    save_grid(grid, path, "green: ground truth, red: prediction (original size)",
+              panel=(3.2, 3.2 + 0.14 * lines))
+    return [c for row in grid for _, c in row]
+
+
+# ---------------------------------------------------------------- main
+
+
+
+def default_out(ckpt: Path, split: str, tta: bool) -> Path:
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return run_dir / f"eval-{split}{'-tta' if tta else ''}"
+
+
+def _finite(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def gather_rows(rows: list[dict]) -> list[dict]:
+    import torch.distributed as tdist
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return rows
+    out: list[list[dict] | None] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, rows)
+    return [r for part in out for r in part]
+
+
+def run(args: EvaluateArgs) -> int:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    d = distmod.init(args.device)
+    log = Console(d.is_main)
+    model = load_model(args.checkpoint, d.device)
+    threshold = resolve_threshold(args.threshold, model)
+    data = args.data or model.config.get("data", {}).get("path")
+    if data is None:
+        raise ValueError(f"{args.checkpoint} does not record its data; pass --data shards/NAME")
+    data = Path(data)
+    manifest = read_manifest(data)
+    verify_shards(data, [args.split], args.verify_shards, d, log.info)
+    shards = IndexedShards(shard_paths(data, args.split, manifest))
+    n = len(shards)
+    if n == 0:
+        raise ShardError(f"{data}: split {args.split!r} has no samples")
+    mine = [i for i in rank_indices(n, d.rank, d.world_size, False, 0, 0) if i >= 0]
+    samples = EvalSamples(shards, model, mine)
+    out = args.out or default_out(args.checkpoint, args.split, args.tta)
+    log.info(f"evaluate: {args.checkpoint} ({model.name}, {model.size}px) on {data} "
+             f"split {args.split}: {n} images, {d.world_size} rank(s), threshold {threshold}, "
+             f"{args.resolution} resolution{', flip-TTA' if args.tta else ''}")
+    loader = torch.utils.data.DataLoader(samples, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.workers, collate_fn=_collate)
+    rows: list[dict] = []
+    counts = []
+    for batch in log.progress(loader, len(loader), f"evaluate {args.split}", unit="batch"):
+        for s in batch:
+            if isinstance(s, WorkerFailure):
+                s.reraise()
+        probs = model.probabilities(torch.stack([s["tensor"] for s in batch]), tta=args.tta)
+        for s, prob in zip(batch, probs):
+            pred, target, c = score(prob, s["mask"], threshold, args.resolution, model.size)
+            counts.append(c)
+            mm = pixel_spacing(s["meta"], s["mask"].shape, target.shape)
+            rows.append({"key": s["key"], "source": s["meta"].get("source", ""),
+                         "group": s["meta"].get("group") or "", "target_area": int(target.sum()),
+                         "prediction_area": int(pred.sum()), "hd95": hausdorff95(pred, target),
+                         "hd95_mm": float("nan") if mm is None else hausdorff95(pred, target, mm),
+                         "_index": s["index"]})
+    c = torch.stack(counts) if counts else torch.zeros(0, 4, dtype=torch.float64)
+    dice, iou = per_image_scores(c)
+    for r, di, ii in zip(rows, dice.tolist(), iou.tolist()):
+        r["dice"], r["iou"] = di, ii
+    totals = torch.cat([c.sum(0), torch.stack([dice.sum(), iou.sum(), c.new_tensor(len(rows))])]).to(d.device)
+    totals = distmod.all_reduce_sum(totals).tolist()
+    rows = gather_rows(rows)  # every rank gets all rows, so every rank can check (and fail) alike
+    keys = [r["key"] for r in rows]
+    if len(keys) != n or len(set(keys)) != n or totals[6] != n:  # the contract this command promises
+        raise RuntimeError(f"evaluated {len(keys)} rows ({len(set(keys))} distinct) for {n} samples")
+    if d.is_main:
+        metrics = summarize(totals)  # NaN where a ratio is undefined: null in JSON, n/a printed
+        hd = np.array([r["hd95"] for r in rows if math.isfinite(r["hd95"])])
+        hd_mm = np.array([r["hd95_mm"] for r in rows if math.isfinite(r["hd95_mm"])])
+        metrics.update({
+            "hd95_mean": float(hd.mean()) if hd.size else None,
+            "hd95_median": float(np.median(hd)) if hd.size else None,
+            "hd95_images": int(hd.size),
+            "hd95_unit": "pixels of the original image" if args.resolution == "original"
+            else f"pixels at the model size {model.size}",
+            # Only the images whose json gives pixel_spacing: none of the built-in formats does.
+            "hd95_mm_mean": float(hd_mm.mean()) if hd_mm.size else None,
+            "hd95_mm_median": float(np.median(hd_mm)) if hd_mm.size else None,
+            "hd95_mm_images": int(hd_mm.size),
+            "checkpoint": str(args.checkpoint), "data": str(data), "split": args.split,
+            "tta": args.tta, "threshold": threshold, "resolution": args.resolution,
+            "world_size": d.world_size, "arch": model.arch, "encoder": model.encoder, "size": model.size})
+        out.mkdir(parents=True, exist_ok=True)
+        log.open_file(out / "evaluate.log")
+        (out / "metrics.json").write_text(json.dumps({k: _finite(v) for k, v in metrics.items()},
+                                                     indent=2) + "\n")
+        rows.sort(key=lambda r: r["key"])
+        with open(out / "per_image.csv", "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            wr.writeheader()
+            for r in rows:
+                wr.writerow({**r, "dice": f"{r['dice']:.6f}", "iou": f"{r['iou']:.6f}",
+                             **{k: "" if not math.isfinite(r[k]) else f"{r[k]:.3f}" for k in ("hd95", "hd95_mm")}})
+        if args.cases > 0:
+            log.info(f"evaluate: drawing {out / 'cases.png'} (the {args.cases} worst and best images)")
+            plot_cases(rows, EvalSamples(shards, model, []), model, out / "cases.png", threshold,
+                       args.tta, args.cases)
+        hd_txt = f"{metrics['hd95_mean']:.2f}" if metrics["hd95_mean"] is not None else "n/a"
+        if metrics["hd95_mm_mean"] is not None:
+            hd_txt += f" px, {metrics['hd95_mm_mean']:.2f} mm"
+        log.info(f"evaluate: dice {fmt(metrics['dice'])} iou {fmt(metrics['iou'])} precision "
+                 f"{fmt(metrics['precision'])} recall {fmt(metrics['recall'])} mean image dice "
+                 f"{fmt(metrics['mean_image_dice'])} hd95 {hd_txt} ({metrics['samples']} images) -> {out}")
+    distmod.barrier()
+    distmod.cleanup()
+    log.close()
+    return 0
+

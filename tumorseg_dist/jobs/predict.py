@@ -1,0 +1,194 @@
+"""The work of `python -m tumorseg_dist.predict` (its flags and outputs: tumorseg_dist/predict.py):
+masks, overlays and areas for image files, folders and packed shards."""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.shards import IndexedShards, read_sample
+from ..data.shards import MANIFEST, ShardError, read_manifest, shard_paths
+from ..figures import overlay_image
+from ..imageio import IMAGE_EXTS, ImageFileError, read_image
+from ..inference import Predictor, load_model, resolve_threshold
+from ..log import Console
+from ..options import PredictArgs
+
+MASK_NAME = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- inputs
+
+@dataclass(frozen=True)
+class InputItem:
+    name: str            # output path relative to masks/ (POSIX, .png)
+    display: str         # the input as the user knows it (file path or shard source)
+    path: Path | None    # an image file, or None for a shard sample
+    shard: int = -1      # index into PredictDataset.shards
+    index: int = -1      # sample index within that shard set
+    key: str = ""
+
+
+def _mask_png_name(rel: PurePosixPath) -> str:
+    return str(rel.with_suffix(".png"))
+
+
+def collect_inputs(inputs: tuple[Path, ...], splits: tuple[str, ...]) -> tuple[list[InputItem], list[IndexedShards], list[tuple[str, str]]]:
+    """Expand files, folders and shard dirs into items; missing inputs go to `problems`."""
+    items: list[InputItem] = []
+    shard_sets: list[IndexedShards] = []
+    problems: list[tuple[str, str]] = []
+    for inp in inputs:
+        inp = Path(inp)
+        if inp.is_dir() and (inp / MANIFEST).is_file():
+            manifest = read_manifest(inp)
+            for split in (splits or list(manifest["splits"])):
+                if split not in manifest["splits"]:
+                    problems.append((str(inp), f"has no split {split!r} (it has {', '.join(manifest['splits'])})"))
+                    continue
+                ds = IndexedShards(shard_paths(inp, split, manifest))
+                shard_sets.append(ds)
+                for i, ref in enumerate(ds.refs):
+                    # the real name comes from the sample's json; resolved when it is read
+                    items.append(InputItem(name="", display=f"{inp}:{split}/{ref.key}", path=None,
+                                           shard=len(shard_sets) - 1, index=i, key=ref.key))
+        elif inp.is_dir():
+            found = 0
+            for p in sorted(inp.rglob("*")):
+                rel = p.relative_to(inp)
+                if (not p.is_file() or p.suffix.lower() not in IMAGE_EXTS
+                        or any(part.startswith(".") for part in rel.parts) or MASK_NAME.search(p.stem)):
+                    continue
+                items.append(InputItem(name=_mask_png_name(PurePosixPath(rel.as_posix())), display=str(p), path=p))
+                found += 1
+            if not found:
+                problems.append((str(inp), f"folder has no image files ({', '.join(sorted(IMAGE_EXTS))})"))
+        elif inp.exists():
+            items.append(InputItem(name=_mask_png_name(PurePosixPath(inp.name)), display=str(inp), path=inp))
+        else:
+            problems.append((str(inp), "no such file or folder"))
+    return items, shard_sets, problems
+
+
+class PredictDataset(torch.utils.data.Dataset):
+    """Item i -> decoded original image, preprocessed tensor, ground truth if known, or the error."""
+
+    def __init__(self, items: list[InputItem], shards: list[IndexedShards], model: Predictor):
+        self.items, self.shards = items, shards
+        self.pre = model.pre
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.items[i]
+        gt, name = None, item.name
+        try:
+            if item.path is not None:
+                image = read_image(item.path)
+            else:
+                s = read_sample(self.shards[item.shard], item.index)
+                image, gt = s.image, s.mask > 0
+                name = _mask_png_name(PurePosixPath(s.meta.get("source") or item.key))
+            tensor = self.pre(image)
+        except (ImageFileError, ShardError, KeyError, StopIteration, OSError, ValueError) as e:
+            return {"item": item, "error": str(e) if isinstance(e, ImageFileError)
+                    else f"{item.display}: {type(e).__name__}: {e}"}
+        return {"item": item, "name": name, "image": image, "tensor": tensor, "gt": gt, "error": None}
+
+
+def _collate(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+# ---------------------------------------------------------------- main
+
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    if name not in taken:
+        return name
+    stem, n = name[:-len(".png")], 2
+    while f"{stem}__{n}.png" in taken:
+        n += 1
+    return f"{stem}__{n}.png"
+
+
+def run(args: PredictArgs) -> int:
+    from ..dist import resolve_device
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    log = Console()
+    model = load_model(args.checkpoint, resolve_device(args.device))
+    threshold = resolve_threshold(args.threshold, model)
+    items, shard_sets, problems = collect_inputs(args.inputs, args.split)
+    for src, why in problems:
+        log.warning(f"predict: skipped {src}: {why}")
+    if not items:
+        raise ValueError("no images to predict in " + ", ".join(map(str, args.inputs)))
+    log.info(f"predict: {len(items)} image(s) with {model.name} at {model.size}px, "
+             f"threshold {threshold}{', flip-TTA' if args.tta else ''} -> {args.out}")
+    masks_dir, over_dir = args.out / "masks", args.out / "overlays"
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    log.open_file(args.out / "predict.log")
+    loader = torch.utils.data.DataLoader(
+        PredictDataset(items, shard_sets, model), batch_size=args.batch_size, shuffle=False,
+        num_workers=args.workers, collate_fn=_collate)
+    rows, taken, renamed = [], set(), []
+    for batch in log.progress(loader, len(loader), "predict", unit="batch"):
+        good = []
+        for r in batch:
+            if r["error"] is None:
+                good.append(r)
+            else:
+                problems.append((r["item"].display, r["error"]))
+                log.warning(f"predict: skipped {r['error']}")
+        if not good:
+            continue
+        preds = model.predict([r["tensor"] for r in good], [r["image"].shape[:2] for r in good],
+                              args.tta, threshold)
+        for r, pred in zip(good, preds):
+            h, w = pred.shape
+            name = unique_name(r["name"], taken)
+            if name != r["name"]:
+                renamed.append((r["item"].display, name))
+            taken.add(name)
+            out = masks_dir / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((pred * 255).astype(np.uint8), mode="L").save(out)
+            if args.overlay:
+                o = over_dir / name
+                o.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(overlay_image(r["image"], pred, r["gt"])).save(o)
+            area = int(pred.sum())
+            rows.append({"input": r["item"].display, "mask": str(Path("masks") / name), "height": h,
+                         "width": w, "lesion_pixels": area, "lesion_fraction": round(area / (h * w), 6),
+                         "gt_pixels": "" if r["gt"] is None else int(r["gt"].sum())})
+    with open(args.out / "areas.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=["input", "mask", "height", "width", "lesion_pixels",
+                                           "lesion_fraction", "gt_pixels"])
+        wr.writeheader()
+        wr.writerows(rows)
+    for src, name in renamed:
+        log.warning(f"predict: {src}: its mask name was already written by another input; "
+                    f"wrote masks/{name} instead")
+    skipped = args.out / "skipped.csv"
+    if problems:
+        with open(skipped, "w", newline="") as f:
+            wr = csv.writer(f)
+            wr.writerow(["input", "reason"])
+            wr.writerows(problems)
+    elif skipped.exists():
+        skipped.unlink()  # left from an earlier run into the same folder
+    log.info(f"predict: wrote {len(rows)} mask(s) to {masks_dir}"
+             + (f" and overlays to {over_dir}" if args.overlay else "")
+             + f"; areas in {args.out / 'areas.csv'}"
+             + (f"; {len(problems)} input(s) skipped, listed in {skipped}" if problems else ""))
+    log.close()
+    return 1 if problems else 0
+

@@ -1,0 +1,169 @@
+"""The work of `python -m tumorseg_dist.train` (its flags: tumorseg_dist/config.py): the run
+from data and resume checks to the test-split metrics, as one readable function, `run`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint, dist as distmod, resume_guard, tracking
+from ..config import Config, save_toml
+from ..data.loader import build_loader, resolve_norm
+from ..data.shards import SPLITS, read_manifest
+from ..data.synthetic import ensure_synthetic
+from ..data.verify import verify_shards
+from ..engines import NonFiniteLossError, build_engine
+from ..figures import plot_overlays
+from ..log import RunLog, fmt
+from ..loop import TrainState, evaluate, fit, restore
+from ..losses import build_loss_fn
+from ..models import build_model, model_name
+from ..precision import resolve_precision
+
+SHARDS_ROOT = Path("shards")
+
+
+def deterministic(device: torch.device) -> None:
+    """--deterministic: no nondeterministic kernels (an op without a deterministic version is an
+    error naming it). The torch loader's augmentation is seeded per global position already, so
+    worker count and scheduling do not change what a sample gets."""
+    if device.type == "cuda":   # cuBLAS needs a fixed workspace to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def prepare_data(cfg: Config, dist: distmod.DistInfo) -> Path:
+    """The packed dataset to train on; the built-in set is packed by rank 0, once."""
+    if cfg.data.path is not None:
+        read_manifest(cfg.data.path)  # fail early, on every rank, with the pack command to run
+        # Absolute, so evaluate/export find the data from the checkpoint whatever their cwd.
+        return Path(cfg.data.path).resolve()
+    out = None
+    if dist.is_main:
+        out = ensure_synthetic(SHARDS_ROOT, cfg.data.synthetic_samples, cfg.data.synthetic_size, cfg.train.seed)
+    distmod.barrier()
+    return Path(distmod.broadcast_object(str(out.resolve()) if out else None))
+
+
+def resolve_run_dir(cfg: Config, data_dir: Path) -> Path:
+    if cfg.run.out is not None:
+        return Path(cfg.run.out)
+    name = cfg.run.name or f"{data_dir.name}-{model_name(cfg.model.arch, cfg.model.encoder, '-')}"
+    return Path("runs") / name
+
+
+def resume(engine, src: resume_guard.Source | None, dist, log: RunLog, batch: int) -> TrainState:
+    """Continue from `src` (full state, or its weights only), else start fresh; counters in
+    micro-batches of this run's global `batch`."""
+    if src is None or src.weights_only:
+        if dist.is_main:  # a fresh run, or fine-tuning: new logs
+            log.metrics_path.unlink(missing_ok=True)
+            log.steps_path.unlink(missing_ok=True)
+        if src is None:
+            return TrainState()
+    state = restore(engine, src.ckpt, src.path, src.weights_only, global_batch=batch)
+    if src.weights_only:
+        log.info(f"loaded weights only from {src.path}; optimizer, lr schedule and progress start "
+                 f"fresh (fine-tuning)")
+        return state
+    log.rewind(state.epoch, state.last_record)
+    log.rewind_steps(int(src.ckpt["train_state"]["step"]))   # the checkpoint's own unit
+    log.info(f"resumed from {src.path}: epoch {state.epoch}, step {state.step}"
+             + (f", sample {state.samples_in_epoch} of the next epoch" if state.samples_in_epoch else ""))
+    return state
+
+
+def evaluate_test_split(cfg: Config, engine, data_dir: Path, dist, loss_fn, log: RunLog, state, reason: str,
+              run_dir: Path) -> None:
+    """Test-split metrics and the overlay figure with the weights now in the engine."""
+    test_loader = build_loader(cfg, data_dir, "test", dist, training=False, precision=engine.precision)
+    test, shown = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep=8)
+    log.write_json("test_metrics.json", {"best_epoch": state.best_epoch, "stopped": reason, **test})
+    if dist.is_main and shown is not None:
+        plot_overlays(shown, run_dir / "overlays.png", cfg.data.mean, cfg.data.std, cfg.train.threshold)
+    log.info(f"test ({test['samples']} images, best epoch {state.best_epoch}): dice {fmt(test['dice'])} "
+             f"iou {fmt(test['iou'])} precision {fmt(test['precision'])} recall {fmt(test['recall'])} "
+             f"-> {run_dir}")
+
+
+def run(cfg: Config, preset: str | None) -> int:
+    dist = distmod.init(cfg.train.device)
+    cfg.train.device = dist.device.type
+    precision = resolve_precision(cfg.train, dist.device)  # the one decision, handed down
+    cfg.train.amp = precision.amp  # config.toml records what runs ("auto" resolved)
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        deterministic(dist.device)
+    data_dir = prepare_data(cfg, dist)
+    cfg.data.path = data_dir
+    cfg.data.mean, cfg.data.std = resolve_norm(cfg, data_dir)  # recorded in config + checkpoints
+    run_dir = resolve_run_dir(cfg, data_dir)
+    log = RunLog(run_dir, dist.is_main)
+    # Before anything is written or trained: a corrupt shard would otherwise train silently.
+    verify_shards(data_dir, SPLITS, cfg.data.verify_shards, dist, log.info)
+    if preset:
+        log.info(f"no --data: built-in synthetic set {data_dir} with the {preset} preset "
+                 f"(size {cfg.data.size}, {cfg.model.arch}/{cfg.model.encoder}, {cfg.train.epochs} epochs"
+                 f"{', CPU-sized: no CUDA device' if preset.endswith('cpu') else ''})")
+    log.info(f"run {run_dir}: world size {dist.world_size}, device {dist.device}, amp {cfg.train.amp}, "
+             f"channels_last {cfg.train.channels_last}, global batch {cfg.train.batch_size}")
+    if cfg.train.resume not in ("auto", "never"):  # recorded absolute: a rerun finds it from any cwd
+        cfg.train.resume = str(Path(cfg.train.resume).resolve())
+    src = resume_guard.source(cfg, run_dir, dist.device)
+    for line in [] if src is None else resume_guard.check(cfg, src.ckpt, src.path, src.weights_only):
+        log.info(line)
+    if src is not None and not src.weights_only:
+        for line in resume_guard.relayout(cfg, src.ckpt, src.path, dist.world_size):
+            log.info(line)
+    model = build_model(cfg.model, cfg.data.in_channels)  # first: missing weights fail at once
+
+    train_loader = build_loader(cfg, data_dir, "train", dist, training=True, precision=precision)
+    val_loader = build_loader(cfg, data_dir, "val", dist, training=False, precision=precision)
+    steps = len(train_loader) * cfg.train.epochs
+    total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+    loss_fn = build_loss_fn(cfg.loss)
+    engine = build_engine(cfg, model, dist, loss_fn, total_steps, precision)
+    for line in engine.describe():
+        log.info(f"engine: {line}")
+    # Only now, with the resume checked and the model built: a run refused before this point
+    # leaves no directory, and an existing config.toml as it was.
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_toml(cfg, run_dir / "config.toml")
+        log.open_file()  # RUN/train.log: every line shown so far, then the rest
+        for tmp in checkpoint.remove_stale_temps(run_dir / "checkpoints"):
+            log.info(f"removed {tmp}: the temp file of a checkpoint write that was killed")
+    engine.write_run_files(run_dir)  # DeepSpeed: RUN/deepspeed_config.json
+
+    state = resume(engine, src, dist, log, cfg.train.batch_size)
+    if state.epoch >= cfg.train.epochs or state.stopped_early:
+        log.info("nothing left to train: the checkpoint already finished its epochs")
+        reason = "done"
+    else:
+        tracker = tracking.start(cfg, run_dir, run_dir.name, dist.is_main, log.info)
+        try:
+            state, reason = fit(cfg, engine, train_loader, val_loader, loss_fn, state, run_dir, dist, log,
+                                tracker=tracker)
+        except NonFiniteLossError as e:  # say which files on disk are still good, read from them
+            raise NonFiniteLossError(f"{e} {checkpoint.last_good(run_dir / 'checkpoints')}") from None
+        if tracker is not None:
+            tracker.finish(distmod.REQUEUE_EXIT_CODE if reason == "preempted" else 0)
+    if reason == "preempted":
+        distmod.cleanup()
+        return distmod.REQUEUE_EXIT_CODE
+
+    best = run_dir / "checkpoints" / "best.pt"
+    distmod.barrier()  # before looking: rank 0 may still be writing best.pt
+    if best.is_file():
+        engine.load_weights(checkpoint.load(best, dist.device))  # and its EMA weights, if any
+    if read_manifest(data_dir)["splits"]["test"]["samples"] == 0:
+        log.info(f"{data_dir} has an empty test split: no test_metrics.json (re-pack with a larger "
+                 f"test fraction in --split to get one) -> {run_dir}")
+    else:
+        evaluate_test_split(cfg, engine, data_dir, dist, loss_fn, log, state, reason, run_dir)
+    distmod.cleanup()
+    log.close()
+    return 0
+

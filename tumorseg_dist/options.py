@@ -1,0 +1,95 @@
+"""The flags of evaluate, predict and export: one typed dataclass per command, parsed by
+`cli.parse` (the field docstrings are the --help).
+
+They live here, on the ground floor with config.py (train's Config) and packing/config.py
+(pack's), so that a command parses its flags, prints --help or refuses a bad flag without
+importing torch; the work in `tumorseg_dist.jobs` imports these records, never the reverse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+from . import cli
+from .config import VerifyMode
+
+
+@dataclass
+class EvaluateArgs:
+    """The flags of `python -m tumorseg_dist.evaluate`."""
+
+    checkpoint: Path
+    """RUN/checkpoints/best.pt"""
+    data: cli.optional(Path, "the data the checkpoint was trained on") = None
+    """Packed shard directory."""
+    split: str = "test"
+    """Split to evaluate."""
+    tta: bool = False
+    """Average probabilities over 4 flips."""
+    threshold: cli.optional(float, "the one the model was trained with") = None
+    """Probability threshold."""
+    out: cli.optional(Path, "RUN/eval-SPLIT[-tta] beside RUN/checkpoints") = None
+    """Output folder."""
+    resolution: Literal["original", "model"] = "original"
+    """Compare at each image's original size, or at the training size."""
+    batch_size: int = 8
+    """Images per forward pass, per rank."""
+    workers: int = 2
+    """Decoding worker processes per rank."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cases: int = 4
+    """Worst and best images in cases.png."""
+    verify_shards: VerifyMode = "quick"
+    """Check the split's shards against manifest.json first: quick (size + cached sha256),
+    full (rehash) or off."""
+
+
+
+@dataclass
+class PredictArgs:
+    """The flags of `python -m tumorseg_dist.predict`."""
+
+    inputs: Annotated[tuple[Path, ...], tyro.conf.Positional,
+                      tyro.conf.arg(metavar="INPUT...", help_behavior_hint="(required)")]
+    """Image files, folders of images, or packed shard directories."""
+    checkpoint: Path
+    """RUN/checkpoints/best.pt"""
+    out: Path
+    """Output folder."""
+    tta: bool = False
+    """Average probabilities over 4 flips."""
+    overlay: bool = False
+    """Also write overlays/<name>.png."""
+    threshold: cli.optional(float, "the one the model was trained with") = None
+    """Probability threshold."""
+    batch_size: int = 8
+    split: Annotated[tuple[str, ...], tyro.conf.UseAppendAction,
+                     tyro.conf.arg(help_behavior_hint="(default: every split)")] = ()
+    """Shard inputs: only this split (repeatable: --split val --split test)."""
+    workers: int = 2
+    """Image-reading worker processes."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+
+@dataclass
+class ExportArgs:
+    """The flags of `python -m tumorseg_dist.export`."""
+
+    checkpoint: Path
+    """RUN/checkpoints/best.pt"""
+    onnx: Path
+    """Output .onnx file."""
+    size: cli.optional(int, "the training size") = None
+    """Input side length."""
+    dynamic_batch: bool = False
+    """Batch dimension free (off: batch 1)."""
+    opset: int = 17
+    input: cli.optional(Path, "the training data") = None
+    """Image file or shard dir to check the export on."""
+    atol: float = 1e-4
+    """Max allowed |onnxruntime - PyTorch|."""
+
