@@ -31,10 +31,11 @@ def resolve_norm(cfg, shard_dir: Path) -> tuple[tuple[float, ...], tuple[float, 
 
 
 def build_loader(cfg, shard_dir: Path, split: str, dist: DistInfo, training: bool,
-                 precision: Precision | None = None) -> Loader:
+                 precision: Precision | None = None, workers: int | None = None) -> Loader:
     """The configured loader (`--loader torch|dali`) for one split of a packed dataset, delivering
     `precision`'s image dtype and memory format (the run's; omitted, resolved from cfg.train).
-    The model's first op casts to that dtype anyway; delivering it halves the output copy."""
+    The model's first op casts to that dtype anyway; delivering it halves the output copy.
+    `workers`: the process's thread budget (threads.plan); omitted, cfg.data.num_workers."""
     precision = precision or resolve_precision(cfg.train, dist.device)
     from .augment import PRESETS, resolve
     if cfg.train.batch_size % dist.world_size:
@@ -46,7 +47,7 @@ def build_loader(cfg, shard_dir: Path, split: str, dist: DistInfo, training: boo
         shard_dir=Path(shard_dir), split=split, training=training, size=cfg.data.size,
         in_channels=cfg.data.in_channels, batch_size=cfg.train.batch_size // dist.world_size,
         mean=mean, std=std, augment=resolve(cfg.augment) if training else PRESETS["none"],
-        seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+        seed=cfg.train.seed, num_workers=cfg.data.num_workers if workers is None else workers,
         memory_format=precision.memory_format, image_dtype=precision.image_dtype,
         grad_accum=cfg.engine.grad_accum)
     if cfg.data.loader == "dali":

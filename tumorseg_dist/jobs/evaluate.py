@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import dist as distmod
+from .. import dist as distmod, threads
 from ..data.shards import IndexedShards, read_sample
 from ..data.torch_loader import rank_indices
 from ..data.shards import ShardError, WorkerFailure, read_manifest, shard_paths
@@ -160,6 +160,8 @@ def run(args: EvaluateArgs) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     d = distmod.init(args.device)
     log = Console(d.is_main)
+    budget = threads.plan(args.workers)
+    threads.apply(budget)
     model = load_model(args.checkpoint, d.device)
     threshold = resolve_threshold(args.threshold, model)
     data = args.data or model.config.get("data", {}).get("path")
@@ -178,8 +180,9 @@ def run(args: EvaluateArgs) -> int:
     log.info(f"evaluate: {args.checkpoint} ({model.name}, {model.size}px) on {data} "
              f"split {args.split}: {n} images, {d.world_size} rank(s), threshold {threshold}, "
              f"{args.resolution} resolution{', flip-TTA' if args.tta else ''}")
+    log.info(f"evaluate: threads: {budget.describe()}")
     loader = torch.utils.data.DataLoader(samples, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.workers, collate_fn=_collate)
+                                         num_workers=budget.workers, collate_fn=_collate)
     rows: list[dict] = []
     counts = []
     for batch in log.progress(loader, len(loader), f"evaluate {args.split}", unit="batch"):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import threads
 from ..data.shards import IndexedShards, read_sample
 from ..data.shards import MANIFEST, ShardError, read_manifest, shard_paths
 from ..figures import overlay_image
@@ -124,6 +125,8 @@ def run(args: PredictArgs) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     log = Console()
+    budget = threads.plan(args.workers)
+    threads.apply(budget)
     model = load_model(args.checkpoint, resolve_device(args.device))
     threshold = resolve_threshold(args.threshold, model)
     items, shard_sets, problems = collect_inputs(args.inputs, args.split)
@@ -136,9 +139,10 @@ def run(args: PredictArgs) -> int:
     masks_dir, over_dir = args.out / "masks", args.out / "overlays"
     masks_dir.mkdir(parents=True, exist_ok=True)
     log.open_file(args.out / "predict.log")
+    log.info(f"predict: threads: {budget.describe()}")
     loader = torch.utils.data.DataLoader(
         PredictDataset(items, shard_sets, model), batch_size=args.batch_size, shuffle=False,
-        num_workers=args.workers, collate_fn=_collate)
+        num_workers=budget.workers, collate_fn=_collate)
     rows, taken, renamed = [], set(), []
     for batch in log.progress(loader, len(loader), "predict", unit="batch"):
         good = []

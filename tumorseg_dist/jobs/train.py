@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, dist as distmod, resume_guard, tracking
+from .. import checkpoint, dist as distmod, resume_guard, threads, tracking
 from ..config import Config, save_toml
 from ..data.loader import build_loader, resolve_norm
 from ..data.shards import SPLITS, read_manifest
@@ -76,9 +76,10 @@ def resume(engine, src: resume_guard.Source | None, dist, log: RunLog, batch: in
 
 
 def evaluate_test_split(cfg: Config, engine, data_dir: Path, dist, loss_fn, log: RunLog, state, reason: str,
-              run_dir: Path) -> None:
+                        run_dir: Path, workers: int) -> None:
     """Test-split metrics and the overlay figure with the weights now in the engine."""
-    test_loader = build_loader(cfg, data_dir, "test", dist, training=False, precision=engine.precision)
+    test_loader = build_loader(cfg, data_dir, "test", dist, training=False, precision=engine.precision,
+                               workers=workers)
     test, shown = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep=8)
     log.write_json("test_metrics.json", {"best_epoch": state.best_epoch, "stopped": reason, **test})
     if dist.is_main and shown is not None:
@@ -93,6 +94,8 @@ def run(cfg: Config, preset: str | None) -> int:
     cfg.train.device = dist.device.type
     precision = resolve_precision(cfg.train, dist.device)  # the one decision, handed down
     cfg.train.amp = precision.amp  # config.toml records what runs ("auto" resolved)
+    budget = threads.plan(cfg.data.num_workers, min_workers=1 if cfg.data.loader == "dali" else 0)
+    threads.apply(budget)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.deterministic:
         deterministic(dist.device)
@@ -109,6 +112,7 @@ def run(cfg: Config, preset: str | None) -> int:
                  f"{', CPU-sized: no CUDA device' if preset.endswith('cpu') else ''})")
     log.info(f"run {run_dir}: world size {dist.world_size}, device {dist.device}, amp {cfg.train.amp}, "
              f"channels_last {cfg.train.channels_last}, global batch {cfg.train.batch_size}")
+    log.info(f"threads: {budget.describe()}")
     if cfg.train.resume not in ("auto", "never"):  # recorded absolute: a rerun finds it from any cwd
         cfg.train.resume = str(Path(cfg.train.resume).resolve())
     src = resume_guard.source(cfg, run_dir, dist.device)
@@ -119,8 +123,10 @@ def run(cfg: Config, preset: str | None) -> int:
             log.info(line)
     model = build_model(cfg.model, cfg.data.in_channels)  # first: missing weights fail at once
 
-    train_loader = build_loader(cfg, data_dir, "train", dist, training=True, precision=precision)
-    val_loader = build_loader(cfg, data_dir, "val", dist, training=False, precision=precision)
+    train_loader = build_loader(cfg, data_dir, "train", dist, training=True, precision=precision,
+                                workers=budget.workers)
+    val_loader = build_loader(cfg, data_dir, "val", dist, training=False, precision=precision,
+                              workers=budget.workers)
     steps = len(train_loader) * cfg.train.epochs
     total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
     loss_fn = build_loss_fn(cfg.loss)
@@ -162,7 +168,8 @@ def run(cfg: Config, preset: str | None) -> int:
         log.info(f"{data_dir} has an empty test split: no test_metrics.json (re-pack with a larger "
                  f"test fraction in --split to get one) -> {run_dir}")
     else:
-        evaluate_test_split(cfg, engine, data_dir, dist, loss_fn, log, state, reason, run_dir)
+        evaluate_test_split(cfg, engine, data_dir, dist, loss_fn, log, state, reason, run_dir,
+                            budget.workers)
     distmod.cleanup()
     log.close()
     return 0
