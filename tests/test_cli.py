@@ -47,6 +47,7 @@ COMMANDS = {
     "loss": (lambda: _script("loss"), "python benchmarks/loss.py", [], ["--iters", "x"]),
     "pack-bench": (lambda: _script("pack"), "python benchmarks/pack.py", [], ["--images", "x"]),
     "cli-bench": (lambda: _script("cli_help"), "python benchmarks/cli_help.py", [], ["--repeat", "x"]),
+    "contention": (lambda: _script("contention"), "python benchmarks/contention.py", [], ["--epochs", "x"]),
 }
 
 
@@ -197,6 +198,6 @@ def test_every_command_has_its_console_script():
 
 def test_bench_runs_a_benchmark_and_names_the_choices():
     p = run_cli([PY, "-m", "tumorseg_dist.bench", "nope"], cwd=REPO, check=False)
-    assert p.returncode == 2 and "throughput, loss, pack, cli" in p.stderr
+    assert p.returncode == 2 and "throughput, loss, pack, cli, contention" in p.stderr
     p = run_cli([PY, "-m", "tumorseg_dist.bench", "cli", "--help"], cwd=REPO)
     assert "--repeat" in p.stdout

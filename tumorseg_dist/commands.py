@@ -11,7 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("tumorseg_dist.evaluate", "score a checkpoint on a packed split (metrics.json, per_image.csv)"),
     "predict": ("tumorseg_dist.predict", "masks, overlays and areas for images, folders or shards"),
     "export": ("tumorseg_dist.export", "write an ONNX model, checked against PyTorch with onnxruntime"),
-    "bench": ("tumorseg_dist.bench", "run a benchmark from benchmarks/ (throughput, loss, pack, cli)"),
+    "bench": ("tumorseg_dist.bench", "run a benchmark from benchmarks/ (throughput, loss, pack, cli, contention)"),
 }
 
 
