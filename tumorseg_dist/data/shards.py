@@ -59,6 +59,7 @@ class Sample:
     group: str | None = None    # patient / case id for splitting
     dataset: str = ""
     split: str | None = None    # given split (COCO); None = assigned by group
+    meta: dict = field(default_factory=dict)   # more keys for the json (a volume slice: case, spacing_mm)
 
 
 def safe_key(text: str) -> str:
@@ -124,7 +125,7 @@ def sample_members(s: Sample, codec: str, jpeg_quality: int = 95,
                          f"but image {s.source} is {img_hw[1]}×{img_hw[0]}: fix or remove this pair")
     meta = {"source": s.source, "mask_sources": list(s.mask_sources), "group": s.group,
             "height": int(img_hw[0]), "width": int(img_hw[1]),
-            "channels": 1 if s.image.ndim == 2 else int(s.image.shape[2]), "dataset": s.dataset}
+            "channels": 1 if s.image.ndim == 2 else int(s.image.shape[2]), "dataset": s.dataset, **s.meta}
     if image_bytes is None:
         image_bytes = encode_image(s.image, codec, jpeg_quality)
     return [(f"{s.key}.{IMAGE_EXT[codec]}", image_bytes),

@@ -16,6 +16,7 @@ import tyro
 from tyro.constructors import PrimitiveConstructorSpec
 
 from ..data.formats import ALL_FORMATS, Options
+from ..data.formats.volumes import parse_labels, parse_slices, parse_window
 from ..data.shards import CODECS
 
 _UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
@@ -131,3 +132,10 @@ class PackConfig:
     def __post_init__(self) -> None:
         if self.out is tyro.MISSING:
             raise TypeError("PackConfig needs out (the output shard directory)")
+        o = self.options
+        parse_slices(o.slices)
+        parse_labels(o.labels)
+        if o.window is not None:
+            if o.intensity == "raw":
+                raise ValueError("--window goes with --intensity window (or auto), not with --intensity raw")
+            parse_window(o.window)

@@ -20,8 +20,10 @@ import numpy as np
 
 from ..data.shards import (CODECS, SPLITS, EncodedSample, Sample, ShardError, assign_splits, check_output,
                       encode_sample, write_dataset)
-from ..data.formats import FORMATS, detect
-from ..data.formats.common import JPEG_EXTS, Item, LayoutError, Options, PackInputError, Scan, load_item, walk
+from ..data.formats import FORMATS, VOLUME_FORMATS, detect
+from ..data.formats.common import (JPEG_EXTS, VOLUME_OPTIONS, Item, LayoutError, Options, PackInputError, Scan,
+                                   load_item, walk)
+from ..data.formats.volumes import load_case, summary
 
 from ..data.formats.common import links_outside
 from .config import PackConfig
@@ -80,6 +82,15 @@ def _file_stats(root: Path, names: Iterable[str]) -> list:
         except OSError:
             out.append([n, -1, -1])
     return out
+
+
+def _options_spec(opts: Options, fmt: str, seed: int) -> dict:
+    """The options in the fingerprint: the volume options only for a volume format, so that the
+    fingerprint of every 2D pack stays what it was before they existed."""
+    d = asdict(opts)
+    if fmt not in VOLUME_FORMATS:
+        return {k: v for k, v in d.items() if k not in VOLUME_OPTIONS}
+    return {**d, "negatives_seed": seed}
 
 
 def plan(cfg: PackConfig, log: Callable[[str], None] = _log) -> Plan:
@@ -141,7 +152,7 @@ def plan(cfg: PackConfig, log: Callable[[str], None] = _log) -> Plan:
     for sp, n in counts.items():
         if n == 0:
             log(f"  warning: split {sp} gets no samples (too few groups for --split); training needs train and val")
-    spec = {"format": fmt, "options": asdict(opts), "groups": cfg.groups if groups_csv_hash is None else groups_csv_hash,
+    spec = {"format": fmt, "options": _options_spec(opts, fmt, cfg.seed), "groups": cfg.groups if groups_csv_hash is None else groups_csv_hash,
             "split": "given" if scan.given_splits else [list(cfg.split), cfg.seed], "codec": cfg.codec,
             "jpeg_quality": cfg.jpeg_quality if cfg.codec == "jpeg" else None, "shard_size": cfg.shard_size,
             "on_error": cfg.on_error, "dataset": cfg.dataset or Path(cfg.out).name,
@@ -184,32 +195,50 @@ def _passthrough_jpeg(path: Path, image: np.ndarray) -> bytes | None:
     return path.read_bytes()
 
 
-def _work_one(item: Item):
+def _work_case(item: Item) -> list:
+    """A volume case: a ("case", ...) record, then one result per slice it keeps."""
+    samples, info, warnings = load_case(item, _W["root"], _W["options"], _W["seed"], _W["dataset"])
+    out: list = [("case", item.key, info, warnings)]
+    for s in samples:
+        if _W["dry_run"]:
+            out.append(("ok", s.key, [], bool(s.mask.any()), None))
+        else:
+            enc = encode_sample(s, _W["codec"], _W["jpeg_quality"])
+            out.append(("ok", s.key, [], enc.positive, enc))
+    return out
+
+
+def _work_one(item: Item) -> list:
+    """Every result of one item: one for a 2D pair, a case record and its slices for a volume,
+    or one ("bad", ...) / ("error", ...) for an item that fails as a whole."""
     root: Path = _W["root"]
     try:
+        if item.volume is not None:
+            return _work_case(item)
         image, mask, nonbinary = load_item(item, root)
         if _W["dry_run"]:
-            return ("ok", item.key, nonbinary, bool(mask.any()), None)
+            return [("ok", item.key, nonbinary, bool(mask.any()), None)]
         s = Sample(item.key, image, mask, item.source, list(item.mask_sources), item.group,
                    _W["dataset"], item.split)
         raw = _passthrough_jpeg(root / item.source, image) if _W["codec"] == "jpeg" else None
         enc = encode_sample(s, _W["codec"], _W["jpeg_quality"], image_bytes=raw)
-        return ("ok", item.key, nonbinary, enc.positive, enc)
+        return [("ok", item.key, nonbinary, enc.positive, enc)]
     except PackInputError as e:
-        return ("bad", e.source, e.reason, e.fix)
+        return [("bad", e.source, e.reason, e.fix)]
     except ShardError as e:
-        return ("bad", item.source, str(e), "")
+        return [("bad", item.source, str(e), "")]
     except Exception as e:  # not a bad input (a bug, no memory): still a value, the parent says it
-        return ("error", item.source, f"{type(e).__name__}: {e}", "")
+        return [("error", item.source, f"{type(e).__name__}: {e}", "")]
 
 
 def _work_chunk(chunk: list[Item]) -> list:
     return [_work_one(it) for it in chunk]
 
 
-def ordered_map(fn, items: list, workers: int, state: dict) -> Iterator:
-    """fn over items in chunks, results in input order, in `workers` processes (1: this one)."""
-    chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
+def ordered_map(fn, items: list, workers: int, state: dict, chunk: int = CHUNK) -> Iterator:
+    """fn over items in chunks, results in input order, in `workers` processes (1: this one).
+    A volume case is a chunk of its own: its slices are already many samples."""
+    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
     if workers <= 1:
         _init_worker(state)
         for c in chunks:
@@ -233,7 +262,11 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
             return old
     hold("planned")
     state = {"root": Path(cfg.input).resolve(), "codec": cfg.codec, "jpeg_quality": cfg.jpeg_quality,
-             "dry_run": cfg.dry_run, "dataset": cfg.dataset or Path(cfg.out).name}
+             "dry_run": cfg.dry_run, "dataset": cfg.dataset or Path(cfg.out).name, "options": cfg.options,
+             "seed": cfg.seed}
+    volumes = p.fmt in VOLUME_FORMATS
+    cases: dict[str, dict] = {}
+    case_warnings: list[str] = []
     skipped = list(p.skipped)
     nonbinary: list[str] = []
     report = {"samples": {sp: 0 for sp in SPLITS}, "positive": 0}
@@ -248,8 +281,14 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
 
     def results() -> Iterator[EncodedSample]:
         written = 0
-        for r in ordered_map(_work_chunk, p.items, cfg.workers, state):
-            bar.update(1)
+        for r in _flat(ordered_map(_work_chunk, p.items, cfg.workers, state, 1 if volumes else CHUNK), bar):
+            if r[0] == "case":
+                _, key, info, warns = r
+                cases[key] = info
+                for w in warns:
+                    log(f"  warning: {w}")
+                case_warnings.extend(warns)
+                continue
             if r[0] == "error":
                 raise PackAbort(f"{r[1]}: packing it failed with an unexpected error ({r[2]}); this is not "
                                 f"a bad input but a fault of pack or of the machine: please report it")
@@ -276,9 +315,15 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
              "nonbinary_masks": {"count": 0, "examples": []}}
     if cfg.num_tasks is not None:
         extra["task"] = {"index": cfg.task_index, "count": cfg.num_tasks, "total_items": p.total_items}
+    def volume_summary() -> dict:
+        return summary(cases, asdict(cfg.options), cfg.seed, (p.items[0].volume or {}).get("labels"), case_warnings)
+
     def last_sample() -> None:
-        # `extra` is filled after the last sample with the non-binary masks the workers saw.
+        # `extra` is filled after the last sample with the non-binary masks the workers saw
+        # (and, for volumes, every case's record).
         extra["nonbinary_masks"].update(count=len(nonbinary), examples=nonbinary[:50])
+        if volumes:
+            extra["volumes"] = volume_summary()
         hold("last")
 
     t0 = time.perf_counter()
@@ -290,6 +335,10 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
                     pass
                 manifest = {"dry_run": True, "format": p.fmt, "items": len(p.items), "skipped": skipped,
                             "splits": {sp: sum(it.split == sp for it in p.items) for sp in SPLITS}}
+                if volumes:
+                    manifest["slices"] = {sp: sum(c["kept"] for c in cases.values() if c["split"] == sp)
+                                          for sp in SPLITS}
+                    manifest["volumes"] = volume_summary()
             else:
                 manifest = write_dataset(_with_final(gen, last_sample), out, fmt=p.fmt,
                                          input_root=str(state["root"]), codec=cfg.codec,
@@ -305,15 +354,31 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
             f"binarised as any non-zero pixel = tumour")
     done = len(p.items)
     rate = done / dt if dt > 0 else float("inf")
-    if cfg.dry_run:
+    if volumes:
+        unmapped = extra.get("volumes", manifest.get("volumes", {})).get("labels", {}).get("unmapped_voxels")
+        if unmapped:
+            log(f"  note: label value(s) {', '.join(unmapped)} are outside --labels and were counted as background "
+                f"(voxels per value in manifest.json volumes.labels.unmapped_voxels)")
+    if cfg.dry_run and volumes:
+        log(f"dry run: {done - len(skipped) + len(p.skipped)} cases OK of {done}, "
+            f"{sum(manifest['slices'].values())} slices ({', '.join(f'{k} {v}' for k, v in manifest['slices'].items())}), "
+            f"{len(skipped)} problem(s); nothing written ({rate:.1f} cases/s)")
+    elif cfg.dry_run:
         log(f"dry run: {done - len(skipped) + len(p.skipped)} pairs OK of {done} "
             f"({', '.join(f'{k} {v}' for k, v in manifest['splits'].items())}), "
             f"{len(skipped)} problem(s); nothing written ({rate:.1f} images/s)")
     else:
         counts = ", ".join(f"{k} {v['samples']}" for k, v in manifest["splits"].items())
+        unit = "cases" if volumes else "images"
         log(f"packed {p.fmt} -> {out} ({counts}; skipped {len(manifest['skipped'])}; codec {cfg.codec}; "
-            f"{done} images in {dt:.1f} s, {rate:.1f} images/s)")
+            f"{done} {unit} in {dt:.1f} s, {rate:.1f} {unit}/s)")
     return manifest
+
+
+def _flat(per_item: Iterator[list], bar) -> Iterator:
+    for results in per_item:
+        bar.update(1)
+        yield from results
 
 
 def _with_final(gen: Iterator, final: Callable[[], None]) -> Iterator:

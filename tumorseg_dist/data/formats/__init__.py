@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import coco, folders, lidc, suffix
+from . import coco, dicom, folders, lidc, nifti, nnunet, suffix
 from .common import Item, LayoutError, Options, PackInputError, Problem, Scan, walk
 
-FORMATS = {"folders": folders, "suffix": suffix, "coco": coco, "lidc": lidc}
+FORMATS = {"folders": folders, "suffix": suffix, "coco": coco, "lidc": lidc,
+           "nnunet": nnunet, "nifti": nifti, "dicom": dicom}
+VOLUME_FORMATS = ("nnunet", "nifti", "dicom")
 ALL_FORMATS = ("auto", *FORMATS, "synthetic")
 
 
@@ -30,12 +32,13 @@ def detect(root: Path, files: list[str], opts: Options | None = None) -> tuple[s
         n_img = sum(1 for f in files if Path(f).suffix.lower() in {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
         raise LayoutError(
             f"cannot tell the format of {root} ({len(files)} files, {n_img} images): found no COCO json, "
-            f"no images/ + mask-R/ (lidc), no X + X{opts.mask_suffix} pairs (suffix) and no image/mask "
-            f"folder pair (folders). Pass --format, and --images-dir/--masks-dir or --mask-suffix if your "
-            f"names differ")
+            f"no images/ + mask-R/ (lidc), no X + X{opts.mask_suffix} pairs (suffix), no image/mask "
+            f"folder pair (folders), no dataset.json + imagesTr/ + labelsTr/ (nnunet), no NIfTI image/label "
+            f"pairs (nifti) and no DICOM series folder with a NIfTI label (dicom). Pass --format, and "
+            f"--images-dir/--masks-dir or --mask-suffix if your names differ")
     lines = "\n".join(f"  --format {n}: {w}" for n, w in found.items())
     raise LayoutError(f"{root} fits several formats; choose one:\n{lines}")
 
 
-__all__ = ["FORMATS", "ALL_FORMATS", "detect", "walk", "Item", "Scan", "Options", "Problem",
+__all__ = ["FORMATS", "VOLUME_FORMATS", "ALL_FORMATS", "detect", "walk", "Item", "Scan", "Options", "Problem",
            "LayoutError", "PackInputError"]

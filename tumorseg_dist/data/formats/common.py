@@ -9,6 +9,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import numpy as np
 
@@ -52,6 +53,7 @@ class Item:
     split: str | None = None             # given split (COCO) or assigned later
     fusion: str = "any"                  # any | majority | reader:K (over mask_sources)
     coco: dict | None = None             # {"height", "width", "segmentations": [...]}
+    volume: dict | None = None           # a volume case: {"reader", "case", "channels", "files", "labels"}
 
 
 @dataclass
@@ -118,7 +120,8 @@ def links_outside(root: Path, scan: Scan) -> None:
     """Move the items that read a file outside root through a link into `scan.problems`."""
     kept = []
     for it in scan.items:
-        outside = [p for p in [it.source, *it.mask_sources] if "#" not in p and resolved_inside(root, root / p) is None]
+        names = [it.source, *it.mask_sources, *(it.volume or {}).get("channels", []), *(it.volume or {}).get("files", [])]
+        outside = [p for p in names if "#" not in p and resolved_inside(root, root / p) is None]
         if not outside:
             kept.append(it)
             continue
@@ -264,11 +267,32 @@ class Options:
     """lidc: `any`, `majority` (more than half of the readers) or `reader:K`."""
     categories: str | None = None
     """coco: comma-separated category names, or id:N (None: all)."""
+    axis: Literal["auto", "axial", "coronal", "sagittal"] = "auto"
+    """volumes: the axis slices are cut along (after orientation to RAS); `auto` is the acquisition
+    axis: the header's slice axis, else the one with the largest voxel spacing (a DICOM series: its
+    slice axis)."""
+    slices: str = "all"
+    """volumes: `all`, `lesion` (only slices with tumour) or `lesion+N` (those plus N random slices
+    without, per case, seeded by --seed)."""
+    labels: str | None = None
+    """volumes: the label values that are tumour, e.g. `tumour=2` (MSD liver), `1,2` or, for nnunet,
+    names from dataset.json (None: any non-zero value)."""
+    unmapped_labels: Literal["background", "error"] = "background"
+    """volumes: what a non-zero label value outside --labels is: background (counted in
+    manifest.json) or an error."""
+    intensity: Literal["auto", "raw", "window"] = "auto"
+    """volumes: `raw` keeps intensities (16-bit, signed values shifted by 32768, in the manifest),
+    `window` maps --window to 8 bits; `auto`: window if --window is given, else raw."""
+    window: str | None = None
+    """volumes: LO,HI (e.g. -1000,400 for lung CT) or auto (the 0.5/99.5 percentiles per case)."""
 
     def __post_init__(self) -> None:
         f = self.mask_fusion
         if not (f in ("any", "majority") or (f.startswith("reader:") and f[7:].isdigit())):
             raise ValueError(f"--mask-fusion {f!r}: use any, majority or reader:K (e.g. reader:0)")
+
+
+VOLUME_OPTIONS = ("axis", "slices", "labels", "unmapped_labels", "intensity", "window")
 
 
 SPLIT_NAMES = {"train": "train", "training": "train", "valid": "val", "val": "val",
