@@ -40,7 +40,7 @@ def phantom(shape=(40, 36, 12), seed=0, tumour_at=(0.55, 0.5, 0.5)):
     img[body] = 20
     img[organ] = 60
     img[tumour] = 110
-    img = (img + rng.integers(-30, 31, shape)).astype(np.int16)
+    img = np.maximum(img + rng.integers(-30, 31, shape), -1024).astype(np.int16)   # CT's floor
     lab = np.zeros(shape, np.uint8)
     lab[organ] = 1
     lab[tumour & organ] = 2
@@ -274,3 +274,353 @@ def test_no_case_in_two_splits(tmp_path):
     assert all(m["volumes"]["cases"][c]["split"] == next(iter(v)) for c, v in split_of.items())
     for s in got.values():
         assert s["meta"]["group"] == s["meta"]["case"]
+
+
+# ---------------------------------------------------------------- DICOM series
+
+def write_dicom_slice(path: Path, hu: np.ndarray, pos, spacing, *, series: str, iop=(1, 0, 0, 0, 1, 0),
+                      number=1, modality="CT") -> Path:
+    """One CT slice as scanners write it: stored = HU + 1024 (unsigned), RescaleIntercept -1024."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = modality, "P", "1.2.3", series
+    ds.Rows, ds.Columns = hu.shape
+    ds.PixelSpacing = [float(spacing[0]), float(spacing[1])]
+    ds.SliceThickness = float(spacing[2])
+    ds.ImagePositionPatient = [float(x) for x in pos]
+    ds.ImageOrientationPatient = [float(x) for x in iop]
+    ds.InstanceNumber = number
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    assert hu.min() >= -1024
+    ds.PixelData = (hu.astype(np.int32) + 1024).astype("<u2").tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def dicom_affine(spacing, origin) -> np.ndarray:
+    """RAS affine of voxel (column, row, slice) of an axial series with IOP (1,0,0,0,1,0):
+    DICOM is LPS, so x and y change sign (the standard rule; nothing from the code under test)."""
+    dr, dc, dz = spacing
+    lps = np.array([[dc, 0, 0, origin[0]], [0, dr, 0, origin[1]], [0, 0, dz, origin[2]], [0, 0, 0, 1.0]])
+    return np.diag([-1.0, -1, 1, 1]) @ lps
+
+
+def dicom_case(folder: Path, label_path: Path, seed=0, shape=(32, 30, 8), spacing=(0.7, 0.6, 3.0),
+               origin=(-10.0, -12.0, 40.0)):
+    """A series of `shape` = (rows, cols, slices) in `folder` (files named out of order), its label
+    volume at `label_path`. Returns (per-slice HU pixel arrays, per-slice label arrays)."""
+    hu, lab = phantom((shape[1], shape[0], shape[2]), seed=seed)        # (col, row, slice)
+    uid = generate_uid()
+    for k in range(shape[2]):
+        pos = np.array(origin) + [0, 0, k * spacing[2]]
+        name = f"IM{(k * 5) % shape[2]:03d}_{k}.dcm"                    # names do not sort by position
+        write_dicom_slice(folder / name, hu[:, :, k].T, pos, spacing, series=uid, number=shape[2] - k)
+    save_nii(label_path, lab, dicom_affine(spacing, origin))
+    return [hu[:, :, k].T for k in range(shape[2])], [lab[:, :, k].T for k in range(shape[2])], hu, lab
+
+
+def test_dicom_series_layouts_and_geometry(tmp_path, capsys):
+    root = tmp_path / "in"
+    pixels, labels, hu, lab = dicom_case(root / "P1" / "ct", root / "P1" / "label.nii.gz", seed=1)
+    dicom_case(root / "P2", root / "P2" / "seg.nii.gz", seed=2)
+    dicom_case(root / "cases" / "P3", root / "cases" / "P3.nii.gz", seed=3)
+    assert run(root, "--out", tmp_path / "out", "--labels", "2", "--split", "1,0,0") == 0
+    assert "format: dicom (folders of DICOM files with a NIfTI label beside them (3 series" in capsys.readouterr().out
+    got = read_all(tmp_path / "out")
+    m = read_manifest(tmp_path / "out")
+    assert set(m["volumes"]["cases"]) == {"P1", "P2", "cases_P3"}
+    assert len(got) == 3 * 8
+    for k in range(8):
+        s = got[f"P1_z{k:04d}"]
+        # a standard axial slice comes out as its DICOM pixel array (radiological view), in HU
+        np.testing.assert_array_equal(s["image"].astype(np.int32) - 32768, pixels[k])
+        np.testing.assert_array_equal(s["mask"], labels[k] == 2)
+        assert s["meta"]["spacing_mm"] == [0.7, 0.6] and s["meta"]["axis"] == "axial"
+        assert s["meta"]["source"] == "P1/ct" and s["meta"]["mask_sources"] == ["P1/label.nii.gz"]
+    # the same voxels as a NIfTI volume with the DICOM's geometry give the same samples
+    save_nii(tmp_path / "nii" / "images" / "P1.nii.gz", hu, dicom_affine((0.7, 0.6, 3.0), (-10.0, -12.0, 40.0)))
+    save_nii(tmp_path / "nii" / "labels" / "P1.nii.gz", lab, dicom_affine((0.7, 0.6, 3.0), (-10.0, -12.0, 40.0)))
+    assert run(tmp_path / "nii", "--out", tmp_path / "nii_out", "--labels", "2", "--split", "1,0,0") == 0
+    for k, s in read_all(tmp_path / "nii_out").items():
+        np.testing.assert_array_equal(s["image"], got[k]["image"])
+        np.testing.assert_array_equal(s["mask"], got[k]["mask"])
+
+
+# ---------------------------------------------------------------- nnU-Net 2D, channels
+
+def test_nnunet_2d_png_variant(tmp_path):
+    root = tmp_path / "Dataset002_US"
+    rng = np.random.default_rng(0)
+    want = {}
+    for i in range(5):
+        img = rng.integers(0, 256, (40, 48), dtype=np.uint8)
+        lab = np.zeros((40, 48), np.uint8)
+        lab[5:15, 10:30] = 1
+        lab[20:30, 5 + i:20 + i] = 2
+        (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / "imagesTr" / f"us_{i}_0000.png")
+        Image.fromarray(lab).save(root / "labelsTr" / f"us_{i}.png")
+        want[f"us_{i}"] = (img, lab)
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "US"}, "file_ending": ".png",
+                                                   "labels": {"background": 0, "cyst": 1, "tumour": 2}}))
+    assert run(root, "--out", tmp_path / "out", "--labels", "tumour") == 0
+    got = read_all(tmp_path / "out")
+    assert sorted(got) == [f"us_{i}_z0000" for i in range(5)]
+    for case, (img, lab) in want.items():
+        s = got[f"{case}_z0000"]
+        np.testing.assert_array_equal(s["image"], img)            # 8-bit source stays 8-bit, same pixels
+        np.testing.assert_array_equal(s["mask"], lab == 2)
+        assert s["meta"]["spacing_mm"] is None and s["meta"]["intensity"]["bits"] == 8
+
+
+def test_nnunet_two_channels_raw_codec(tmp_path):
+    root = nnunet_set(tmp_path / "ds", n=2)
+    for i in range(2):
+        img, _ = phantom(seed=10 + i)
+        save_nii(root / "imagesTr" / f"case_{i:03d}_0001.nii.gz", (img // 2).astype(np.int16), affine_of())
+    ds = json.loads((root / "dataset.json").read_text())
+    ds["channel_names"] = {"0": "CT", "1": "CT2"}
+    (root / "dataset.json").write_text(json.dumps(ds))
+    assert run(root, "--out", tmp_path / "out", "--codec", "raw", "--split", "1,0,0") == 0
+    s = read_all(tmp_path / "out")["case_001_z0003"]
+    assert s["image"].shape == (36, 40, 2) and s["image"].dtype == np.uint16
+    for c in range(2):
+        vol = canonical(root / "imagesTr" / f"case_001_{c:04d}.nii.gz")
+        np.testing.assert_array_equal(s["image"][..., c].astype(np.int32) - 32768, view(vol, 2, 3))
+    assert s["meta"]["channel_sources"] == [f"imagesTr/case_001_{c:04d}.nii.gz" for c in range(2)]
+
+
+# ---------------------------------------------------------------- auto-detection
+
+def test_auto_detection_explains_each_volume_format(tmp_path, capsys):
+    nnunet_set(tmp_path / "a", n=1)
+    img, lab = phantom()
+    save_nii(tmp_path / "b" / "x.nii.gz", img, affine_of())
+    save_nii(tmp_path / "b" / "x_seg.nii.gz", lab, affine_of())
+    dicom_case(tmp_path / "c" / "P1", tmp_path / "c" / "P1.nii.gz")
+    for d, fmt, why in (("a", "nnunet", "dataset.json with imagesTr/"), ("b", "nifti", "NIfTI volume pairs by name"),
+                        ("c", "dicom", "folders of DICOM files")):
+        assert run(tmp_path / d, "--out", tmp_path / f"{d}_out", "--dry-run") == 0
+        assert f"format: {fmt} ({why}" in capsys.readouterr().out
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "notes.txt").write_text("x")
+    assert run(tmp_path / "e", "--out", tmp_path / "e_out") == 2
+    assert "no dataset.json + imagesTr/ + labelsTr/ (nnunet)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad input
+
+def nifti_set(root: Path, n=3) -> Path:
+    for i in range(n):
+        img, lab = phantom(seed=i)
+        save_nii(root / "images" / f"c{i}.nii.gz", img, affine_of())
+        save_nii(root / "labels" / f"c{i}.nii.gz", lab, affine_of())
+    return root
+
+
+def _break(root: Path, case: str) -> tuple[str, list[str], list[str]]:
+    """Damage case c1 (or add a bad DICOM case): (source named, message parts, extra flags)."""
+    img, lab = phantom(seed=1)
+    if case == "shape":
+        save_nii(root / "labels" / "c1.nii.gz", lab[:, :, :11], affine_of())
+        return "labels/c1.nii.gz", ["is 40×36×11 voxels but image images/c1.nii.gz is 40×36×12", "case c1",
+                                    "resample it to the image"], []
+    if case == "spacing":
+        save_nii(root / "labels" / "c1.nii.gz", lab, affine_of((0.8, 0.9, 3.0)))
+        return "labels/c1.nii.gz", ["has voxel spacing 0.8×0.9×3 mm but image images/c1.nii.gz has 0.8×0.9×2.5 mm",
+                                    "case c1"], []
+    if case == "unmapped":
+        lab[lab == 2] = 3
+        save_nii(root / "labels" / "c1.nii.gz", lab, affine_of())
+        return "labels/c1.nii.gz", ["has label value(s) 3", "outside --labels (tumour = [1, 2])",
+                                    "--unmapped-labels background"], ["--labels", "1,2", "--unmapped-labels", "error"]
+    if case == "nan":
+        f = img.astype(np.float32)
+        f[3, 4, 5] = np.nan
+        save_nii(root / "images" / "c1.nii.gz", f, affine_of())
+        return "images/c1.nii.gz", ["has 1 NaN voxel(s)", "case c1: replace them"], []
+    if case == "truncated":
+        p = root / "images" / "c1.nii.gz"
+        data = p.read_bytes()
+        p.write_bytes(data[:len(data) // 2])
+        return "images/c1.nii.gz", ["cannot be read as NIfTI: it is truncated or corrupt", "re-copy it"], []
+    if case == "raw_float":
+        save_nii(root / "images" / "c1.nii.gz", img.astype(np.float32) + 0.25, affine_of())
+        return "images/c1.nii.gz", ["non-integer intensities", "pass --window auto"], []
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["shape", "spacing", "unmapped", "nan", "truncated", "raw_float"])
+def test_bad_volume_fails_then_skips(tmp_path, capsys, case):
+    root = nifti_set(tmp_path / "in")
+    source, needles, flags = _break(root, case)
+    out = tmp_path / "out"
+    assert run(root, "--out", out, *flags) == 2
+    err = capsys.readouterr().err
+    assert f"pack: error: {source}: " in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    assert "--on-error skip" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert run(root, "--out", out, *flags, "--on-error", "skip") == 0
+    m = read_manifest(out)
+    assert [s["source"] for s in m["skipped"]] == [source]
+    assert set(m["volumes"]["cases"]) == {"c0", "c2"}
+    assert {s["meta"]["case"] for s in read_all(out).values()} == {"c0", "c2"}
+
+
+def test_affine_mismatch_is_a_warning(tmp_path, capsys):
+    root = nifti_set(tmp_path / "in")
+    _, lab = phantom(seed=1)
+    save_nii(root / "labels" / "c1.nii.gz", lab, affine_of(origin=(-20.0, -10.0, 30.0)))
+    assert run(root, "--out", tmp_path / "out") == 0
+    log = capsys.readouterr().out
+    assert "warning: c1: the affines of images/c1.nii.gz and labels/c1.nii.gz differ (origins 5 mm apart)" in log
+    m = read_manifest(tmp_path / "out")
+    assert len(m["volumes"]["warnings"]) == 1 and "c1" in m["volumes"]["warnings"][0]
+    assert m["skipped"] == [] and len(m["volumes"]["cases"]) == 3
+
+
+def test_undeclared_label_value_nnunet(tmp_path, capsys):
+    root = nnunet_set(tmp_path / "ds", n=3)
+    _, lab = phantom(seed=2)
+    lab[0, 0, 0] = 7
+    save_nii(root / "labelsTr" / "case_002.nii.gz", lab, affine_of())
+    assert run(root, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "labelsTr/case_002.nii.gz: has label value(s) [7] that dataset.json does not declare" in err
+    assert "case case_002" in err
+
+
+def _dicom_bad(root: Path, case: str) -> tuple[str, list[str]]:
+    if case == "unreadable":
+        (root / "P2" / "IM_junk.dcm").write_bytes(b"not a dicom file at all" * 10)
+        return "P2/IM_junk.dcm", ["is not a readable DICOM file", "remove it from the series folder"]
+    if case == "sizes":
+        f = sorted((root / "P2").glob("*.dcm"))[0]
+        ds = pydicom.dcmread(str(f))
+        write_dicom_slice(root / "P2" / "IM_scout.dcm", np.zeros((20, 20), np.int16), [0, 0, 999], (0.7, 0.6, 3.0),
+                          series=ds.SeriesInstanceUID)
+        return "P2", ["is a series with inconsistent slice sizes: 30×32 in 8 file(s)", "20×20 in 1 file(s) "
+                      "(e.g. IM_scout.dcm)", "a scout or localizer"]
+    if case == "seg":
+        shutil.rmtree(root / "P2")
+        dicom_case(root / "P2" / "ct", root / "elsewhere.nii.gz")
+        (root / "elsewhere.nii.gz").unlink()
+        seg = write_dicom_slice(root / "P2" / "seg" / "seg.dcm", np.zeros((4, 4), np.int16), [0, 0, 0],
+                                (1, 1, 1), series=generate_uid(), modality="SEG")
+        return "P2/seg/seg.dcm", ["is a DICOM SEG, the only label of series P2/ct/", "convert it to a NIfTI label"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["unreadable", "sizes", "seg"])
+def test_bad_dicom_fails_then_skips(tmp_path, capsys, case):
+    root = tmp_path / "in"
+    for i in range(3):
+        dicom_case(root / f"P{i}", root / f"P{i}.nii.gz", seed=i)
+    source, needles = _dicom_bad(root, case)
+    out = tmp_path / "out"
+    assert run(root, "--out", out, "--format", "dicom") == 2
+    err = capsys.readouterr().err
+    assert f"pack: error: {source}: " in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    assert not out.exists()
+    assert run(root, "--out", out, "--format", "dicom", "--on-error", "skip") == 0
+    m = read_manifest(out)
+    assert [s["source"] for s in m["skipped"]] == [source]
+    assert set(m["volumes"]["cases"]) == {"P0", "P1"}
+
+
+# ---------------------------------------------------------------- files we did not write
+
+def test_pydicom_example_files(tmp_path):
+    """pydicom's CT_small.dcm and MR_small.dcm (one axial slice each): the packed slice is the
+    file's own pixel array, rescaled to HU, at its own spacing."""
+    from pydicom.data import get_testdata_file
+    root = tmp_path / "in"
+    want = {}
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        path = Path(get_testdata_file(name))
+        ds = pydicom.dcmread(str(path))
+        hu = ds.pixel_array.astype(np.int32) * int(ds.get("RescaleSlope", 1)) + int(ds.get("RescaleIntercept", 0))
+        case = root / name.split("_")[0]
+        case.mkdir(parents=True)
+        shutil.copy(path, case / name)
+        dr, dc = (float(x) for x in ds.PixelSpacing)
+        assert [float(x) for x in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+        lab = (hu > np.median(hu)).astype(np.uint8)
+        save_nii(case / "label.nii.gz", lab.T[:, :, None],
+                 dicom_affine((dr, dc, float(ds.SliceThickness)), [float(x) for x in ds.ImagePositionPatient]))
+        want[name.split("_")[0]] = (hu, lab, [round(dr, 6), round(dc, 6)])
+    assert run(root, "--out", tmp_path / "out", "--split", "1,0,0") == 0
+    got = read_all(tmp_path / "out")
+    assert sorted(got) == ["CT_z0000", "MR_z0000"]
+    for case, (hu, lab, spacing) in want.items():
+        s = got[f"{case}_z0000"]
+        np.testing.assert_array_equal(s["image"].astype(np.int32) - 32768, hu)
+        np.testing.assert_array_equal(s["mask"], lab == 1)
+        assert s["meta"]["spacing_mm"] == spacing
+    assert got["CT_z0000"]["image"].astype(np.int32).min() - 32768 < 0      # real negative HU
+
+
+def test_pydicom_example_series_that_are_not_volumes(tmp_path, capsys):
+    """pydicom's dicomdirtests: MR700 is a radial series (one orientation per slice), MR1 holds
+    three one-file series; extensionless files are found by their DICM signature."""
+    from pydicom.data import get_testdata_file
+    base = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "98892003"
+    for name, needle in (("MR700", "its slices have different orientations (a radial or localizer series)"),
+                         ("MR1", "holds 3 DICOM series, not one")):
+        root = tmp_path / name
+        shutil.copytree(base / name, root / "case")
+        save_nii(root / "case.nii.gz", np.zeros((16, 16, 3), np.uint8), np.eye(4))
+        assert run(root, "--out", tmp_path / f"{name}_out") == 2
+        err = capsys.readouterr().err
+        assert f"pack: error: case: {needle}" in err, err
+    truncated = Path(get_testdata_file("MR_truncated.dcm"))
+    root = tmp_path / "trunc"
+    (root / "case").mkdir(parents=True)
+    shutil.copy(truncated, root / "case" / truncated.name)
+    save_nii(root / "case.nii.gz", np.zeros((64, 64, 1), np.uint8), np.eye(4))
+    assert run(root, "--out", tmp_path / "trunc_out") == 2
+    err = capsys.readouterr().err
+    assert "case/MR_truncated.dcm: pixel data cannot be decoded" in err and "truncated" in err
+
+
+def test_nibabel_example_volumes(tmp_path):
+    """nibabel's anatomical.nii (LAS, big-endian int16) and example4d.nii.gz (2 volumes, slice_dim
+    in its header): the reader gives nibabel's own canonical array, and a pack slices it."""
+    from nibabel.testing import data_path
+
+    from tumorseg_dist.data.formats.volumes import read_nifti
+    anat = Path(data_path) / "anatomical.nii"
+    vol = read_nifti(anat, "anatomical.nii")
+    ref = nib.as_closest_canonical(nib.load(str(anat)))
+    np.testing.assert_array_equal(vol.data, np.asanyarray(ref.dataobj))
+    np.testing.assert_allclose(vol.affine, ref.affine)
+    four = read_nifti(Path(data_path) / "example4d.nii.gz", "example4d.nii.gz")
+    ref4 = nib.as_closest_canonical(nib.load(str(Path(data_path) / "example4d.nii.gz")))
+    assert four.data.shape == ref4.shape and four.slice_axis == 2
+    np.testing.assert_array_equal(four.data, np.asanyarray(ref4.dataobj))
+
+    root = tmp_path / "in"
+    (root / "images").mkdir(parents=True)
+    shutil.copy(anat, root / "images" / "anatomical.nii")
+    img = nib.load(str(anat))
+    data = np.asanyarray(img.dataobj)
+    save_nii(root / "labels" / "anatomical.nii.gz", (data > np.percentile(data, 90)).astype(np.uint8), img.affine)
+    assert run(root, "--out", tmp_path / "out", "--split", "1,0,0") == 0
+    got = read_all(tmp_path / "out")
+    canon = np.asanyarray(ref.dataobj)
+    assert len(got) == canon.shape[2]                       # isotropic: the file's own slice axis
+    np.testing.assert_array_equal(got["anatomical_z0010"]["image"].astype(np.int32) - 32768, view(canon, 2, 10))
+    assert got["anatomical_z0010"]["meta"]["spacing_mm"] == [2.0, 2.0]

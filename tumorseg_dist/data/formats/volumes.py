@@ -307,9 +307,10 @@ def read_dicom_series(root: Path, files: list[str], folder: str) -> Volume:
         try:
             px = ds.pixel_array
         except Exception as e:   # a compressed syntax without its decoder, or damaged pixel data
-            raise PackInputError(f, f"pixel data cannot be decoded ({type(e).__name__}: {e})",
-                                 "decompress the series (e.g. `gdcmconv --raw`) or install the pydicom "
-                                 "decoder for its transfer syntax (pylibjpeg)") from e
+            raise PackInputError(f, f"pixel data cannot be decoded ({type(e).__name__}: {e}): the file is "
+                                    f"truncated, or compressed in a transfer syntax pydicom cannot decode here",
+                                 "re-copy it from the original export; a compressed series: decompress it "
+                                 "(`gdcmconv --raw`) or install pylibjpeg") from e
         if px.shape != (rows, cols):
             raise PackInputError(f, f"pixel data is {px.shape}, not {rows}×{cols} as its header says",
                                  "re-export the series")
