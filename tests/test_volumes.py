@@ -624,3 +624,59 @@ def test_nibabel_example_volumes(tmp_path):
     assert len(got) == canon.shape[2]                       # isotropic: the file's own slice axis
     np.testing.assert_array_equal(got["anatomical_z0010"]["image"].astype(np.int32) - 32768, view(canon, 2, 10))
     assert got["anatomical_z0010"]["meta"]["spacing_mm"] == [2.0, 2.0]
+
+
+# ---------------------------------------------------------------- workers, Slurm parts, DICOM axis
+
+def test_workers_and_slurm_parts_give_the_same_dataset(tmp_path):
+    root = nnunet_set(tmp_path / "ds", n=5, shape=(24, 24, 8))
+    flags = ["--slices", "lesion+1", "--labels", "tumour"]
+    one_dir, two_dir = tmp_path / "1" / "liver", tmp_path / "2" / "liver"   # one name: it is in every json
+    assert run(root, "--out", one_dir, *flags) == 0
+    assert run(root, "--out", two_dir, *flags, "--workers", "2") == 0
+    one, two = read_manifest(one_dir), read_manifest(two_dir)
+    sha = lambda m: [sh["sha256"] for sp in ("train", "val", "test") for sh in m["splits"][sp]["shards"]]
+    assert sha(one) == sha(two) and one["volumes"]["cases"] == two["volumes"]["cases"]
+    for i in range(2):
+        assert run(root, "--out", tmp_path / "3" / "liver", *flags, "--task-index", i, "--num-tasks", 2) == 0
+    assert run("--merge", "--out", tmp_path / "3" / "liver") == 0
+    merged = read_manifest(tmp_path / "3" / "liver")
+    assert merged["volumes"]["cases"] == one["volumes"]["cases"]
+    assert merged["volumes"]["labels"]["unmapped_voxels"] == one["volumes"]["labels"]["unmapped_voxels"]
+    assert sha(merged) and set(read_all(tmp_path / "3" / "liver")) == set(read_all(one_dir))
+
+
+def test_dicom_coronal_series_is_cut_along_its_own_slice_axis(tmp_path):
+    """A coronal acquisition (rows run head to foot): --axis auto follows the series' slice axis
+    through the reorientation, and the slice is the DICOM pixel array again."""
+    root = tmp_path / "in"
+    hu, _ = phantom((30, 28, 6), seed=4)           # (col, row, slice)
+    uid, iop, spacing = generate_uid(), (1, 0, 0, 0, 0, -1), (0.7, 0.6, 2.0)
+    for k in range(6):
+        write_dicom_slice(root / "P" / f"{k}.dcm", hu[:, :, k].T, (0, k * 2.0, 50), spacing, series=uid, iop=iop)
+    # voxel (c, r, k) -> LPS (c*dc, k*dz, 50 - r*dr): the normal of IOP (1,0,0)x(0,0,-1) is +y (posterior)
+    lps = np.array([[0.6, 0, 0, 0], [0, 0, 2.0, 0], [0, -0.7, 0, 50], [0, 0, 0, 1.0]])
+    save_nii(root / "P.nii.gz", (hu > 50).astype(np.uint8), np.diag([-1.0, -1, 1, 1]) @ lps)
+    assert run(root, "--out", tmp_path / "out", "--split", "1,0,0") == 0
+    got = read_all(tmp_path / "out")
+    assert sorted(got) == [f"P_y{k:04d}" for k in range(6)]
+    # RAS y runs anterior, the series posterior: slice k of the case is the series' slice 5 - k
+    for k in range(6):
+        s = got[f"P_y{k:04d}"]
+        assert s["meta"]["axis"] == "coronal" and s["meta"]["spacing_mm"] == [0.7, 0.6]
+        np.testing.assert_array_equal(s["image"].astype(np.int32) - 32768, hu[:, :, 5 - k].T)
+        np.testing.assert_array_equal(s["mask"], hu[:, :, 5 - k].T > 50)
+
+
+def test_volume_flags_refused_for_2d_formats(tmp_path, capsys):
+    for i in range(2):
+        (tmp_path / "in" / "images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "in" / "images" / f"{i}.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "in" / "masks" / f"{i}.png")
+    assert run(tmp_path / "in", "--out", tmp_path / "out", "--slices", "lesion") == 2
+    assert "--slices is for volumes (--format nnunet, nifti, dicom)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:      # a flag combination that cannot work: a usage error
+        run(tmp_path / "in", "--out", tmp_path / "out", "--window", "-1000,400", "--intensity", "raw")
+    assert e.value.code == 2
+    assert "--window goes with --intensity window" in capsys.readouterr().err

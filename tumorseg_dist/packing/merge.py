@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.formats.volumes import merge_summaries
 from ..data.shards import (MANIFEST, SPLITS, ShardError, SplitStats, check_output, output_is_complete,
                       publish, read_manifest, sha256_file)
 
@@ -102,6 +103,8 @@ def merge_parts(out: Path, log=print, overwrite: bool = False) -> dict:
                     "size_histogram": dict(sorted(sizes.items())),
                     "nonbinary_masks": {"count": nb_count, "examples": nonbinary[:50]},
                     "merged_from_tasks": count}
+        if "volumes" in first:
+            manifest["volumes"] = merge_summaries([m["volumes"] for m in manifests])
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         publish(stage, out)
     except BaseException:

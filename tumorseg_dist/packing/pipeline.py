@@ -114,6 +114,12 @@ def plan(cfg: PackConfig, log: Callable[[str], None] = _log) -> Plan:
             raise LayoutError(f"unknown --format {fmt!r}; choose auto, {', '.join(FORMATS)} or synthetic")
         why = "--format given"
     log(f"format: {fmt} ({why})")
+    if fmt not in VOLUME_FORMATS:
+        defaults = Options()
+        given = [k for k in VOLUME_OPTIONS if getattr(opts, k) != getattr(defaults, k)]
+        if given:
+            raise LayoutError(f"--{given[0].replace('_', '-')} is for volumes (--format {', '.join(VOLUME_FORMATS)}); "
+                              f"{root} is {fmt}, whose masks are already 2D and binary: leave it out")
     scan = FORMATS[fmt].scan(root, files, opts)
     if not cfg.follow_links:
         links_outside(root, scan)   # a pair read through a link out of INPUT is a bad pair
