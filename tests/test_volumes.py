@@ -88,7 +88,7 @@ def canonical(path: Path) -> np.ndarray:
 def view(vol: np.ndarray, axis: int, k: int) -> np.ndarray:
     """The documented 2D view of slice k (radiological: patient's right on the left)."""
     s = np.take(vol, k, axis=axis)
-    return np.flip(s.T, (0, 1))
+    return np.flip(s.swapaxes(0, 1), (0, 1))      # (rows, cols[, channels])
 
 
 def read_all(out: Path) -> dict[str, dict]:
@@ -680,3 +680,25 @@ def test_volume_flags_refused_for_2d_formats(tmp_path, capsys):
         run(tmp_path / "in", "--out", tmp_path / "out", "--window", "-1000,400", "--intensity", "raw")
     assert e.value.code == 2
     assert "--window goes with --intensity window" in capsys.readouterr().err
+
+
+def test_msd_layout_is_nifti_with_4d_channels(tmp_path, capsys):
+    """The Decathlon's own layout: dataset.json, imagesTr/X.nii.gz (4D: the MR sequences),
+    labelsTr/X.nii.gz, imagesTs/ without labels."""
+    root = tmp_path / "Task01_BrainTumour"
+    for i in range(3):
+        img, lab = phantom(seed=i)
+        mr = np.stack([np.clip(img + 1024, 0, None), np.clip(img + 1024, 0, None) // 3], -1).astype(np.uint16)
+        save_nii(root / "imagesTr" / f"BRATS_{i:03d}.nii.gz", mr, affine_of())
+        save_nii(root / "labelsTr" / f"BRATS_{i:03d}.nii.gz", lab, affine_of())
+    save_nii(root / "imagesTs" / "BRATS_900.nii.gz", mr, affine_of())
+    (root / "dataset.json").write_text(json.dumps({"modality": {"0": "FLAIR", "1": "T1w"},
+                                                   "labels": {"0": "background", "1": "edema", "2": "tumour"}}))
+    assert run(root, "--out", tmp_path / "out", "--codec", "raw", "--labels", "2", "--split", "1,0,0") == 0
+    log = capsys.readouterr().out
+    assert "format: nifti (NIfTI volume pairs by name" in log and "imagesTs/: 1 volume(s) without labels" in log
+    got = read_all(tmp_path / "out")
+    assert len(got) == 36
+    s = got["BRATS_001_z0006"]
+    assert s["image"].shape == (36, 40, 2) and s["meta"]["intensity"]["offset"] == 0   # unsigned MR: as stored
+    np.testing.assert_array_equal(s["image"], view(canonical(root / "imagesTr" / "BRATS_001.nii.gz"), 2, 6))

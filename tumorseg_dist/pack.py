@@ -7,6 +7,11 @@ Formats (--format auto recognises them from the folder structure and says why):
   lidc       PATIENT/nodule-K/images/slice-S.png + PATIENT/nodule-K/mask-R/slice-S.png
   synthetic  built-in phantoms, no INPUT: --format synthetic --out shards/synthetic --samples 400 --size 256
 
+Volumes, cut into 2D slices along --axis (--slices, --labels, --intensity, --window):
+  nnunet     dataset.json + imagesTr/CASE_0000.nii.gz (+ _0001 ...) + labelsTr/CASE.nii.gz (or .png: 2D)
+  nifti      images/X.nii.gz + labels/X.nii.gz, or X.nii.gz + X_seg.nii.gz   (MSD imagesTr/ + labelsTr/)
+  dicom      a folder of DICOM files per series + its NIfTI label inside, beside (SERIES.nii.gz) or above it
+
 Output: OUT/{train,val,test}-NNNNNN.tar (+ DALI .idx) and OUT/manifest.json, written atomically.
 Slurm: slurm/pack.sh runs one slice per array task (--task-index/--num-tasks), then --merge.
 See docs/pack.md.

@@ -97,7 +97,8 @@ class PackConfig:
     split: Split = (0.7, 0.2, 0.1)
     """Train,val,test fractions by group (ignored for formats that come split)."""
     seed: int = 0
-    """Seed of the split by group (and of the synthetic phantoms)."""
+    """Seed of the split by group (and of the synthetic phantoms, and of the negatives of
+    --slices lesion+N)."""
     codec: Codec = "png"
     """Image codec: png, jp2 (lossless JPEG 2000), raw (.npy), jpeg (lossy, opt-in)."""
     jpeg_quality: int = 95

@@ -29,9 +29,14 @@ def _role(parts: tuple[str, ...]) -> tuple[str, tuple, str] | None:
     return None
 
 
+def _unlabelled(f: str) -> bool:
+    """MSD's and nnU-Net's test images (`imagesTs/`) come without labels: not cases, not errors."""
+    return any(part.lower() == "imagests" for part in PurePosixPath(f).parts[:-1])
+
+
 def _pairs(files: list[str]) -> tuple[list[tuple[str, str, str]], list[str], list[str]]:
     """(image, label, case) pairs, images without a label, labels without an image."""
-    nii = [f for f in files if nifti_stem(PurePosixPath(f).name)]
+    nii = [f for f in files if nifti_stem(PurePosixPath(f).name) and not _unlabelled(f)]
     pairs, claimed, labels = [], set(), set()
     by_key: dict[tuple, dict[str, list[tuple[str, str]]]] = {}
     for f in nii:   # folder rule
@@ -87,9 +92,12 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
                  for f in lonely]
     case_keys(items)
     used = {f for it in items for f in [it.source, *it.mask_sources]} | set(orphans) | set(lonely)
+    test = [f for f in files if nifti_stem(PurePosixPath(f).name) and _unlabelled(f)]
     notes = ["pairs: images/X + labels/X (folder names as in docs/pack.md) or X + X_seg (_label, _mask, _gt) "
              "beside it",
              "labels: " + ("any non-zero value is tumour" if labels["foreground"] is None
                            else f"tumour = {labels['foreground']}"),
              f"groups: the case ({len(items)} cases)"]
+    if test:
+        notes.append(f"imagesTs/: {len(test)} volume(s) without labels, not packed")
     return Scan(items, problems, [f for f in files if f not in used], notes)
