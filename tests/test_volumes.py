@@ -702,3 +702,37 @@ def test_msd_layout_is_nifti_with_4d_channels(tmp_path, capsys):
     s = got["BRATS_001_z0006"]
     assert s["image"].shape == (36, 40, 2) and s["meta"]["intensity"]["offset"] == 0   # unsigned MR: as stored
     np.testing.assert_array_equal(s["image"], view(canonical(root / "imagesTr" / "BRATS_001.nii.gz"), 2, 6))
+
+
+def test_groups_csv_dry_run_and_fingerprint(tmp_path, capsys):
+    root = nnunet_set(tmp_path / "ds", n=6, shape=(24, 24, 8))
+    csv = tmp_path / "groups.csv"
+    csv.write_text("source,group\n" + "".join(f"imagesTr/case_{i:03d}_0000.nii.gz,patient{i // 2}\n"
+                                              for i in range(6)))
+    assert run(root, "--out", tmp_path / "out", "--groups", csv, "--dry-run") == 0
+    assert "dry run: 6 cases OK of 6, 48 slices (" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+    assert run(root, "--out", tmp_path / "out", "--groups", csv) == 0
+    split_of = {s["meta"]["case"]: s["split"] for s in read_all(tmp_path / "out").values()}
+    for p in range(3):                                    # two cases of one patient: one split
+        assert split_of[f"case_{2 * p:03d}"] == split_of[f"case_{2 * p + 1:03d}"]
+    capsys.readouterr()
+    assert run(root, "--out", tmp_path / "out", "--groups", csv) == 0
+    assert "is up to date" in capsys.readouterr().out
+    ds = json.loads((root / "dataset.json").read_text())
+    ds["labels"]["metastasis"] = 3                        # dataset.json is an input: a new fingerprint
+    (root / "dataset.json").write_text(json.dumps(ds))
+    assert run(root, "--out", tmp_path / "out", "--groups", csv) == 2
+    assert "already holds a packed dataset made from other inputs or options" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("codec", ["png", "jp2", "raw"])
+def test_raw_intensities_survive_every_lossless_codec(tmp_path, codec):
+    root = nnunet_set(tmp_path / "ds", n=2)
+    assert run(root, "--out", tmp_path / "out", "--codec", codec, "--split", "1,0,0") == 0
+    got = read_all(tmp_path / "out")
+    vol = canonical(root / "imagesTr" / "case_001_0000.nii.gz")
+    for k in (0, 5, 11):
+        s = got[f"case_001_z{k:04d}"]
+        np.testing.assert_array_equal(s["image"].astype(np.int32) - 32768, view(vol, 2, k))
+        np.testing.assert_array_equal(np.round(s["decoded"][..., 0] * 65535).astype(np.int32) - 32768, view(vol, 2, k))

@@ -163,7 +163,8 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
              f"groups: the case ({len(items)} cases)"]
     if test:
         notes.append(f"imagesTs/: {len(test)} file(s) without labels, not packed")
-    return Scan(items, problems, [f for f in files if f not in used], notes)
+    # dataset.json decides the labels and channels, so it is part of the fingerprint
+    return Scan(items, problems, [f for f in files if f not in used], notes, extra_files=[ds_path])
 
 
 def _label_note(labels: dict, declared: dict[str, int]) -> str:

@@ -283,7 +283,9 @@ def read_dicom_series(root: Path, files: list[str], folder: str) -> Volume:
                              "remove the slices that do not belong to the series")
     row_dir, col_dir = iops[0][:3], iops[0][3:]
     normal = np.cross(row_dir, col_dir)
-    pos = [np.asarray(_dicom_value(ds, "ImagePositionPatient", [0, 0, i]), dtype=float)
+    # without positions (rare: secondary captures) InstanceNumber is the only order there is
+    pos = [np.asarray(_dicom_value(ds, "ImagePositionPatient", None) or
+                      [0, 0, float(_dicom_value(ds, "InstanceNumber", i))], dtype=float)
            for i, (_, ds) in enumerate(slices)]
     order = np.argsort([p @ normal for p in pos], kind="stable")
     slices = [slices[i] for i in order]
