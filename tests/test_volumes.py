@@ -492,6 +492,11 @@ def test_affine_mismatch_is_a_warning(tmp_path, capsys):
 
 def test_undeclared_label_value_nnunet(tmp_path, capsys):
     root = nnunet_set(tmp_path / "ds", n=3)
+    for flag, needle in (("tumor", "'tumor' is not a label of dataset.json (it declares liver=1, tumour=2)"),
+                         ("tumour=1", "dataset.json declares tumour=2, not 1"),
+                         ("5", "dataset.json declares no label 5")):
+        assert run(root, "--out", tmp_path / "out", "--labels", flag) == 2
+        assert needle in capsys.readouterr().err
     _, lab = phantom(seed=2)
     lab[0, 0, 0] = 7
     save_nii(root / "labelsTr" / "case_002.nii.gz", lab, affine_of())

@@ -131,6 +131,9 @@ def resolve_labels(text: str | None, declared: dict[str, int] | None, where: str
             v = declared[name]
         elif name and declared and name in declared and declared[name] != v:
             raise LayoutError(f"--labels {text}: {where} declares {name}={declared[name]}, not {v}; fix the value")
+        elif declared and v not in declared.values():
+            known = ", ".join(f"{k}={x}" for k, x in declared.items())
+            raise LayoutError(f"--labels {text}: {where} declares no label {v} (it declares {known})")
         values.append(v)
         if name:
             names[name] = v
