@@ -523,7 +523,8 @@ def _dicom_bad(root: Path, case: str) -> tuple[str, list[str]]:
         (root / "elsewhere.nii.gz").unlink()
         seg = write_dicom_slice(root / "P2" / "seg" / "seg.dcm", np.zeros((4, 4), np.int16), [0, 0, 0],
                                 (1, 1, 1), series=generate_uid(), modality="SEG")
-        return "P2/seg/seg.dcm", ["is a DICOM SEG, the only label of series P2/ct/", "convert it to a NIfTI label"]
+        return "P2/seg/seg.dcm", ["is a DICOM SEG (a segmentation), the only label of series P2/ct/",
+                                  "convert it to a NIfTI label"]
     raise AssertionError(case)
 
 
@@ -741,3 +742,26 @@ def test_raw_intensities_survive_every_lossless_codec(tmp_path, codec):
         s = got[f"case_001_z{k:04d}"]
         np.testing.assert_array_equal(s["image"].astype(np.int32) - 32768, view(vol, 2, k))
         np.testing.assert_array_equal(np.round(s["decoded"][..., 0] * 65535).astype(np.int32) - 32768, view(vol, 2, k))
+
+
+def test_pydicom_rt_files_beside_a_series(tmp_path, capsys):
+    """pydicom's rtstruct.dcm (written without the DICM preamble) and rtdose.dcm: folders of them
+    are not image series; an RTSTRUCT as a case's only label is refused with how to convert it."""
+    from pydicom.data import get_testdata_file
+    root = tmp_path / "in"
+    for i in range(2):
+        dicom_case(root / f"P{i}" / "ct", root / f"P{i}" / "label.nii.gz", seed=i)
+    for name in ("rtstruct.dcm", "rtdose.dcm"):
+        (root / "P0" / name[:-4]).mkdir()
+        shutil.copy(get_testdata_file(name), root / "P0" / name[:-4] / name)
+    assert run(root, "--out", tmp_path / "out", "--split", "1,0,0") == 0
+    log = capsys.readouterr().out
+    assert "not image series, not read: P0/rtdose (RTDOSE), P0/rtstruct (RTSTRUCT)" in log
+    assert len(read_all(tmp_path / "out")) == 16
+    (root / "P1" / "label.nii.gz").unlink()
+    (root / "P1" / "rt").mkdir()
+    shutil.copy(get_testdata_file("rtstruct.dcm"), root / "P1" / "rt" / "rtstruct.dcm")
+    assert run(root, "--out", tmp_path / "out2") == 2
+    err = capsys.readouterr().err
+    assert "P1/rt/rtstruct.dcm: is an RTSTRUCT (contours), the only label of series P1/ct/" in err
+    assert "rasterise the RTSTRUCT to a NIfTI label" in err

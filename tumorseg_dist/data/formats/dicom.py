@@ -7,15 +7,17 @@ extension with the `DICM` signature). Its label is, in this order:
 3. the one NIfTI file in the parent folder, when that holds no other series
    (`P1/ct/*.dcm` + `P1/label.nii.gz`); the case is then the parent (`P1`).
 The label must be on the series' voxel grid (as dcm2niix, 3D Slicer and nnU-Net write it).
-DICOM SEG is not read: a case whose only label is a SEG is refused with a message saying how to
-convert it. The group is the case, so a case never spans two splits.
+DICOM SEG and RTSTRUCT are not read: a case whose only label is one is refused with a message
+saying how to convert it; folders of other non-image objects (RTDOSE, SR, ...) are left out.
+The group is the case, so a case never spans two splits.
 """
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
 from .common import Item, Options, Problem, Scan
-from .volumes import LABEL_SUFFIXES, SEG_FIX, SEG_SOP_CLASS, case_keys, is_dicom_name, nifti_stem, resolve_labels
+from .volumes import (LABEL_FIX, LABEL_SUFFIXES, NOT_IMAGES, case_keys, dcmread, dicom_kind, is_dicom_name,
+                      nifti_stem, resolve_labels)
 
 
 def _series(root: Path, files: list[str]) -> dict[str, list[str]]:
@@ -26,14 +28,13 @@ def _series(root: Path, files: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _is_seg(root: Path, f: str) -> bool:
-    """The one header read at scan time: a SEG folder is a label, not a series."""
-    import pydicom
+def _kind(root: Path, f: str) -> str:
+    """The one header read at scan time: a SEG, RTSTRUCT, RTDOSE, ... folder is not an image series."""
     try:
-        ds = pydicom.dcmread(str(root / f), stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
+        ds = dcmread(root / f, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
     except Exception:   # an unreadable file is reported by the worker that reads the series
-        return False
-    return ds.get("Modality") == "SEG" or str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS
+        return ""
+    return dicom_kind(ds)
 
 
 def _niftis_in(files_by_dir: dict[str, list[str]], d: str) -> list[str]:
@@ -42,7 +43,8 @@ def _niftis_in(files_by_dir: dict[str, list[str]], d: str) -> list[str]:
 
 def _pairs(root: Path, files: list[str]):
     series = _series(root, files)
-    segs = {d for d, fs in series.items() if _is_seg(root, sorted(fs)[0])}
+    kinds = {d: _kind(root, sorted(fs)[0]) for d, fs in series.items()}
+    segs = {d for d, k in kinds.items() if k in NOT_IMAGES}
     by_dir: dict[str, list[str]] = {}
     for f in files:
         by_dir.setdefault(PurePosixPath(f).parent.as_posix(), []).append(f)
@@ -59,7 +61,7 @@ def _pairs(root: Path, files: list[str]):
                   if nifti_stem(PurePosixPath(f).name) in {p.name, *(p.name + s for s in LABEL_SUFFIXES)}]
         above = _niftis_in(by_dir, parent)
         if len(inside) == 1:
-            lab, case = inside[0], d
+            lab, case = inside[0], d if d != "." else root.name
         elif len(beside) == 1:
             lab, case = beside[0], d
         elif per_parent[parent] == 1 and len(above) == 1 and parent != ".":
@@ -70,14 +72,14 @@ def _pairs(root: Path, files: list[str]):
             continue
         pairs.append((d, sorted(fs), lab, case))
         claimed.add(lab)
-    return pairs, missing, segs, series
+    return pairs, missing, segs, series, kinds
 
 
 def detect(root: Path, files: list[str]) -> str | None:
     series = _series(root, files)
     if not series:
         return None
-    pairs, _, _, _ = _pairs(root, files)
+    pairs = _pairs(root, files)[0]
     if not pairs:
         return None
     n = sum(len(fs) for _, fs, _, _ in pairs)
@@ -85,15 +87,17 @@ def detect(root: Path, files: list[str]) -> str | None:
 
 
 def scan(root: Path, files: list[str], opts: Options) -> Scan:
-    pairs, missing, segs, series = _pairs(root, files)
+    pairs, missing, segs, series, kinds = _pairs(root, files)
     labels = resolve_labels(opts.labels, None, "--format dicom")
     items = [Item("", d, [lab], group=case, volume={"reader": "dicom", "case": case, "files": fs, "labels": labels})
              for d, fs, lab, case in pairs]
     problems = []
     for d, fs, inside, seg_dirs in missing:
-        if seg_dirs:
-            seg = sorted(series[seg_dirs[0]])[0]
-            problems.append(Problem(seg, f"is a DICOM SEG, the only label of series {d}/", SEG_FIX))
+        labels_like = [x for x in seg_dirs if kinds[x] in LABEL_FIX]
+        if labels_like:
+            x = labels_like[0]
+            problems.append(Problem(sorted(series[x])[0], f"is {NOT_IMAGES[kinds[x]]}, the only label of series {d}/",
+                                    LABEL_FIX[kinds[x]]))
         elif len(inside) > 1:
             problems.append(Problem(d, f"holds {len(inside)} NIfTI files ({', '.join(inside[:3])}); "
                                        f"cannot tell which one is the label", "keep one label volume per series"))
@@ -113,6 +117,7 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
                            else f"tumour = {labels['foreground']}"),
              f"groups: the case ({len(items)} cases)"]
     if ignored_segs:
-        notes.append(f"DICOM SEG folder(s) not read, the cases have NIfTI labels: {', '.join(ignored_segs[:5])}")
+        shown = ", ".join(f"{d} ({kinds[d]})" for d in ignored_segs[:5])
+        notes.append(f"DICOM folder(s) that are not image series, not read: {shown}")
     return Scan(items, problems, [f for f in files if f not in used], notes,
                 extra_files=sorted(f for it in items for f in it.volume["files"]))

@@ -38,9 +38,18 @@ AXIS_LETTER = {0: "x", 1: "y", 2: "z"}
 AUTO_PERCENTILES = (0.5, 99.5)
 SIGNED_OFFSET = 32768       # int16 (CT in HU) -> uint16, every value kept
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-SEG_FIX = ("DICOM SEG is not read by pack (highdicom is not a dependency); convert it to a NIfTI label "
+# DICOM objects that are not slices of an image series; the first two are labels in another form.
+NOT_IMAGES = {"SEG": "a DICOM SEG (a segmentation)", "RTSTRUCT": "an RTSTRUCT (contours)",
+              "RTDOSE": "an RTDOSE (a dose grid)", "RTPLAN": "an RTPLAN", "RTRECORD": "an RTRECORD",
+              "SR": "a structured report", "PR": "a presentation state", "KO": "a key object selection",
+              "REG": "a registration", "DOC": "an encapsulated document"}
+LABEL_FIX = {
+    "SEG": "DICOM SEG is not read by pack (highdicom is not a dependency); convert it to a NIfTI label "
            "volume on the series' grid (e.g. dcmqi `segimage2itkimage` or highdicom) and put it beside the "
-           "series folder as CASE.nii.gz")
+           "series folder as CASE.nii.gz",
+    "RTSTRUCT": "pack reads label volumes, not contours; rasterise the RTSTRUCT to a NIfTI label on the "
+                "series' grid (e.g. dcmrtstruct2nii, platipy or 3D Slicer) and put it beside the series "
+                "folder as CASE.nii.gz"}
 
 
 def nifti_stem(name: str) -> str | None:
@@ -237,19 +246,42 @@ def _dicom_value(ds, name, default=None):
     return default if v is None or v == "" else v
 
 
+def dcmread(path: Path, **kw):
+    """pydicom's reader, also for files written without the 128-byte preamble and `DICM` (old
+    exports, some RT files): read again with force=True, but only believed if it found a SOP
+    class or pixel data, so that a file that is not DICOM at all stays an error."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    try:
+        return pydicom.dcmread(str(path), **kw)
+    except InvalidDicomError:
+        ds = pydicom.dcmread(str(path), force=True, **kw)
+        if "SOPClassUID" not in ds and "PixelData" not in ds:
+            raise
+        return ds
+
+
+def dicom_kind(ds) -> str:
+    """The Modality, with a SEG recognised by its SOP class too ("" if none)."""
+    if str(_dicom_value(ds, "SOPClassUID", "")) == SEG_SOP_CLASS:
+        return "SEG"
+    return str(_dicom_value(ds, "Modality", ""))
+
+
 def read_dicom_series(root: Path, files: list[str], folder: str) -> Volume:
     """One folder of one series -> a volume. Slices are sorted along the normal of their
     orientation (not by file name or InstanceNumber, which exports get wrong)."""
-    import pydicom
     slices = []
     for f in files:
         try:
-            ds = pydicom.dcmread(str(Path(root) / f))
+            ds = dcmread(Path(root) / f)
         except Exception as e:   # pydicom raises many types for a damaged file
             raise PackInputError(f, f"is not a readable DICOM file ({type(e).__name__}: {e})",
                                  "re-copy it from the original export, or remove it from the series folder") from e
-        if str(_dicom_value(ds, "SOPClassUID", "")) == SEG_SOP_CLASS or _dicom_value(ds, "Modality") == "SEG":
-            raise PackInputError(f, "is a DICOM SEG (a segmentation), not an image of the series", SEG_FIX)
+        kind = dicom_kind(ds)
+        if kind in NOT_IMAGES:
+            raise PackInputError(f, f"is {NOT_IMAGES[kind]}, not an image slice of the series",
+                                 LABEL_FIX.get(kind, "move it out of the series folder"))
         if "PixelData" not in ds:
             raise PackInputError(f, f"holds no image (modality {_dicom_value(ds, 'Modality', '?')}, no pixel data)",
                                  "remove it from the series folder (keep only the image slices)")
