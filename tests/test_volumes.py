@@ -765,3 +765,15 @@ def test_pydicom_rt_files_beside_a_series(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "P1/rt/rtstruct.dcm: is an RTSTRUCT (contours), the only label of series P1/ct/" in err
     assert "rasterise the RTSTRUCT to a NIfTI label" in err
+
+
+def test_a_2d_nifti_is_one_slice(tmp_path):
+    img, lab = phantom((30, 26, 1))
+    a = affine_of((2.0, 2.0, 1.0))
+    save_nii(tmp_path / "in" / "x.nii.gz", img[:, :, 0], a)
+    save_nii(tmp_path / "in" / "x_seg.nii.gz", lab[:, :, 0], a)
+    assert nib.load(str(tmp_path / "in" / "x.nii.gz")).ndim == 2
+    assert run(tmp_path / "in", "--out", tmp_path / "out", "--split", "1,0,0") == 0
+    got = read_all(tmp_path / "out")
+    assert list(got) == ["x_z0000"] and got["x_z0000"]["image"].shape == (26, 30)
+    np.testing.assert_array_equal(got["x_z0000"]["image"].astype(np.int32) - 32768, view(img, 2, 0))

@@ -212,14 +212,15 @@ def read_nifti(path: Path, source: str, *, label: bool = False) -> Volume:
         raise _corrupt(source, e, "NIfTI") from e
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
-    if data.ndim == 2:
+    flat = data.ndim == 2
+    if flat:
         data = data[:, :, None]
     if data.ndim not in (3, 4) or (label and data.ndim != 3) or data.size == 0:
         raise PackInputError(source, f"has shape {data.shape}, not a 3D {'label ' if label else ''}volume",
                              "a label volume must be X×Y×Z; an image may add channels as a 4th axis")
     hdr = img.header
     zooms = [float(z) for z in hdr.get_zooms()[:3]] + [1.0] * (3 - len(hdr.get_zooms()[:3]))
-    slice_dim = hdr.get_dim_info()[2]
+    slice_dim = 2 if flat else hdr.get_dim_info()[2]     # a 2D file is one slice, whatever its spacing
     if slice_dim is None or slice_dim > 2:
         # No slice_dim in the header (the usual case): the through-plane axis is the one with the
         # largest spacing; ties (isotropic) go to the file's last axis, the one it was written along.
