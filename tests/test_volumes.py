@@ -777,3 +777,15 @@ def test_a_2d_nifti_is_one_slice(tmp_path):
     got = read_all(tmp_path / "out")
     assert list(got) == ["x_z0000"] and got["x_z0000"]["image"].shape == (26, 30)
     np.testing.assert_array_equal(got["x_z0000"]["image"].astype(np.int32) - 32768, view(img, 2, 0))
+
+
+def test_a_case_without_tumour_gives_no_lesion_slice(tmp_path, capsys):
+    root = nnunet_set(tmp_path / "ds", n=3)
+    _, lab = phantom(seed=1)
+    lab[lab == 2] = 1
+    save_nii(root / "labelsTr" / "case_001.nii.gz", lab, affine_of())
+    assert run(root, "--out", tmp_path / "out", "--slices", "lesion", "--labels", "tumour") == 0
+    assert "note: 1 case(s) gave no slice (--slices lesion: no tumour), e.g. case_001" in capsys.readouterr().out
+    m = read_manifest(tmp_path / "out")
+    assert m["volumes"]["cases"]["case_001"]["kept"] == 0 and m["volumes"]["cases"]["case_001"]["slices"] == 12
+    assert {s["meta"]["case"] for s in read_all(tmp_path / "out").values()} == {"case_000", "case_002"}

@@ -282,7 +282,8 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
     class _Bar(tqdm):
         monitor_interval = 0   # no monitor thread, so workers can still be forked safely
 
-    bar = _Bar(total=len(p.items), unit="img", file=sys.stderr, disable=not cfg.progress or None,
+    bar = _Bar(total=len(p.items), unit="case" if volumes else "img", file=sys.stderr,
+               disable=not cfg.progress or None,
                desc="check" if cfg.dry_run else "pack", dynamic_ncols=True, smoothing=0.1)
 
     def results() -> Iterator[EncodedSample]:
@@ -365,6 +366,10 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
         if unmapped:
             log(f"  note: label value(s) {', '.join(unmapped)} are outside --labels and were counted as background "
                 f"(voxels per value in manifest.json volumes.labels.unmapped_voxels)")
+        empty = sorted(k for k, c in cases.items() if c["kept"] == 0)
+        if empty:
+            log(f"  note: {len(empty)} case(s) gave no slice (--slices {cfg.options.slices}: no tumour), "
+                f"e.g. {empty[0]}")
     if cfg.dry_run and volumes:
         log(f"dry run: {done - len(skipped) + len(p.skipped)} cases OK of {done}, "
             f"{sum(manifest['slices'].values())} slices ({', '.join(f'{k} {v}' for k, v in manifest['slices'].items())}), "
