@@ -37,7 +37,8 @@ statuses() { i=0; for s in $1; do echo "$s" > "$EXIT_CODE_DIR/rank$i"; i=$((i + 
 if [ -n "${FAKE_WAIT_TERM:-}" ]; then
     trap 'statuses "75 75"; exit 1' TERM
     touch "$FAKE_OUT/ready"
-    while :; do sleep 0.1; done
+    for _ in $(seq 300); do sleep 0.1; done   # not forever: 30 s, then fail
+    exit 1
 fi
 statuses "${FAKE_STATUSES:-}"
 exit "${FAKE_RC:-0}"
@@ -147,8 +148,8 @@ def run_pod_script(job: dict, tmp_path: Path, fake: Path, **fake_env) -> subproc
            "HOSTNAME": f"{job['metadata']['name']}-worker-0", "TORCHRUN": str(fake),
            "FAKE_OUT": str(fake.parent), **fake_env}
     args = train_args(job, env)
-    return subprocess.Popen(["bash", "-c", script, name, *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(["bash", "-c", script, name, *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
 def test_k8s_is_an_elastic_pytorchjob_of_workers(job):
@@ -253,12 +254,18 @@ def test_k8s_maps_exit_75_to_a_retryable_status(job, tmp_path, fake_torchrun, st
 
 def test_k8s_pid1_shell_passes_sigterm_on_and_exits_retryable(job, tmp_path, fake_torchrun):
     p = run_pod_script(job, tmp_path, fake_torchrun, FAKE_WAIT_TERM="1")
-    deadline = time.monotonic() + 30
-    while not (fake_torchrun.parent / "ready").exists():
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1]
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)   # what the kubelet sends on eviction or preemption
-    _, err = p.communicate(timeout=30)
+    try:
+        deadline = time.monotonic() + 30
+        while not (fake_torchrun.parent / "ready").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1]
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)   # what the kubelet sends on eviction or preemption
+        _, err = p.communicate(timeout=30)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)   # the script's session: the stand-in torchrun too
+        except ProcessLookupError:
+            pass
     assert p.returncode == 143, err
     assert "checkpoint saved" in err
 
