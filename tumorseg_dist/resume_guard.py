@@ -6,7 +6,8 @@ other values for settings that decide what the run computes would mix two runs s
 optimizer state, for one, brings the old learning rate back), so those are one error listing
 every difference; the settings in `config.MAY_CHANGE_ON_RESUME` are applied and logged.
 
-The world size may change (DDP): `relayout` keeps the per-rank batch and the optimizer batch
+The world size may change (DDP, and DeepSpeed ZeRO-1/2, whose optimizer partitions the engine
+re-cuts: engines/deepspeed.py `_load_other_world`): `relayout` keeps the per-rank batch and the optimizer batch
 (--batch-size x --grad-accum) of the checkpoint and recomputes the global micro-batch and the
 accumulation for the new number of ranks, so the run continues the same global sample order
 (data/order.py) at the same position with the same batch statistics (docs/cluster.md).
@@ -119,10 +120,11 @@ def relayout(cfg: Config, ckpt: dict, path: Path, world: int) -> list[str]:
     total = optimizer_batch(saved)
     position = int(ckpt["train_state"].get("samples_in_epoch", 0) or ckpt["train_state"].get("batch_in_epoch", 0))
     if world != saved_world:
-        if cfg.engine.engine == "deepspeed":
-            raise ConfigError(f"{path} was written by DeepSpeed on {saved_world} ranks; its ZeRO shards resume "
-                              f"only on {saved_world} ranks (this run has {world}). Resume on {saved_world} "
-                              f"ranks, or {FINE_TUNE.format(path=path)}")
+        stage = (ckpt.get("deepspeed") or {}).get("zero_stage")
+        if cfg.engine.engine == "deepspeed" and ckpt.get("deepspeed") and stage not in (1, 2):
+            raise ConfigError(f"{path} was written by DeepSpeed ZeRO stage {stage} on {saved_world} ranks; "
+                              f"only ZeRO-1/2 state is re-partitioned for another world size (this run has "
+                              f"{world}). Resume on {saved_world} ranks, or {FINE_TUNE.format(path=path)}")
         if cfg.data.loader == "dali" and position:
             raise ConfigError(f"{path} stopped mid-epoch under --loader dali, whose sample selection "
                               f"follows the world size; resume it on {saved_world} ranks (this run has "
@@ -139,8 +141,10 @@ def relayout(cfg: Config, ckpt: dict, path: Path, world: int) -> list[str]:
     cfg.train.batch_size, cfg.engine.grad_accum = batch, accum
     if world == saved_world and old == (batch, accum):
         return []
+    zero = (f"; DeepSpeed's ZeRO optimizer state re-partitioned from {saved_world} to {world} ranks"
+            if world != saved_world and cfg.engine.engine == "deepspeed" else "")
     return [f"resumed on {world} ranks (written on {saved_world}): per-rank batch {per_rank} and optimizer "
-            f"batch {total} kept; --batch-size {old[0]} -> {batch}, --grad-accum {old[1]} -> {accum}"]
+            f"batch {total} kept; --batch-size {old[0]} -> {batch}, --grad-accum {old[1]} -> {accum}{zero}"]
 
 
 @dataclass

@@ -343,9 +343,9 @@ class DeepSpeedEngine(EngineBase):
             raise checkpoint.CheckpointError(error)
 
     def load_state_dict(self, sd: dict, ckpt_dir: Path | None = None) -> None:
-        """Full resume from a DeepSpeed checkpoint written by `save_checkpoint` (same world size
-        and ZeRO stage; otherwise use the weights, see `can_resume`). No shard can run code:
-        see `deepspeed_io.reading`."""
+        """Full resume from a DeepSpeed checkpoint written by `save_checkpoint` with the same ZeRO
+        stage, on this world size or (`_load_other_world`) another. No shard can run code: see
+        `deepspeed_io.reading`."""
         info = sd.get("deepspeed")
         if not info:
             raise checkpoint.CheckpointError("this checkpoint has no DeepSpeed state; load it with "
@@ -353,29 +353,67 @@ class DeepSpeedEngine(EngineBase):
         if ckpt_dir is None:
             raise checkpoint.CheckpointError("resuming a DeepSpeed checkpoint needs its directory")
         load_dir = Path(ckpt_dir) / info["dir"]
-        if not (load_dir / info["tag"]).is_dir():
+        tag_dir = load_dir / info["tag"]
+        if not tag_dir.is_dir():
             raise checkpoint.CheckpointError(
-                f"{load_dir / info['tag']} (the DeepSpeed shards this checkpoint names) is missing; "
+                f"{tag_dir} (the DeepSpeed shards this checkpoint names) is missing; "
                 f"resume from another checkpoint or with --resume never")
-        with deepspeed_io.reading(load_dir / info["tag"]):
-            path, _ = self.ds.load_checkpoint(str(load_dir), tag=info["tag"], load_optimizer_states=True,
+        other_world = info["world_size"] != self.dist.world_size
+        with deepspeed_io.reading(tag_dir):
+            path, _ = self.ds.load_checkpoint(str(load_dir), tag=info["tag"], load_optimizer_states=not other_world,
                                               load_lr_scheduler_states=True)
-        if path is None:
-            raise checkpoint.CheckpointError(f"DeepSpeed could not load {load_dir / info['tag']}")
+            if path is None:
+                raise checkpoint.CheckpointError(f"DeepSpeed could not load {tag_dir}")
+            if other_world:
+                self._load_other_world(tag_dir)
         if self.ema is not None:
             self.ema.load_state_dict(sd.get("ema") or self._weights())
         if sd.get("health"):
             self.health.load_state_dict(sd["health"])
         self.health.own_skips_seen = self.ds.skipped_steps  # restored with the checkpoint
 
+    def _load_other_world(self, tag_dir: Path) -> None:
+        """Collective: the ZeRO-1/2 optimizer state of a tag saved on another number of ranks.
+        DeepSpeed has loaded the module, lr schedule and counters (its ZeRO loader refuses
+        another world size); here every rank gathers, from all saved shards, the pieces of the
+        parameters its own partition covers (`deepspeed_io.consolidate`), cuts them to the live
+        layout (`deepspeed_io.partition`, placed by each parameter's `_hp_mapping`, the map
+        DeepSpeed's public safe_set_full_* API writes through) and hands that to the ZeRO
+        optimizer's own `load_state_dict` as this rank's shard: loss scale, clip and version
+        checks, the fp32 masters and the base optimizer state then load as on a same-size resume."""
+        opt = self.ds.optimizer
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        fragments = [deepspeed_io.Fragment(names[id(p)], m.param_group_index, m.lp_fragment_address.start,
+                                           m.hp_fragment_address.start, m.hp_fragment_address.numel)
+                     for p in self.model.parameters() if (m := getattr(p, "_hp_mapping", None)) is not None]
+        error, full = None, None
+        try:
+            full = deepspeed_io.consolidate(tag_dir, {f.name for f in fragments})
+        except checkpoint.CheckpointError as e:
+            error = str(e)
+        checkpoint.raise_agreed(error)
+        mine = deepspeed_io.partition(
+            full, fragments, [t.numel() for t in opt.single_partition_of_fp32_groups],
+            {"group_paddings": opt.groups_padding, "param_alignment_paddings": opt.round_robin_bit16_padding,
+             "partition_count": opt.partition_count})
+        rank = torch.distributed.get_rank(group=opt.dp_process_group)
+        # The ZeRO loader reads only this rank's entry of the list (the rigid-format path).
+        opt.load_state_dict([mine if r == rank else None for r in range(self.dist.world_size)],
+                            load_optimizer_states=True, load_from_fp32_weights=True)
+
     def can_resume(self, sd: dict) -> str | None:
-        """None if `sd` can be fully resumed by this engine, else why not (weights only)."""
+        """None if `sd` can be fully resumed by this engine, else why not (weights only). The
+        world size may differ (see `_load_other_world`); the ZeRO stage may not."""
         info = sd.get("deepspeed")
         if sd.get("engine") != self.name or not info:
             return f"it was written by the {sd.get('engine', 'ddp')} engine"
-        if info["world_size"] != self.dist.world_size or info["zero_stage"] != self.zero_stage:
-            return (f"it was written with {info['world_size']} ranks and ZeRO stage {info['zero_stage']}, "
-                    f"this run has {self.dist.world_size} ranks and stage {self.zero_stage}")
+        if info["zero_stage"] != self.zero_stage:
+            return f"it was written with ZeRO stage {info['zero_stage']}, this run has stage {self.zero_stage}"
+        zero_1_2 = hasattr(self.ds.optimizer, "single_partition_of_fp32_groups")
+        if info["world_size"] != self.dist.world_size and not zero_1_2:
+            return (f"it was written on {info['world_size']} ranks, this run has {self.dist.world_size}, and only "
+                    f"ZeRO-1/2 state is re-partitioned (this run's DeepSpeed optimizer is "
+                    f"{type(self.ds.optimizer).__name__})")
         return None
 
     def load_weights(self, ckpt_or_state: dict) -> None:
