@@ -21,11 +21,16 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m tumorseg_dist.train $(ARGS)
 
+# Two test files at a time (one per core on the 2-core CI box, at most 4): most tests run one
+# single-threaded process, so a second file fills the other core. A file stays on one worker
+# (--dist loadfile), so its module fixtures (a finished run, packed shards) are made once.
+XDIST   := -n auto --maxprocesses 4 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
