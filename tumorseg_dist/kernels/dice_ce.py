@@ -5,8 +5,8 @@ Forward kernel: a program owns a tile of BLOCK pixels × KP class slots (KP = K 
 power of two, padded slots masked to -inf so they get probability 0) and reads each of the K
 logits of a pixel once. Per pixel, in fp32 whatever the logits' dtype:
 
-    m = max_k x_k,   s = Σ_k exp(x_k - m),   p_k = exp(x_k - m) / s,   lse = m + log s
-    ce = w_t · (lse - x_t)                    (w = class weights, t = the pixel's label)
+    m = max_k x_k,   s = Σ_k exp(x_k - m),   p_k = exp(x_k - m) / s
+    ce = w_t · ((m - x_t) + log s)            (w = class weights, t = the pixel's label)
 
 and, over the pixels whose label is not ignore_index, the per-(image, class) sums
 
@@ -55,6 +55,9 @@ _max_combine = tl.standard._elementwise_max
 
 def _dice_ce_fwd(x_ptr, t_ptr, w_ptr, part_ptr, scal_ptr, M, P, K, stride_n, stride_c, stride_p,
                  ignore_index, HAS_IGNORE: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
+    # Tiles are [KP classes, BLOCK pixels]: the pixel sums then reduce along the last axis,
+    # which the interpreter's numpy sums pairwise (along a leading axis numpy adds row after
+    # row, and 90000 fp32 terms drift by 1e-5).
     n = tl.program_id(0)
     c = tl.program_id(1)
     xbase = n.to(tl.int64) * stride_n
@@ -63,44 +66,43 @@ def _dice_ce_fwd(x_ptr, t_ptr, w_ptr, part_ptr, scal_ptr, M, P, K, stride_n, str
     cls = tl.arange(0, KP)
     cmask = cls < K
     w = tl.load(w_ptr + cls, mask=cmask, other=0.0)
-    acc_i = tl.full([BLOCK, KP], 0.0, tl.float32)
-    acc_p = tl.full([BLOCK, KP], 0.0, tl.float32)
-    acc_t = tl.full([BLOCK, KP], 0.0, tl.float32)
+    acc_i = tl.full([KP, BLOCK], 0.0, tl.float32)
+    acc_p = tl.full([KP, BLOCK], 0.0, tl.float32)
+    acc_t = tl.full([KP, BLOCK], 0.0, tl.float32)
     acc_ce = tl.full([BLOCK], 0.0, tl.float32)
     acc_w = tl.full([BLOCK], 0.0, tl.float32)
     acc_bad = tl.full([BLOCK], 0.0, tl.float32)
     for start in range(c * BLOCK, M, P * BLOCK):
         pix = start + offs
         pmask = pix < M
-        m2 = pmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + xbase + pix[:, None] * stride_p + cls[None, :] * stride_c,
+        m2 = cmask[:, None] & pmask[None, :]
+        x = tl.load(x_ptr + xbase + cls[:, None] * stride_c + pix[None, :] * stride_p,
                     mask=m2, other=0.0).to(tl.float32)
-        x = tl.where(cmask[None, :], x, float("-inf"))
+        x = tl.where(cmask[:, None], x, float("-inf"))     # padded classes: probability 0
         t = tl.load(t_ptr + tbase + pix, mask=pmask, other=0).to(tl.int64)
-        in_range = (t >= 0) & (t < K)
         if HAS_IGNORE:
             counted = pmask & (t != ignore_index)
         else:
             counted = pmask
-        valid = counted & in_range
-        mx = tl.reduce(x, 1, _max_combine)
-        e = tl.exp(x - mx[:, None])
-        s = tl.reduce(e, 1, _sum_combine)
-        p = e / s[:, None]
-        lse = mx + tl.log(s)
-        onehot = (t[:, None] == cls[None, :]) & valid[:, None]
-        x_t = tl.reduce(tl.where(onehot, x, 0.0), 1, _sum_combine)
-        w_t = tl.reduce(tl.where(onehot, w[None, :], 0.0), 1, _sum_combine)
+        valid = counted & (t >= 0) & (t < K)
+        mx = tl.reduce(x, 0, _max_combine)
+        e = tl.exp(x - mx[None, :])
+        s = tl.reduce(e, 0, _sum_combine)
+        p = e / s[None, :]
+        onehot = (cls[:, None] == t[None, :]) & valid[None, :]
+        x_t = tl.reduce(tl.where(onehot, x, 0.0), 0, _sum_combine)
+        w_t = tl.reduce(tl.where(onehot, w[:, None], 0.0), 0, _sum_combine)
         acc_i += tl.where(onehot, p, 0.0)
-        acc_p += tl.where(valid[:, None], p, 0.0)
+        acc_p += tl.where(valid[None, :], p, 0.0)
         acc_t += tl.where(onehot, 1.0, 0.0)
-        acc_ce += tl.where(valid, w_t * (lse - x_t), 0.0)
+        # lse - x_t as (m - x_t) + log s: m + log s would round log s away next to m
+        acc_ce += tl.where(valid, w_t * ((mx - x_t) + tl.log(s)), 0.0)
         acc_w += w_t
-        acc_bad += tl.where(counted & (t < 0), 1.0, 0.0) + tl.where(counted & (t >= K), 1.0, 0.0)
+        acc_bad += tl.where(counted & ((t < 0) | (t >= K)), 1.0, 0.0)
     out = part_ptr + (n * P + c) * (3 * KP)
-    tl.store(out + cls, tl.reduce(acc_i, 0, _sum_combine))
-    tl.store(out + KP + cls, tl.reduce(acc_p, 0, _sum_combine))
-    tl.store(out + 2 * KP + cls, tl.reduce(acc_t, 0, _sum_combine))
+    tl.store(out + cls, tl.reduce(acc_i, 1, _sum_combine))
+    tl.store(out + KP + cls, tl.reduce(acc_p, 1, _sum_combine))
+    tl.store(out + 2 * KP + cls, tl.reduce(acc_t, 1, _sum_combine))
     sout = scal_ptr + (n * P + c) * 3
     tl.store(sout + 0, tl.reduce(acc_ce, 0, _sum_combine))
     tl.store(sout + 1, tl.reduce(acc_w, 0, _sum_combine))
@@ -118,28 +120,28 @@ def _dice_ce_bwd(x_ptr, t_ptr, w_ptr, coef_ptr, gce_ptr, g_ptr, M, K, stride_n, 
     pmask = pix < M
     cls = tl.arange(0, KP)
     cmask = cls < K
-    m2 = pmask[:, None] & cmask[None, :]
+    m2 = cmask[:, None] & pmask[None, :]
     w = tl.load(w_ptr + cls, mask=cmask, other=0.0)
     g_i = tl.load(coef_ptr + n * (2 * KP) + cls)
     g_p = tl.load(coef_ptr + n * (2 * KP) + KP + cls)
     g_ce = tl.load(gce_ptr + n)
-    offs2 = xbase + pix[:, None] * stride_p + cls[None, :] * stride_c
+    offs2 = xbase + cls[:, None] * stride_c + pix[None, :] * stride_p
     x = tl.load(x_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
-    x = tl.where(cmask[None, :], x, float("-inf"))
+    x = tl.where(cmask[:, None], x, float("-inf"))
     t = tl.load(t_ptr + tbase + pix, mask=pmask, other=0).to(tl.int64)
     valid = pmask & (t >= 0) & (t < K)
     if HAS_IGNORE:
         valid = valid & (t != ignore_index)
-    mx = tl.reduce(x, 1, _max_combine)
-    e = tl.exp(x - mx[:, None])
-    s = tl.reduce(e, 1, _sum_combine)
-    p = e / s[:, None]
-    onehot = (t[:, None] == cls[None, :]) & valid[:, None]
-    a = tl.where(onehot, g_i[None, :], 0.0) + g_p[None, :]
-    a_dot = tl.reduce(a * p, 1, _sum_combine)
-    w_t = tl.reduce(tl.where(onehot, w[None, :], 0.0), 1, _sum_combine)
-    grad = p * (a - a_dot[:, None]) + (g_ce * w_t)[:, None] * (p - tl.where(onehot, 1.0, 0.0))
-    grad = tl.where(valid[:, None], grad, 0.0)
+    mx = tl.reduce(x, 0, _max_combine)
+    e = tl.exp(x - mx[None, :])
+    s = tl.reduce(e, 0, _sum_combine)
+    p = e / s[None, :]
+    onehot = (cls[:, None] == t[None, :]) & valid[None, :]
+    a = tl.where(onehot, g_i[:, None], 0.0) + g_p[:, None]
+    a_dot = tl.reduce(a * p, 0, _sum_combine)
+    w_t = tl.reduce(tl.where(onehot, w[:, None], 0.0), 0, _sum_combine)
+    grad = p * (a - a_dot[None, :]) + (g_ce * w_t)[None, :] * (p - tl.where(onehot, 1.0, 0.0))
+    grad = tl.where(valid[None, :], grad, 0.0)
     tl.store(g_ptr + offs2, grad.to(g_ptr.dtype.element_ty), mask=m2)
 
 
