@@ -119,6 +119,35 @@ def test_a_malicious_shard_is_refused_on_the_conversion_path(stopped, tmp_path, 
     assert sorted(p.name for p in tag_dir.iterdir()) == before   # nothing converted or written beside it
 
 
+def test_a_missing_shard_is_named(stopped, tmp_path):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from tumorseg_dist.checkpoint import CheckpointError
+    from tumorseg_dist.engines import deepspeed_io
+    tag_dir = tmp_path / "tag"
+    shutil.copytree(stopped / "checkpoints" / "deepspeed" / _tag(stopped), tag_dir)
+    (tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"written on 2 ranks, but holds the ZeRO optimizer shards of ranks \[0\];"):
+        deepspeed_io.consolidate(tag_dir, 2)
+
+
+def test_relayout_lets_zero_1_and_2_change_world_size_and_says_so(tmp_path):
+    from tumorseg_dist.config import Config, ConfigError, to_dict
+    from tumorseg_dist.resume_guard import relayout
+    for stage in (0, 1, 2):
+        cfg = Config()
+        cfg.train.batch_size, cfg.engine.grad_accum = 4, 3
+        cfg.engine.engine, cfg.engine.zero_stage, cfg.data.loader = "deepspeed", stage, "torch"
+        ckpt = {"config": to_dict(cfg), "deepspeed": {"zero_stage": stage, "world_size": 2},
+                "train_state": {"world_size": 2, "global_batch": 4, "samples_in_epoch": 12, "step": 3}}
+        if stage == 0:
+            with pytest.raises(ConfigError, match="ZeRO stage 0 on 2 ranks; only ZeRO-1/2"):
+                relayout(cfg, ckpt, tmp_path / "last.pt", 3)
+            continue
+        line, = relayout(cfg, ckpt, tmp_path / "last.pt", 3)
+        assert line.endswith("--grad-accum 3 -> 2; DeepSpeed's ZeRO optimizer state re-partitioned from 2 to 3 ranks")
+        assert (cfg.train.batch_size, cfg.engine.grad_accum) == (6, 2)
+
+
 def _check_main(run: Path, report: Path) -> None:
     """Under torchrun (or alone): load `run`'s last.pt into an engine for this world size and
     compare every parameter's gathered optimizer state with the saved shards' (rank 0 reports)."""
@@ -137,7 +166,8 @@ def _check_main(run: Path, report: Path) -> None:
     engine = build_engine(cfg, build_model(cfg.model, cfg.data.in_channels), d, build_loss_fn(cfg.loss), 100)
     assert engine.can_resume(ckpt) is None
     engine.load_state_dict(ckpt, path.parent)
-    saved = deepspeed_io.consolidate(path.parent / "deepspeed" / ckpt["deepspeed"]["tag"])
+    info = ckpt["deepspeed"]
+    saved = deepspeed_io.consolidate(path.parent / "deepspeed" / info["tag"], info["world_size"])
     # DeepSpeed links a parameter to its optimizer state fragments at the first step; a resumed
     # run takes that step, here nothing does.
     engine.ds.optimizer._lazy_init_hp_params_optimizer_state()

@@ -120,8 +120,9 @@ def relayout(cfg: Config, ckpt: dict, path: Path, world: int) -> list[str]:
     total = optimizer_batch(saved)
     position = int(ckpt["train_state"].get("samples_in_epoch", 0) or ckpt["train_state"].get("batch_in_epoch", 0))
     if world != saved_world:
-        stage = (ckpt.get("deepspeed") or {}).get("zero_stage")
-        if cfg.engine.engine == "deepspeed" and ckpt.get("deepspeed") and stage not in (1, 2):
+        # The stage DeepSpeed ran (an expert --deepspeed-config may set it), not our flag's.
+        stage = (ckpt.get("deepspeed") or {}).get("zero_stage", saved.engine.zero_stage)
+        if saved.engine.engine == "deepspeed" and stage not in (1, 2):
             raise ConfigError(f"{path} was written by DeepSpeed ZeRO stage {stage} on {saved_world} ranks; "
                               f"only ZeRO-1/2 state is re-partitioned for another world size (this run has "
                               f"{world}). Resume on {saved_world} ranks, or {FINE_TUNE.format(path=path)}")

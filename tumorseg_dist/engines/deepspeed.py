@@ -26,7 +26,8 @@ Checkpoints: DeepSpeed's own sharded format (`mp_rank_00_model_states.pt` + one
 written collectively by every rank, then our metadata file (RUN/checkpoints/last.pt or best.pt:
 progress, RNG, config, the fp32 model weights and EMA) written atomically by rank 0, naming
 the tag. The metadata is written last, so a save killed half-way leaves the previous last.pt
-and the tag it names intact; stale tags are deleted after the metadata is in place.
+and the tag it names intact; stale tags are deleted after the metadata is in place. A ZeRO-1/2
+tag resumes on another world size: its partitions are re-cut in memory (`_load_other_world`).
 """
 from __future__ import annotations
 
@@ -365,14 +366,14 @@ class DeepSpeedEngine(EngineBase):
             if path is None:
                 raise checkpoint.CheckpointError(f"DeepSpeed could not load {tag_dir}")
             if other_world:
-                self._load_other_world(tag_dir)
+                self._load_other_world(tag_dir, int(info["world_size"]))
         if self.ema is not None:
             self.ema.load_state_dict(sd.get("ema") or self._weights())
         if sd.get("health"):
             self.health.load_state_dict(sd["health"])
         self.health.own_skips_seen = self.ds.skipped_steps  # restored with the checkpoint
 
-    def _load_other_world(self, tag_dir: Path) -> None:
+    def _load_other_world(self, tag_dir: Path, saved_world: int) -> None:
         """Collective: the ZeRO-1/2 optimizer state of a tag saved on another number of ranks.
         DeepSpeed has loaded the module, lr schedule and counters (its ZeRO loader refuses
         another world size); here every rank gathers, from all saved shards, the pieces of the
@@ -388,7 +389,7 @@ class DeepSpeedEngine(EngineBase):
                      for p in self.model.parameters() if (m := getattr(p, "_hp_mapping", None)) is not None]
         error, full = None, None
         try:
-            full = deepspeed_io.consolidate(tag_dir, {f.name for f in fragments})
+            full = deepspeed_io.consolidate(tag_dir, saved_world, {f.name for f in fragments})
         except checkpoint.CheckpointError as e:
             error = str(e)
         checkpoint.raise_agreed(error)

@@ -53,13 +53,14 @@ def reading(tag_dir: Path):
         yield
 
 
-def optim_shards(tag_dir: Path) -> list[Path]:
-    """The tag's ZeRO optimizer shards in rank order; an error unless ranks 0..N-1 are all there."""
+def optim_shards(tag_dir: Path, world_size: int) -> list[Path]:
+    """The tag's ZeRO optimizer shards in rank order; an error unless ranks 0..world_size-1 (the
+    world that wrote it) are all there and no other."""
     found = {int(m.group(1)): p for p in Path(tag_dir).iterdir() if (m := _OPTIM.fullmatch(p.name))}
-    if not found or sorted(found) != list(range(len(found))):
-        raise checkpoint.CheckpointError(f"{tag_dir}: the ZeRO optimizer shards are incomplete (ranks "
-                                         f"{sorted(found)} found); resume from another checkpoint")
-    return [found[r] for r in range(len(found))]
+    if sorted(found) != list(range(world_size)):
+        raise checkpoint.CheckpointError(f"{tag_dir}: written on {world_size} ranks, but holds the ZeRO "
+                                         f"optimizer shards of ranks {sorted(found)}; resume from another checkpoint")
+    return [found[r] for r in range(world_size)]
 
 
 @dataclass
@@ -77,8 +78,8 @@ def _equal(a, b) -> bool:
     return bool(torch.equal(a, b)) if torch.is_tensor(a) and torch.is_tensor(b) else a == b
 
 
-def consolidate(tag_dir: Path, names: set[str] | None = None) -> Consolidated:
-    """The full tensors of a ZeRO-1/2 tag written on any number of ranks (only the parameters in
+def consolidate(tag_dir: Path, world_size: int, names: set[str] | None = None) -> Consolidated:
+    """The full tensors of a ZeRO-1/2 tag written on `world_size` ranks (only the parameters in
     `names`, if given). Every file is read weights-only and memory-mapped, so a rank touches only
     the bytes of the parameters it asks for.
 
@@ -93,7 +94,7 @@ def consolidate(tag_dir: Path, names: set[str] | None = None) -> Consolidated:
         return checkpoint.load_file(p, "cpu", allowed, mmap=True)
 
     shapes = {n: torch.Size(s) for group in load(tag_dir / MODEL_STATES)["param_shapes"] for n, s in group.items()}
-    paths = optim_shards(tag_dir)
+    paths = optim_shards(tag_dir, world_size)
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
     out = Consolidated(len(paths), {}, {})
     for rank, path in enumerate(paths):
@@ -138,7 +139,7 @@ def consolidate(tag_dir: Path, names: set[str] | None = None) -> Consolidated:
                 f"another checkpoint")
         out.fp32[name] = full.pop("fp32").view(shape)
         out.state[name] = {k: t.view(shape) for k, t in full.items()}
-    missing = (names or set(shapes)) - set(out.fp32)
+    missing = (set(shapes) if names is None else names) - set(out.fp32)
     if missing:
         raise checkpoint.CheckpointError(f"{tag_dir}: no ZeRO shard holds {sorted(missing)[:3]}; the tag "
                                          f"is damaged or of another model, resume from another checkpoint")
