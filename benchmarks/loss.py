@@ -1,8 +1,11 @@
 """Dice+BCE loss forward+backward: PyTorch reference vs torch.compile(reference) vs fused Triton.
 
-    python benchmarks/loss.py [--size 640] [--batch-size 32] [--dtype bf16] [--json]
+    python benchmarks/loss.py [--size 640] [--batch-size 32] [--dtype bf16] [--classes 1] [--json]
 
-Synthetic logits (N×1×S×S, --dtype, optionally --channels-last) and uint8 masks. Each timed
+Synthetic logits (N×1×S×S, --dtype, optionally --channels-last) and uint8 masks. With
+--classes K > 1 the K-class softmax Dice + cross-entropy instead (losses.reference_dice_ce and
+fused_dice_ce): N×K×S×S logits and N×S×S uint8 label maps (80 % background, the rest spread
+evenly over classes 1..K-1); K = 1 is the binary loss, with the same output as before the flag. Each timed
 iteration is one forward and one backward of the loss alone; variants are warmed up (compiled)
 first, then timed interleaved, round robin, so a busy machine slows them alike. Prints one JSON object (--json) or a
 short table followed by it: device, versions, date, git commit, the full command, settings, per
@@ -32,7 +35,7 @@ from typing import Literal
 import torch
 
 from tumorseg_dist import cli
-from tumorseg_dist.losses import reference_dice_bce
+from tumorseg_dist.losses import reference_dice_bce, reference_dice_ce
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +55,9 @@ class LossBenchArgs:
     """Logits in channels_last format."""
     dice_reduction: Literal["batch", "image"] = "batch"
     pos_weight: cli.optional(float, "none") = None
+    """Binary loss only (--classes 1)."""
+    classes: int = 1
+    """K: 1 = the binary sigmoid Dice+BCE; K ≥ 2 = the K-class softmax Dice + cross-entropy."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     iters: int = 20
     """Timed iterations per variant."""
@@ -104,12 +110,26 @@ def device_info(device: torch.device) -> dict:
 
 def make_inputs(args, device):
     gen = torch.Generator(device="cpu").manual_seed(0)
+    if args.classes > 1:
+        return make_multiclass_inputs(args, device, gen)
     shape = (args.batch_size, 1, args.size, args.size)
     x = (torch.randn(shape, generator=gen) * 3).to(device=device, dtype=DTYPES[args.dtype])
     t = (torch.rand(shape, generator=gen) < 0.2).to(device=device, dtype=torch.uint8)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         t = t.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(), t
+
+
+def make_multiclass_inputs(args, device, gen):
+    k, shape = args.classes, (args.batch_size, args.size, args.size)
+    x = (torch.randn((shape[0], k, *shape[1:]), generator=gen) * 3).to(device=device,
+                                                                         dtype=DTYPES[args.dtype])
+    fg = torch.rand(shape, generator=gen) < 0.2
+    t = torch.where(fg, torch.randint(1, k, shape, generator=gen), 0).to(device=device,
+                                                                          dtype=torch.uint8)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     return x.requires_grad_(), t
 
 
@@ -132,7 +152,9 @@ def cpu_peak_bytes(step) -> int:
 
 
 def make_step(fn, x, t, args):
-    kw = dict(dice_reduction=args.dice_reduction, pos_weight=args.pos_weight)
+    kw = dict(dice_reduction=args.dice_reduction)
+    if args.classes == 1:
+        kw["pos_weight"] = args.pos_weight
 
     def step():
         x.grad = None
@@ -207,6 +229,11 @@ def main(argv=None) -> dict:
         device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         cli.usage_error("loss", "--device cuda requested but torch.cuda.is_available() is False")
+    if args.classes < 1:
+        cli.usage_error("loss", f"--classes must be ≥ 1, got {args.classes}")
+    if args.classes > 1 and args.pos_weight is not None:
+        cli.usage_error("loss", "--pos-weight is for the binary loss (--classes 1); the K-class "
+                                "loss weights classes instead")
 
     try:
         import triton
@@ -217,19 +244,20 @@ def main(argv=None) -> dict:
     x, t = make_inputs(args, device)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     fns, results = {}, {}
+    reference = reference_dice_bce if args.classes == 1 else reference_dice_ce
     for name in variants:
         if name == "reference":
-            fns[name] = reference_dice_bce
+            fns[name] = reference
         elif name == "compiled":
-            fns[name] = torch.compile(reference_dice_bce)
+            fns[name] = torch.compile(reference)
         elif name == "fused":
             if device.type != "cuda":
                 results[name] = {"skipped": "the fused Triton kernel needs a CUDA GPU; on CPU it "
                                             "only runs under TRITON_INTERPRET=1, which is for "
                                             "correctness tests, not timing"}
                 continue
-            from tumorseg_dist.losses import fused_dice_bce
-            fns[name] = fused_dice_bce
+            from tumorseg_dist.losses import fused_dice_bce, fused_dice_ce
+            fns[name] = fused_dice_bce if args.classes == 1 else fused_dice_ce
         else:
             sys.exit(f"unknown variant {name!r}: use reference, compiled, fused")
     results = {**measure_all(fns, x, t, args, device), **results}
@@ -244,6 +272,7 @@ def main(argv=None) -> dict:
     n = x.numel()
     logits_b, target_b = n * x.element_size(), n * t.element_size()
     # fused forward reads logits+targets once; backward reads them again and writes the gradient
+    # (K classes: the logits are K times larger, the label map is one byte per pixel)
     min_bytes = 2 * (logits_b + target_b) + logits_b
     roofline = {"bytes_per_call": min_bytes,
                 "definition": "fwd reads logits+targets, bwd reads logits+targets and writes "
@@ -270,9 +299,13 @@ def main(argv=None) -> dict:
         "results": results,
         "roofline": roofline,
     }
+    if args.classes > 1:       # K = 1 reports exactly what it did before --classes existed
+        report["settings"].update({"classes": args.classes, "loss": "dice_ce",
+                                   "target_shape": list(t.shape)})
     if not args.json:
         print(f"loss fwd+bwd  {info['name']}  {tuple(x.shape)} {args.dtype}"
-              f"{' channels_last' if args.channels_last else ''}")
+              f"{' channels_last' if args.channels_last else ''}"
+              f"{f'  {args.classes} classes (softmax Dice + CE)' if args.classes > 1 else ''}")
         for name, r in results.items():
             if "skipped" in r:
                 print(f"  {name:<10} skipped: {r['skipped']}")

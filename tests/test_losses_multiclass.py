@@ -334,6 +334,38 @@ def test_compiled_reference_matches_eager():
     eager = grads(reference_dice_ce, x, t, dice_reduction="image", class_weights=[1.0, 2.0, 0.5])
     comp = grads(compiled, x, t, dice_reduction="image", class_weights=[1.0, 2.0, 0.5])
     assert_same(comp, eager, grad_rtol=1e-5, grad_atol=1e-9)
+    with pytest.raises(RuntimeError, match=r"\[0, 3\)"):   # the label check survives compile
+        compiled(x, torch.where(t == t.max(), 7, t))
+
+
+def _loss_benchmark():
+    import importlib.util
+    import sys
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loss.py"
+    spec = importlib.util.spec_from_file_location("bench_loss_multiclass", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod                        # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_loss_benchmark_times_the_k_class_loss(capsys):
+    bench = _loss_benchmark()
+    argv = ["--device", "cpu", "--size", "24", "--batch-size", "2", "--iters", "1", "--warmup",
+            "1", "--variants", "reference,fused", "--json", "--dtype", "fp32"]
+    report = bench.main(argv + ["--classes", "3", "--dice-reduction", "image"])
+    assert report["settings"]["classes"] == 3 and report["settings"]["shape"] == [2, 3, 24, 24]
+    assert "skipped" in report["results"]["fused"]      # CPU: the interpreter is not timed
+    x, t = bench.make_inputs(bench.parse_args(argv + ["--classes", "3"]), torch.device("cpu"))
+    assert set(t.unique().tolist()) == {0, 1, 2}
+    want = reference_dice_ce(x, t, dice_reduction="image").item()
+    assert report["results"]["reference"]["loss"] == pytest.approx(want, rel=1e-6)
+    binary = bench.main(argv)                           # --classes 1: the report as before
+    assert "classes" not in binary["settings"] and binary["settings"]["shape"] == [2, 1, 24, 24]
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv + ["--classes", "3", "--pos-weight", "2"])
+    assert e.value.code == 2
+    capsys.readouterr()
 
 
 # ---------------------------------------------------------------- the fused kernel

@@ -263,10 +263,12 @@ def multiclass_sums(logits: torch.Tensor, target: torch.Tensor, *, class_weights
         valid &= ~ignored
     else:
         ignored = torch.zeros_like(valid)
-    if bool((~valid & ~ignored).any()):
-        bad = t[~valid & ~ignored]
-        raise ValueError(f"target labels must be in [0, {k}) or ignore_index={ignore_index}, "
-                         f"got {sorted(set(bad.unique()[:8].tolist()))}")
+    bad = ~valid & ~ignored
+    message = f"target labels must be in [0, {k}) or ignore_index={ignore_index}"
+    if torch.compiler.is_compiling():     # an eager check would break the graph in two
+        torch._assert_async(~bad.any(), message)
+    elif bool(bad.any()):
+        raise ValueError(f"{message}, got {sorted(t[bad].unique()[:8].tolist())}")
     w = _class_weight_tensor(class_weights, k, x.device)
     logp = torch.log_softmax(x, 1)
     p = logp.exp()
