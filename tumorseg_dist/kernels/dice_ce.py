@@ -200,6 +200,9 @@ def _prepare(logits: torch.Tensor, labels: torch.Tensor, class_weights):
         raise ValueError(f"logits must be N×K×spatial with K ≥ 2 and no empty dimension, got "
                          f"{tuple(logits.shape)}")
     n, k = logits.shape[:2]
+    if logits.numel() // n >= 2 ** 31:          # in-image offsets are 32-bit in the kernels
+        raise ValueError(f"fused loss: one image of {tuple(logits.shape[1:])} has 2^31 or more "
+                         "logits; use the reference (--fused-loss off)")
     if labels.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"labels shape {tuple(labels.shape)} must be logits shape "
                          f"{tuple(logits.shape)} without the class dimension")
