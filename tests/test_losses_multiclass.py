@@ -247,6 +247,10 @@ def test_bad_labels_and_options_are_refused():
         reference_dice_ce(x, t, class_weights=[1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="classes ≥ 2"):
         reference_dice_ce(x[:, :1], t.clamp_max(0))
+    with pytest.raises(ValueError, match="N×K×spatial"):
+        reference_dice_ce(x[:, :, 0, 0], t[:, 0, 0])
+    with pytest.raises(ValueError, match="finite"):
+        reference_dice_ce(x, t, class_weights=[1.0, float("nan"), 1.0])
     with pytest.raises(ValueError, match="dice_reduction"):
         reference_dice_ce(x, t, dice_reduction="mean")
     with pytest.raises(ValueError, match="fused"):

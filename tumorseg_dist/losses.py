@@ -211,12 +211,12 @@ def build_loss_fn(cfg: LossConfig) -> DiceBCELoss:
 def _class_weight_tensor(class_weights, classes: int, device) -> torch.Tensor:
     if class_weights is None:
         return torch.ones(classes, dtype=torch.float32, device=device)
-    w = torch.as_tensor(class_weights, dtype=torch.float32).flatten().to(device)
+    w = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
     if w.numel() != classes:
         raise ValueError(f"class_weights has {w.numel()} entries for {classes} classes")
-    if not torch.isfinite(w).all() or (w < 0).any():
+    if w.device.type == "cpu" and (not torch.isfinite(w).all() or (w < 0).any()):
         raise ValueError(f"class_weights must be finite and ≥ 0, got {w.tolist()}")
-    return w
+    return w.to(device)      # checked before the copy: no device round trip per call
 
 
 def _check_multiclass_options(classes: int, dice_reduction: str, include_background: bool,
@@ -331,8 +331,8 @@ def reference_dice_ce(logits: torch.Tensor, target: torch.Tensor, *, ce_weight: 
                       include_background: bool = False) -> torch.Tensor:
     """The K-class spec: fp32 cross-entropy + softmax soft Dice loss (definition above).
     logits N×K×H×W (K ≥ 2), target N×H×W or N×1×H×W integer labels."""
-    _check_multiclass_options(logits.shape[1] if logits.dim() >= 3 else 0, dice_reduction,
-                              include_background, class_weights)
+    multiclass_labels(logits, target)                      # shapes first: clearer errors
+    _check_multiclass_options(logits.shape[1], dice_reduction, include_background, class_weights)
     sums = multiclass_sums(logits, target, class_weights=class_weights, ignore_index=ignore_index)
     return _multiclass_loss(sums, ce_weight, dice_weight, dice_reduction, class_weights,
                             include_background)
@@ -344,9 +344,8 @@ def fused_dice_ce(logits: torch.Tensor, target: torch.Tensor, *, ce_weight: floa
     """Same value and gradient as `reference_dice_ce`, from the fused Triton kernel's sums
     (kernels/dice_ce.py)."""
     from .kernels.dice_ce import fused_multiclass_sums  # imports Triton: only when used
-    _check_multiclass_options(logits.shape[1] if logits.dim() >= 3 else 0, dice_reduction,
-                              include_background, class_weights)
     t = multiclass_labels(logits, target)
+    _check_multiclass_options(logits.shape[1], dice_reduction, include_background, class_weights)
     sums = fused_multiclass_sums(logits, t, class_weights, ignore_index)
     return _multiclass_loss(sums, ce_weight, dice_weight, dice_reduction, class_weights,
                             include_background)
