@@ -11,9 +11,15 @@ own size.
 
 Flip test-time augmentation averages the *probabilities* of the identity, horizontal, vertical
 and both-axes flips (each un-flipped before averaging).
+
+Two ways to get an image's probability map (`Predictor.probability_map`, `--inference`):
+`whole` resizes the image to the training size, as training saw it, and the map back;
+`sliding` (`sliding_window_probs`) keeps the image at its own resolution and runs the model on
+tiles of the training size, stitched with Gaussian weights (docs/inference.md, "Sliding window").
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +34,10 @@ from .checkpoint import CheckpointError
 from .config import Arch, ModelConfig
 from .data.batch import to_channels
 from .models import ModelError, build_model, model_name
+from .options import Inference, check_overlap
 
 KNOWN_ARCHS = Arch.__args__  # the Literal's choices
+INFERENCE_MODES: tuple[str, ...] = Inference.__args__
 
 
 @dataclass(frozen=True)
@@ -88,24 +96,53 @@ class Predictor:
         probs = self.probabilities(torch.stack(tensors), tta)
         return [(to_original_size(p, h, w) > t).numpy() for p, (h, w) in zip(probs, shapes)]
 
-    def predict_image(self, image: np.ndarray, tta: bool = False,
-                      threshold: float | None = None) -> np.ndarray:
+    def sliding_probabilities(self, image: np.ndarray, tta: bool = False, overlap: float = 0.5,
+                              batch_size: int = 8) -> torch.Tensor:
+        """One [0, 1] image at its own resolution -> [H, W] probabilities (float32, CPU), from
+        tiles of the training size (`sliding_window_probs`)."""
+        return sliding_window_probs(self.model, image, in_channels=self.in_channels, size=self.size,
+                                    mean=self.mean, std=self.std, overlap=overlap,
+                                    batch_size=batch_size, tta=tta, device=self.device)
+
+    def probability_map(self, image: np.ndarray, tta: bool = False, inference: str = "whole",
+                        overlap: float = 0.5, batch_size: int = 8) -> torch.Tensor:
+        """One [0, 1] image -> its [H, W] probabilities at the image's size (float32, CPU)."""
+        if inference == "sliding":
+            return self.sliding_probabilities(image, tta, overlap, batch_size)
+        if inference != "whole":
+            raise ValueError(f"--inference must be one of {', '.join(INFERENCE_MODES)}, got {inference!r}")
+        return to_original_size(self.probabilities(self.preprocess(image)[None], tta)[0], *image.shape[:2])
+
+    def predict_image(self, image: np.ndarray, tta: bool = False, threshold: float | None = None,
+                      inference: str = "whole", overlap: float = 0.5, batch_size: int = 8) -> np.ndarray:
         """One [0, 1] image -> its boolean mask at the image's size."""
-        return self.predict([self.preprocess(image)], [image.shape[:2]], tta, threshold)[0]
+        if inference == "whole":  # the batched path, so that a single image is predicted as in a batch
+            return self.predict([self.preprocess(image)], [image.shape[:2]], tta, threshold)[0]
+        t = self.threshold if threshold is None else threshold
+        return (self.probability_map(image, tta, inference, overlap, batch_size) > t).numpy()
+
+
+def _hwc(image: np.ndarray) -> np.ndarray:
+    arr = np.asarray(image, dtype=np.float32)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _chw(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def _normalise(t: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return (t - m) / s
 
 
 def preprocess(image: np.ndarray, in_channels: int, size: int, mean, std) -> torch.Tensor:
     """The torch loader's evaluation transform (its collate), for one image."""
-    arr = np.asarray(image, dtype=np.float32)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
-    t = to_channels(t, in_channels)
+    t = to_channels(_chw(_hwc(image)), in_channels)
     t = F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False,
                       antialias=True)[0]
-    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return (t - m) / s
+    return _normalise(t, mean, std)
 
 
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
@@ -133,6 +170,96 @@ def to_original_size(probs: torch.Tensor, height: int, width: int) -> torch.Tens
     if tuple(p.shape[-2:]) != (height, width):
         p = F.interpolate(p, size=(height, width), mode="bilinear", align_corners=False)
     return p[0, 0]
+
+
+# ---------------------------------------------------------------- sliding window
+
+# nnU-Net's importance weighting: sigma = tile size / 8, so a tile's centre counts most and its
+# rim, where the model sees the least context (and a padded border), hardly at all.
+SIGMA_SCALE = 1 / 8
+# The Gaussian falls to e^-8 at the middle of a tile's edge and e^-16 at its corners; an image
+# corner is covered by one tile corner only, so without a floor its probability would be a
+# ratio of two ~1e-7 numbers. 1e-3 of the peak keeps every division well conditioned and changes
+# the weighting only in the outer ~4 % of a tile, where a neighbour's centre dominates anyway.
+WEIGHT_FLOOR = 1e-3
+
+
+def tile_starts(length: int, size: int, overlap: float) -> list[int]:
+    """Where the tiles start along an axis of `length` pixels (padded to >= size): the fewest
+    tiles whose step is at most size × (1 - overlap), spread evenly from flush with the start to
+    flush with the end (as nnU-Net does), so no tile hangs over the border.
+
+    The layout is mirror-symmetric (a tile at s has a twin at length - size - s), so flipping
+    the image flips the layout: flip TTA then composes with the window exactly."""
+    span = length - size
+    if span <= 0:
+        return [0]
+    check_overlap(overlap)
+    step = max(1, math.floor(size * (1.0 - overlap) + 1e-9))  # (1 - 0.9) * 100 is 9.99..: still 10
+    n = math.ceil(span / step) + 1
+    if n % 2 and span % 2:  # an odd middle tile is symmetric only on an even span: one more tile
+        n += 1
+    first = [math.floor(i * span / (n - 1) + 0.5) for i in range((n + 1) // 2)]
+    return first + [span - s for s in reversed(first[:n // 2])]
+
+
+def gaussian_weights(size: int) -> torch.Tensor:
+    """[size, size] float32 importance map: a Gaussian of sigma size/8 centred on the tile
+    (peak 1, at the middle pixel or the middle four), floored at WEIGHT_FLOOR."""
+    d = torch.arange(size, dtype=torch.float64) - (size - 1) / 2  # exact: ±d on mirrored pixels
+    g = torch.exp(-d ** 2 / (2 * (size * SIGMA_SCALE) ** 2))
+    g = torch.outer(g, g)
+    return (g / g.max()).clamp_min(WEIGHT_FLOOR).float()
+
+
+@torch.no_grad()
+def sliding_window_probs(model: nn.Module, image: np.ndarray, *, in_channels: int, size: int,
+                         mean, std, overlap: float = 0.5, batch_size: int = 8, tta: bool = False,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
+    """One H×W or H×W×C [0, 1] image -> [H, W] float32 probabilities on the CPU, at the image's
+    own resolution.
+
+    Tiles of `size` (tile_starts) are preprocessed as `preprocess` does minus the resize (the
+    channel handling and normalisation are per pixel, so a tile of the preprocessed image and
+    the preprocessed tile are the same), run `batch_size` at a time (flip TTA per tile when
+    asked), and their probabilities are added into a full-size accumulator weighted by
+    `gaussian_weights`, then divided by the summed weights. Only the accumulator, the weight
+    sum and one batch of tiles exist at once, whatever the image's size.
+
+    An image smaller than a tile along an axis is padded to the tile by reflection, centred,
+    and the pad cut off at the end: a model trained on whole images (every training geometry
+    today) has never seen a constant pad, and a reflected border continues the local intensity
+    and texture instead of adding a step edge the model could take for a lesion boundary."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    check_overlap(overlap)
+    arr = _hwc(image)
+    h, w = arr.shape[:2]
+    top, left = max(size - h, 0) // 2, max(size - w, 0) // 2
+    if h < size or w < size:
+        arr = np.pad(arr, ((top, max(size - h, 0) - top), (left, max(size - w, 0) - left), (0, 0)),
+                     mode="reflect")
+    ph, pw = arr.shape[:2]
+    device = torch.device(device)
+    weight = gaussian_weights(size)
+    weight_dev = weight.to(device)
+    acc = torch.zeros(ph, pw, dtype=torch.float32)
+    wsum = torch.zeros(ph, pw, dtype=torch.float32)
+    starts = [(y, x) for y in tile_starts(ph, size, overlap) for x in tile_starts(pw, size, overlap)]
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i:i + batch_size]
+        tiles = _normalise(torch.stack([to_channels(_chw(arr[y:y + size, x:x + size]), in_channels)
+                                        for y, x in chunk]), mean, std)  # per pixel: per batch is the same
+        probs = (flip_tta_probs(model, tiles.to(device), tta)[:, 0] * weight_dev).cpu()
+        del tiles  # before the next batch is built: one batch of tiles at a time
+        for (y, x), p in zip(chunk, probs):
+            acc[y:y + size, x:x + size] += p
+            wsum[y:y + size, x:x + size] += weight
+        del probs
+    acc /= wsum  # in place: no third full-size map
+    if (ph, pw) != (h, w):
+        acc = acc[top:top + h, left:left + w].clone()
+    return acc
 
 
 # ---------------------------------------------------------------- loading a checkpoint

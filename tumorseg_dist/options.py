@@ -16,6 +16,16 @@ import tyro
 from . import cli
 from .config import VerifyMode
 
+Inference = Literal["whole", "sliding"]
+
+
+def check_overlap(overlap: float) -> None:
+    """The one rule for --overlap, before torch is imported (inference.py checks it too, for
+    callers of the predictor that never parse flags)."""
+    if not 0.0 <= overlap < 1.0:  # also refuses NaN
+        raise ValueError(f"--overlap must be at least 0 and less than 1 (the fraction of a tile "
+                         f"shared with its neighbour), got {overlap}")
+
 
 @dataclass
 class EvaluateArgs:
@@ -35,8 +45,13 @@ class EvaluateArgs:
     """Output folder."""
     resolution: Literal["original", "model"] = "original"
     """Compare at each image's original size, or at the training size."""
+    inference: Inference = "whole"
+    """whole: each image resized to the training size and the map back; sliding: tiles of the
+    training size over the image at its original size, Gaussian-weighted (docs/inference.md)."""
+    overlap: float = 0.5
+    """--inference sliding: fraction of a tile shared with its neighbour, in [0, 1)."""
     batch_size: int = 8
-    """Images per forward pass, per rank."""
+    """Images per forward pass, per rank (--inference sliding: tiles)."""
     workers: int = 2
     """Decoding worker processes per rank."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -46,6 +61,11 @@ class EvaluateArgs:
     """Check the split's shards against manifest.json first: quick (size + cached sha256),
     full (rehash) or off."""
 
+    def __post_init__(self) -> None:
+        check_overlap(self.overlap)
+        if self.inference == "sliding" and self.resolution == "model":
+            raise ValueError("--inference sliding predicts at each image's original size; it goes "
+                             "with --resolution original, not --resolution model")
 
 
 @dataclass
@@ -65,13 +85,22 @@ class PredictArgs:
     """Also write overlays/<name>.png."""
     threshold: cli.optional(float, "the one the model was trained with") = None
     """Probability threshold."""
+    inference: Inference = "whole"
+    """whole: each image resized to the training size and the map back; sliding: tiles of the
+    training size over the image at its original size, Gaussian-weighted (docs/inference.md)."""
+    overlap: float = 0.5
+    """--inference sliding: fraction of a tile shared with its neighbour, in [0, 1)."""
     batch_size: int = 8
+    """Images per forward pass (--inference sliding: tiles)."""
     split: Annotated[tuple[str, ...], tyro.conf.UseAppendAction,
                      tyro.conf.arg(help_behavior_hint="(default: every split)")] = ()
     """Shard inputs: only this split (repeatable: --split val --split test)."""
     workers: int = 2
     """Image-reading worker processes."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        check_overlap(self.overlap)
 
 
 

@@ -60,10 +60,13 @@ def pixel_spacing(meta: dict, original: tuple[int, int], compared: tuple[int, in
 # ---------------------------------------------------------------- data
 
 class EvalSamples(torch.utils.data.Dataset):
-    """Sample i of a split -> model input, original mask and its metadata."""
+    """Sample i of a split -> model input, original mask and its metadata. The input is the
+    preprocessed tensor for whole-image inference, the [0, 1] image itself for the sliding
+    window (which preprocesses tile by tile)."""
 
-    def __init__(self, shards: IndexedShards, model: Predictor, indices: list[int]):
-        self.shards, self.indices = shards, indices
+    def __init__(self, shards: IndexedShards, model: Predictor, indices: list[int],
+                 inference: str = "whole"):
+        self.shards, self.indices, self.inference = shards, indices, inference
         self.pre = model.pre
 
     def __len__(self) -> int:
@@ -78,8 +81,9 @@ class EvalSamples(torch.utils.data.Dataset):
             s = self.load(self.indices[j])
         except ShardError as e:
             return WorkerFailure(str(e))
-        s["tensor"] = self.pre(s["image"])
-        del s["image"]  # not needed for metrics; the figure re-reads its few cases
+        if self.inference == "whole":
+            s["tensor"] = self.pre(s["image"])
+            del s["image"]  # not needed for metrics; the figure re-reads its few cases
         return s
 
 
@@ -108,9 +112,11 @@ def score(prob: torch.Tensor, mask: np.ndarray, threshold: float, resolution: st
 # ---------------------------------------------------------------- figure
 
 def plot_cases(rows: list[dict], samples: EvalSamples, model: Predictor, path: Path,
-               threshold: float, tta: bool, per_side: int = 4) -> list[str]:
+               threshold: float, tta: bool, per_side: int = 4, inference: str = "whole",
+               overlap: float = 0.5, batch_size: int = 8) -> list[str]:
     """Worst `per_side` images by Dice (top row) and best ones with a non-empty target (bottom),
-    each titled with its whole sample name (wrapped) and Dice. Returns the captions."""
+    each titled with its whole sample name (wrapped) and Dice, predicted as the metrics were.
+    Returns the captions."""
     if not rows:
         return []
     by_dice = sorted(rows, key=lambda r: (r["dice"], r["key"]))
@@ -122,7 +128,7 @@ def plot_cases(rows: list[dict], samples: EvalSamples, model: Predictor, path: P
         panels = []
         for row in chosen:
             s = samples.load(row["_index"])
-            pred = model.predict_image(s["image"], tta, threshold)
+            pred = model.predict_image(s["image"], tta, threshold, inference, overlap, batch_size)
             panels.append((overlay_image(s["image"], pred, s["mask"]),
                            f"{label}: {wrap_name(row['key'])}\nDice {row['dice']:.3f}"))
         grid.append(panels)
@@ -137,9 +143,10 @@ def plot_cases(rows: list[dict], samples: EvalSamples, model: Predictor, path: P
 
 
 
-def default_out(ckpt: Path, split: str, tta: bool) -> Path:
+def default_out(ckpt: Path, split: str, tta: bool, inference: str = "whole") -> Path:
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return run_dir / f"eval-{split}{'-tta' if tta else ''}"
+    sliding = "-sliding" if inference == "sliding" else ""  # never overwrites the whole-image scores
+    return run_dir / f"eval-{split}{sliding}{'-tta' if tta else ''}"
 
 
 def _finite(v):
@@ -175,21 +182,29 @@ def run(args: EvaluateArgs) -> int:
     if n == 0:
         raise ShardError(f"{data}: split {args.split!r} has no samples")
     mine = [i for i in rank_indices(n, d.rank, d.world_size, False, 0, 0) if i >= 0]
-    samples = EvalSamples(shards, model, mine)
-    out = args.out or default_out(args.checkpoint, args.split, args.tta)
+    sliding = args.inference == "sliding"
+    samples = EvalSamples(shards, model, mine, args.inference)
+    out = args.out or default_out(args.checkpoint, args.split, args.tta, args.inference)
+    how = f", sliding window (overlap {args.overlap})" if sliding else ""
     log.info(f"evaluate: {args.checkpoint} ({model.name}, {model.size}px) on {data} "
              f"split {args.split}: {n} images, {d.world_size} rank(s), threshold {threshold}, "
-             f"{args.resolution} resolution{', flip-TTA' if args.tta else ''}")
+             f"{args.resolution} resolution{how}{', flip-TTA' if args.tta else ''}")
     log.info(f"evaluate: threads: {budget.describe()}")
-    loader = torch.utils.data.DataLoader(samples, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=budget.workers, collate_fn=_collate)
+    # Sliding: --batch-size counts tiles, and images come one at a time, so that only one
+    # full-size image (with its accumulator) is in the main process at once.
+    loader = torch.utils.data.DataLoader(samples, batch_size=1 if sliding else args.batch_size,
+                                         shuffle=False, num_workers=budget.workers, collate_fn=_collate)
     rows: list[dict] = []
     counts = []
     for batch in log.progress(loader, len(loader), f"evaluate {args.split}", unit="batch"):
         for s in batch:
             if isinstance(s, WorkerFailure):
                 s.reraise()
-        probs = model.probabilities(torch.stack([s["tensor"] for s in batch]), tta=args.tta)
+        if sliding:  # [H, W] at the original size, which score() then compares as it is
+            probs = [model.sliding_probabilities(s.pop("image"), args.tta, args.overlap, args.batch_size)
+                     for s in batch]
+        else:
+            probs = model.probabilities(torch.stack([s["tensor"] for s in batch]), tta=args.tta)
         for s, prob in zip(batch, probs):
             pred, target, c = score(prob, s["mask"], threshold, args.resolution, model.size)
             counts.append(c)
@@ -225,6 +240,7 @@ def run(args: EvaluateArgs) -> int:
             "hd95_mm_images": int(hd_mm.size),
             "checkpoint": str(args.checkpoint), "data": str(data), "split": args.split,
             "tta": args.tta, "threshold": threshold, "resolution": args.resolution,
+            "inference": args.inference, "overlap": args.overlap if sliding else None,
             "world_size": d.world_size, "arch": model.arch, "encoder": model.encoder, "size": model.size})
         out.mkdir(parents=True, exist_ok=True)
         log.open_file(out / "evaluate.log")
@@ -240,7 +256,7 @@ def run(args: EvaluateArgs) -> int:
         if args.cases > 0:
             log.info(f"evaluate: drawing {out / 'cases.png'} (the {args.cases} worst and best images)")
             plot_cases(rows, EvalSamples(shards, model, []), model, out / "cases.png", threshold,
-                       args.tta, args.cases)
+                       args.tta, args.cases, args.inference, args.overlap, args.batch_size)
         hd_txt = f"{metrics['hd95_mean']:.2f}" if metrics["hd95_mean"] is not None else "n/a"
         if metrics["hd95_mm_mean"] is not None:
             hd_txt += f" px, {metrics['hd95_mm_mean']:.2f} mm"

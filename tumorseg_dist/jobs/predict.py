@@ -79,9 +79,11 @@ def collect_inputs(inputs: tuple[Path, ...], splits: tuple[str, ...]) -> tuple[l
 class PredictDataset(torch.utils.data.Dataset):
     """Item i -> decoded original image, preprocessed tensor, ground truth if known, or the error."""
 
-    def __init__(self, items: list[InputItem], shards: list[IndexedShards], model: Predictor):
+    def __init__(self, items: list[InputItem], shards: list[IndexedShards], model: Predictor,
+                 inference: str = "whole"):
         self.items, self.shards = items, shards
-        self.pre = model.pre
+        # the sliding window preprocesses tile by tile, from the image
+        self.pre = model.pre if inference == "whole" else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -96,7 +98,7 @@ class PredictDataset(torch.utils.data.Dataset):
                 s = read_sample(self.shards[item.shard], item.index)
                 image, gt = s.image, s.mask > 0
                 name = _mask_png_name(PurePosixPath(s.meta.get("source") or item.key))
-            tensor = self.pre(image)
+            tensor = None if self.pre is None else self.pre(image)
         except (ImageFileError, ShardError, KeyError, StopIteration, OSError, ValueError) as e:
             return {"item": item, "error": str(e) if isinstance(e, ImageFileError)
                     else f"{item.display}: {type(e).__name__}: {e}"}
@@ -134,14 +136,19 @@ def run(args: PredictArgs) -> int:
         log.warning(f"predict: skipped {src}: {why}")
     if not items:
         raise ValueError("no images to predict in " + ", ".join(map(str, args.inputs)))
+    sliding = args.inference == "sliding"
+    how = f", sliding window (overlap {args.overlap})" if sliding else ""
     log.info(f"predict: {len(items)} image(s) with {model.name} at {model.size}px, "
-             f"threshold {threshold}{', flip-TTA' if args.tta else ''} -> {args.out}")
+             f"threshold {threshold}{how}{', flip-TTA' if args.tta else ''} -> {args.out}")
     masks_dir, over_dir = args.out / "masks", args.out / "overlays"
     masks_dir.mkdir(parents=True, exist_ok=True)
     log.open_file(args.out / "predict.log")
     log.info(f"predict: threads: {budget.describe()}")
+    # Sliding: --batch-size counts tiles, and images come one at a time (a huge image and its
+    # full-size accumulator are the only large things in memory).
     loader = torch.utils.data.DataLoader(
-        PredictDataset(items, shard_sets, model), batch_size=args.batch_size, shuffle=False,
+        PredictDataset(items, shard_sets, model, args.inference),
+        batch_size=1 if sliding else args.batch_size, shuffle=False,
         num_workers=budget.workers, collate_fn=_collate)
     rows, taken, renamed = [], set(), []
     for batch in log.progress(loader, len(loader), "predict", unit="batch"):
@@ -154,8 +161,12 @@ def run(args: PredictArgs) -> int:
                 log.warning(f"predict: skipped {r['error']}")
         if not good:
             continue
-        preds = model.predict([r["tensor"] for r in good], [r["image"].shape[:2] for r in good],
-                              args.tta, threshold)
+        if sliding:
+            preds = [model.predict_image(r["image"], args.tta, threshold, "sliding", args.overlap,
+                                         args.batch_size) for r in good]
+        else:
+            preds = model.predict([r["tensor"] for r in good], [r["image"].shape[:2] for r in good],
+                                  args.tta, threshold)
         for r, pred in zip(good, preds):
             h, w = pred.shape
             name = unique_name(r["name"], taken)
