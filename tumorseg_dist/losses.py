@@ -252,7 +252,7 @@ def multiclass_sums(logits: torch.Tensor, target: torch.Tensor, *, class_weights
                     ignore_index: int | None = None):
     """Per-(image, class) fp32 I, P, T (N×K) and per-image fp32 Σ w_t·ce, Σ w_t (N), over the
     pixels whose label is not ignore_index, p = softmax(logits) over dim 1. Labels outside
-    [0, K) that are not ignore_index are a ValueError (checking them synchronises)."""
+    [0, K) that are not ignore_index are a ValueError on CPU, a device-side assert on CUDA."""
     t = multiclass_labels(logits, target).long()
     n, k = logits.shape[:2]
     x = logits.float().flatten(2)                          # N×K×M
@@ -265,7 +265,9 @@ def multiclass_sums(logits: torch.Tensor, target: torch.Tensor, *, class_weights
         ignored = torch.zeros_like(valid)
     bad = ~valid & ~ignored
     message = f"target labels must be in [0, {k}) or ignore_index={ignore_index}"
-    if torch.compiler.is_compiling():     # an eager check would break the graph in two
+    # Under compile an eager check would break the graph in two, and on CUDA it would
+    # synchronise every step: a device-side assert there, as F.cross_entropy does.
+    if torch.compiler.is_compiling() or t.is_cuda:
         torch._assert_async(~bad.any(), message)
     elif bool(bad.any()):
         raise ValueError(f"{message}, got {sorted(t[bad].unique()[:8].tolist())}")

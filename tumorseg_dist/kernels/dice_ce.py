@@ -252,10 +252,13 @@ class _FusedDiceCESums(torch.autograd.Function):
         sums = part.sum(1)[:, :, :k]
         ce_sum, w_sum, bad = scal.sum(1).unbind(1)
         # Labels outside [0, K) would silently count for no class; the reference refuses them
-        # too. This reads one number per image back (a synchronisation per call).
-        if bool((bad > 0).any()):
-            raise ValueError(f"labels must be in [0, {k}) or ignore_index={ignore_index}: "
-                             f"{int(bad.sum().item())} pixel(s) are not")
+        # too. On CUDA as a device-side assert, as F.cross_entropy does: reading the count back
+        # would synchronise every step, which the training loop otherwise avoids.
+        message = f"labels must be in [0, {k}) or ignore_index={ignore_index}"
+        if x.is_cuda:
+            torch._assert_async(bad.sum() == 0, message)
+        elif bool((bad > 0).any()):
+            raise ValueError(f"{message}: {int(bad.sum().item())} pixel(s) are not")
         ctx.save_for_backward(x, t, w)
         ctx.meta = (interpret, stride_p, has_ignore, ign)
         inter, psum, tsum = sums.unbind(1)
