@@ -445,6 +445,29 @@ def test_kernel_odd_sizes(shape):
 
 
 @pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("k", [9, 17])
+def test_kernel_many_classes(k):
+    x, t = random_batch(k, shape=(2, 19, 21), seed=k, ignore_frac=0.1)
+    kw = dict(ignore_index=IGNORE,
+              class_weights=torch.rand(k, generator=torch.Generator().manual_seed(k)).tolist())
+    for reduction in ("batch", "image"):
+        assert_match(*run_both(x, t, dice_reduction=reduction, **kw), torch.float32)
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("ignore", [-100, 0, 2], ids=["torch-default", "background", "a-class"])
+def test_kernel_ignore_index_values(ignore):
+    x, t = random_batch(3, shape=(2, 15, 17), seed=89)
+    gen = torch.Generator().manual_seed(90)
+    t[torch.rand(t.shape, generator=gen) < 0.2] = ignore
+    kernel, ref = run_both(x, t, ignore_index=ignore, dice_reduction="image",
+                           include_background=True)
+    assert_match(kernel, ref, torch.float32)
+    ce_only = reference_dice_ce(x, t, ignore_index=ignore, dice_weight=0.0)
+    torch.testing.assert_close(ce_only, nn.CrossEntropyLoss(ignore_index=ignore)(x, t))
+
+
+@pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_kernel_extreme_logits(dtype):
     gen = torch.Generator().manual_seed(83)
