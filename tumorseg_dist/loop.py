@@ -190,7 +190,7 @@ def restore(engine, ckpt: dict, path: Path | None = None, weights_only: bool = F
             global_batch: int = 0) -> TrainState:
     """Resume the full state from `ckpt` (read from `path`), or with weights_only load its model
     (and EMA) weights into a fresh TrainState. A checkpoint this engine cannot fully resume
-    (`engine.can_resume` says why: another ZeRO layout or DeepSpeed world size) is an error
+    (`engine.can_resume` says why: another ZeRO stage, or ZeRO-0 on another world size) is an error
     that says how to use it instead. Counters come back in micro-batches of `global_batch`
     (0: the checkpoint's own), so a resume on another world size continues the same position."""
     where = "the checkpoint" if path is None else Path(path)
