@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     a = cli.parse(ContentionArgs, argv, name="contention", prog="python benchmarks/contention.py",
                   description=__doc__)
     env = {**os.environ, "PYTHONPATH": str(a.repo.resolve())}
-    env.pop("OMP_NUM_THREADS", None)   # as a user's shell has it
+    for var in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY"):   # as a user's shell has them
+        env.pop(var, None)
     doc = {**provenance(argv, torch.device("cpu"), script="benchmarks/contention.py"),
            "repo": str(a.repo.resolve()), "epochs": a.epochs}
     with tempfile.TemporaryDirectory(prefix="contention-") as tmp:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -15,8 +16,8 @@ CORES = len(os.sched_getaffinity(0))
 def test_affinity_is_the_budget_and_the_main_process_keeps_a_core():
     b = threads.plan(8, env={})
     assert b.cores == CORES and b.source == "CPU affinity"
-    assert b.workers == min(8, CORES - 1) and b.torch_threads == CORES - b.workers
-    assert threads.plan(0, env={}).torch_threads == CORES   # no workers: torch has every core
+    assert b.workers == min(8, CORES - 1) and b.torch_threads == CORES
+    assert threads.plan(0, env={}).workers == 0
 
 
 def test_slurm_cpus_per_task_caps_and_local_ranks_share():
@@ -53,7 +54,7 @@ def test_train_on_one_pinned_core_uses_one_thread_and_no_worker(tmp_path, synthe
     assert line in (out / "train.log").read_text()
 
 
-@pytest.mark.skipif(CORES < 2, reason="needs two cores to show torch getting what the workers leave")
+@pytest.mark.skipif(CORES < 2, reason="needs two cores for a worker beside the main process")
 def test_evaluate_applies_the_budget(tmp_path, synthetic_shards):
     from inference_testing import make_checkpoint, tiny_config
     ckpt = make_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt",
@@ -61,4 +62,19 @@ def test_evaluate_applies_the_budget(tmp_path, synthetic_shards):
     p = run_cli([PY, "-m", "tumorseg_dist.evaluate", "--checkpoint", str(ckpt), "--workers", "1",
                  "--device", "cpu"], cwd=tmp_path, env={"OMP_NUM_THREADS": ""})
     line = next(ln for ln in p.stdout.splitlines() if ln.startswith("evaluate: threads: "))
-    assert f"{CORES} core(s)" in line and f"torch {CORES - 1} thread(s), 1 loader worker(s)" in line, line
+    assert f"{CORES} core(s)" in line and f"torch {CORES} thread(s), 1 loader worker(s)" in line, line
+
+
+def test_every_command_sets_passive_waits_before_torch_loads():
+    """OMP_WAIT_POLICY=PASSIVE must be in the environment when libgomp loads (with torch), and a
+    user's own choice is kept."""
+    code = ("import os, sys; import tumorseg_dist.{mod} as m\n"
+            "try:\n    m.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    for mod in ("train", "evaluate", "predict"):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        p = subprocess.run([PY, "-c", code.format(mod=mod)], capture_output=True, text=True, env=env, timeout=120)
+        assert p.stdout.strip().splitlines()[-1] == "PASSIVE False", (mod, p.stdout[-300:], p.stderr[-500:])
+    env = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}
+    p = subprocess.run([PY, "-c", code.format(mod="train")], capture_output=True, text=True, env=env, timeout=120)
+    assert p.stdout.strip().splitlines()[-1] == "ACTIVE False"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-from . import cli
+from . import cli, threads
 from .options import EvaluateArgs
 
 
@@ -33,6 +33,7 @@ def _run(args: EvaluateArgs) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    threads.prefer_passive_waits()   # before torch is imported
     return cli.guarded("evaluate", _run, cli.parse(EvaluateArgs, argv, name="evaluate", description=__doc__))
 
 

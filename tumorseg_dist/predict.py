@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-from . import cli
+from . import cli, threads
 from .options import PredictArgs
 
 
@@ -30,6 +30,7 @@ def _run(args: PredictArgs) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    threads.prefer_passive_waits()   # before torch is imported
     args = cli.parse(PredictArgs, argv, name="predict", description=__doc__)
     if not args.inputs:
         cli.usage_error("predict", "no INPUT: give image files, folders of images or shard directories")

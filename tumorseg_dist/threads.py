@@ -1,17 +1,22 @@
-"""One CPU thread budget per process: torch's intra-op threads + loader workers (or DALI's CPU
-threads) fit the cores this process may use.
+"""One CPU thread budget per process: loader workers (or DALI's CPU threads) fit the cores this
+process may use, torch's threads use those cores, and no thread spins while it waits.
 
-Without it every piece sizes itself to the whole machine: torch starts one OpenMP thread per
-core, each loader worker or DALI thread wants a core too, and two ranks on one node each think
-they own it. The threads then spin against each other, and against any other job on the box
-(on a 2-core machine `make run` took 72 s alone and 22 minutes beside one competing process).
+Without it every piece sized itself to the whole machine: torch one OpenMP thread per core,
+each loader worker or DALI thread a core too, two ranks on one node each thinking they own it,
+and OpenMP's threads spin-waiting between parallel regions. Beside any other busy process (a
+competing job, another rank, our own workers) the spinning threads burn the cores the work
+needs: on a 2-core machine `make run` took 72 s alone and 22 minutes beside one competing job.
 
 The cores: this process's CPU affinity (taskset, Slurm's cpuset, a container's cpuset), capped
 by SLURM_CPUS_PER_TASK when Slurm gives fewer, divided among the ranks torchrun started on this
 node (LOCAL_WORLD_SIZE: they share one affinity set). The loader keeps at most cores - 1 workers
-(the main process, which trains, keeps a core); torch gets the cores the workers leave. An
-OMP_NUM_THREADS in the environment caps torch's threads further: it is a user's (or torchrun's,
-which sets 1 when it starts several ranks) explicit choice.
+(the main process keeps a core). torch's intra-op pool gets the process's cores: the workers
+mostly wait for I/O or a free prefetch slot, and measured on 2 cores, one torch thread beside one
+worker was 1.5x slower alone than two (benchmarks/RESULTS.md, "CPU thread budget"). What makes
+sharing a core cheap is `OMP_WAIT_POLICY=PASSIVE`, which every command sets before torch is
+imported (unless the environment already says otherwise): a thread that waits sleeps instead
+of spinning. An OMP_NUM_THREADS in the environment caps torch's threads: it is a user's (or
+torchrun's, which sets 1 when it starts several ranks) explicit choice.
 """
 from __future__ import annotations
 
@@ -55,11 +60,17 @@ def plan(workers: int, *, min_workers: int = 0, env: Mapping[str, str] = os.envi
     needs a CPU thread even when --num-workers is 0)."""
     cores, source = available_cores(env)
     kept = max(min_workers, min(workers, cores - 1))
-    torch_threads = max(1, cores - kept)
+    torch_threads = cores
     omp = _positive(env.get("OMP_NUM_THREADS"))
     if omp is not None and omp < torch_threads:
         torch_threads, source = omp, f"{source}; OMP_NUM_THREADS={omp} caps torch"
     return Budget(cores=cores, source=source, workers=kept, asked_workers=workers, torch_threads=torch_threads)
+
+
+def prefer_passive_waits(env=os.environ) -> None:
+    """OpenMP threads sleep while they wait instead of spinning: set before torch is imported
+    (libgomp reads it once, when it loads); an explicit OMP_WAIT_POLICY is left alone."""
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def apply(budget: Budget) -> None:

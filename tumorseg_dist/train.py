@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from . import threads
 from .cli import guarded
 from .config import parse
 
@@ -18,6 +19,7 @@ def _run(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    threads.prefer_passive_waits()   # before anything imports torch (the flags may: CUDA or not)
     return guarded("train", _run, argv)
 
 
