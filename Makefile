@@ -23,8 +23,9 @@ run: $(STAMP)
 
 # Two test files at a time (one per core on the 2-core CI box, at most 4): most tests run one
 # single-threaded process, so a second file fills the other core. A file stays on one worker
-# (--dist loadfile), so its module fixtures (a finished run, packed shards) are made once.
-XDIST   := -n auto --maxprocesses 4 --dist loadfile
+# (--dist loadgroup, groups set in tests/conftest.py), so its module fixtures are made once;
+# the docs pages spread over the workers.
+XDIST   := -n auto --maxprocesses 4 --dist loadgroup
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST) $(ARGS)

@@ -35,3 +35,16 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
         raise AssertionError(f"command failed ({p.returncode}): {' '.join(map(str, args))}\n"
                              f"--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}")
     return p
+
+
+# `make test` runs two workers (pytest-xdist, --dist loadgroup). A test file stays on one worker,
+# so its module fixtures (a finished run, a DeepSpeed checkpoint, a local Slurm cluster) are
+# made once; the docs pages are independent and the longest file, so they spread out.
+SPREAD = {"test_docs_commands"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(module))
