@@ -53,7 +53,7 @@ def test_two_ranks_torchrun(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(SCRIPT)
     out = tmp_path / "out.json"
-    run_cli([TORCHRUN, "--nproc_per_node=2", "--master_port=29531", str(script), str(shards), str(out)],
+    run_cli([TORCHRUN, "--nproc_per_node=2", "--standalone", str(script), str(shards), str(out)],
             cwd=tmp_path, timeout=240)
     r0, r1 = json.loads(out.read_text())
     for epoch in ("0", "1"):

@@ -23,8 +23,9 @@ ENGINES = {"ddp": [], "zero1": ["--engine", "deepspeed", "--zero-stage", "1"],
 STEP = re.compile(r"^\s+step (\d+) loss ([0-9.]+) lr")
 
 
-def command(shards, out, engine_flags, port):
-    return [TORCHRUN, "--nproc-per-node", "2", "--master-port", str(port),
+def command(shards, out, engine_flags):
+    # --standalone: torchrun picks a free port itself (fixed ports collide under `make test`'s workers)
+    return [TORCHRUN, "--nproc-per-node", "2", "--standalone",
             str(REPO / "launch" / "record_exit.py"), "tumorseg_dist.train",
             *TINY, "--data", str(shards), "--out", str(out), "--epochs", "2", "--batch-size", "8",
             "--log-every", "1", "--seed", "3", *engine_flags]
@@ -46,7 +47,7 @@ def records(run):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, synthetic_shards):
     out = tmp_path_factory.mktemp("ref") / "run"
-    p = run_cli(command(synthetic_shards, out, [], 29611), cwd=out.parent,
+    p = run_cli(command(synthetic_shards, out, []), cwd=out.parent,
                 env={**ENV, "EXIT_CODE_DIR": str(out.parent / "codes")})
     return losses(p.stdout), records(out)
 
@@ -87,9 +88,8 @@ def test_preempt_and_resume_matches_the_uninterrupted_run(engine, tmp_path, synt
 
     out = tmp_path / "run"
     codes = tmp_path / "codes"
-    port = {"ddp": 29621, "zero1": 29631, "zero2": 29641}[engine]
     stop_after = steps_per_epoch + 1  # mid-way through epoch 2
-    rc, stdout = preempt(command(synthetic_shards, out, ENGINES[engine], port), tmp_path,
+    rc, stdout = preempt(command(synthetic_shards, out, ENGINES[engine]), tmp_path,
                          {**ENV, "EXIT_CODE_DIR": str(codes)}, stop_after)
     assert "stop requested: saved" in stdout, stdout[-3000:]
     assert [(codes / f"rank{r}").read_text().strip() for r in (0, 1)] == ["75", "75"], stdout[-3000:]
@@ -104,7 +104,7 @@ def test_preempt_and_resume_matches_the_uninterrupted_run(engine, tmp_path, synt
     for s in range(1, saved + 1):
         assert before[s] == pytest.approx(ref_losses[s], rel=2e-3, abs=2e-4), (s, before[s], ref_losses[s])
 
-    p = run_cli(command(synthetic_shards, out, ENGINES[engine], port + 1), cwd=tmp_path,
+    p = run_cli(command(synthetic_shards, out, ENGINES[engine]), cwd=tmp_path,
                 env={**ENV, "EXIT_CODE_DIR": str(codes)})
     assert f"resumed from {out / 'checkpoints' / 'last.pt'}: epoch 1, step {saved}" in p.stdout, p.stdout[-2000:]
     after = losses(p.stdout)
@@ -123,9 +123,9 @@ def test_bf16_is_torch_autocast_and_matches_ddp_per_step(tmp_path, synthetic_sha
     fp32; DeepSpeed's own bf16 mode fails on them) and reduces gradients in fp32, so ZeRO-2 on 2
     ranks gives DDP's bf16 per-step losses."""
     runs = {}
-    for name, flags, port in (("ddp", [], 29651), ("zero2", ENGINES["zero2"], 29661)):
+    for name, flags in (("ddp", []), ("zero2", ENGINES["zero2"])):
         out = tmp_path / name
-        p = run_cli(command(synthetic_shards, out, [*flags, "--amp", "bf16", "--max-steps", "4"], port),
+        p = run_cli(command(synthetic_shards, out, [*flags, "--amp", "bf16", "--max-steps", "4"]),
                     cwd=tmp_path, env={**ENV, "EXIT_CODE_DIR": str(tmp_path / f"codes-{name}")})
         assert "amp bf16" in p.stdout, p.stdout[-2000:]
         runs[name] = losses(p.stdout)

@@ -35,9 +35,9 @@ pytestmark = [pytest.mark.slow,
 COMMON = [*TINY, "--epochs", "2", "--batch-size", "8", "--log-every", "1", "--seed", "5"]
 RUNS = {
     "ddp-1proc": [PY, "-m", "tumorseg_dist.train"],
-    "ddp-2ranks": [TORCHRUN, "--nproc-per-node", "2", "--master-port", "29671", "-m",
+    "ddp-2ranks": [TORCHRUN, "--nproc-per-node", "2", "--standalone", "-m",
                    "tumorseg_dist.train"],
-    "zero2-2ranks": [TORCHRUN, "--nproc-per-node", "2", "--master-port", "29672", "-m",
+    "zero2-2ranks": [TORCHRUN, "--nproc-per-node", "2", "--standalone", "-m",
                      "tumorseg_dist.train", "--engine", "deepspeed", "--zero-stage", "2"],
 }
 # Wall-clock values: never golden.

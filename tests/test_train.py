@@ -67,7 +67,7 @@ d.cleanup()
 def test_two_ranks_disjoint_samples_and_exact_eval(tmp_path, synthetic_shards):
     probe = tmp_path / "probe.py"
     probe.write_text(LOADER_PROBE)
-    run_cli([TORCHRUN, "--nproc_per_node=2", "--master_port=29681", str(probe),
+    run_cli([TORCHRUN, "--nproc_per_node=2", "--standalone", str(probe),
              str(synthetic_shards), str(tmp_path)], cwd=tmp_path)
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
     m = read_manifest(synthetic_shards)["splits"]
@@ -78,7 +78,7 @@ def test_two_ranks_disjoint_samples_and_exact_eval(tmp_path, synthetic_shards):
     assert len(val) == len(set(val)) == m["val"]["samples"]        # each val sample exactly once
 
     run = tmp_path / "run"
-    run_cli([TORCHRUN, "--nproc_per_node=2", "--master_port=29682", "-m", "tumorseg_dist.train",
+    run_cli([TORCHRUN, "--nproc_per_node=2", "--standalone", "-m", "tumorseg_dist.train",
              *TINY, "--data", str(synthetic_shards), "--out", str(run), "--epochs", "3",
              "--batch-size", "4"], cwd=tmp_path)
     recs = records(run)
