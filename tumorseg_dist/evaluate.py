@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on a packed split: `python -m tumorseg_dist.evaluate --checkpoint CKPT --data shards/NAME`.
 
-Writes to --out (default RUN/eval-<split>[-tta]/ next to the checkpoint's run):
+Writes to --out (default RUN/eval-<split>[-sliding][-tta]/ next to the checkpoint's run):
 
   metrics.json    dataset-level Dice, IoU, precision, recall, accuracy (from summed TP/FP/FN/TN),
                   mean per-image Dice/IoU, mean/median Hausdorff-95 (MONAI's) over the images
@@ -13,12 +13,13 @@ Writes to --out (default RUN/eval-<split>[-tta]/ next to the checkpoint's run):
 
 By default the prediction is resized back to each image's ORIGINAL size and compared with the
 original mask (areas and HD95 are in original pixels). `--resolution model` instead compares at
-the training size, exactly as training's test_metrics.json does.
+the training size, exactly as training's test_metrics.json does. `--inference sliding` predicts
+at each image's original size with tiles of the training size (Gaussian-weighted, `--overlap`),
+for images much larger than the training size (docs/inference.md).
 
 Under torchrun each rank evaluates a disjoint slice of the split (global rank, world size), and
 the counts are summed, so every sample is counted exactly once.
 """
-
 from __future__ import annotations
 
 import sys
