@@ -227,7 +227,8 @@ def test_on_without_cuda_or_interpreter_fails_clearly(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         dice_bce_loss(x, t, fused="on")           # ... but the choice is made per call
-    assert not kmod.interpreting()
+    from tumorseg_dist.kernels.launch import interpreting
+    assert not interpreting()
 
 
 def test_bad_arguments():
@@ -287,13 +288,14 @@ def test_gpu_flavour_compiles_for_sm90_without_a_gpu(xdt, tdt):
 
 
 def test_the_kernel_module_imports_nothing_from_the_package():
-    """losses -> kernels only: the kernel stops at per-image sums, losses makes the loss."""
+    """losses -> kernels only: the kernel stops at per-image sums, losses makes the loss. Its
+    own package's launcher (kernels/launch.py) is the one import it may make."""
     import ast
     tree = ast.parse(Path(kmod.__file__).read_text())
     ours = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
             and (getattr(n, "level", 0) or any(a.name.startswith("tumorseg_dist") for a in n.names)
                  or (getattr(n, "module", None) or "").startswith("tumorseg_dist"))]
-    assert ours == []
+    assert ours == ["from .launch import KernelPair, check_runnable as _check_runnable"]
 
 
 @pytest.mark.parametrize("kind,weights", [("dice_bce", (1.0, 2.0)), ("bce", (1.0, 0.0)), ("dice", (0.0, 2.0))])

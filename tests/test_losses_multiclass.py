@@ -556,7 +556,8 @@ def test_dispatch_on_auto_off(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         dice_ce_loss(xx, t, fused="on")                 # the choice is made per call
-    assert not kmod.interpreting()
+    from tumorseg_dist.kernels.launch import interpreting
+    assert not interpreting()
 
 
 def _graph_names(loss):
@@ -625,8 +626,9 @@ def test_block_sizes_keep_the_tile_at_a_fixed_element_count():
 
 
 def test_the_kernel_module_imports_nothing_from_the_package():
+    """Only its own package's launcher (kernels/launch.py), never losses above it."""
     tree = ast.parse(Path(kmod.__file__).read_text())
     ours = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
             and (getattr(n, "level", 0) or any(a.name.startswith("tumorseg_dist") for a in n.names)
                  or (getattr(n, "module", None) or "").startswith("tumorseg_dist"))]
-    assert ours == []
+    assert ours == ["from .launch import KernelPair, check_runnable as _check_runnable"]

@@ -32,11 +32,12 @@ per call, not at import, so setting or clearing the variable in one test does no
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import KernelPair, check_runnable as _check_runnable
 
 FWD_BLOCK = 2048        # elements per tile
 BWD_BLOCK = 2048
@@ -103,34 +104,12 @@ def _dice_bce_bwd(x_ptr, t_ptr, coef_ptr, g_ptr, M, pos_weight, BLOCK: tl.conste
     tl.store(g_ptr + base + idx, grad.to(g_ptr.dtype.element_ty), mask=mask)
 
 
-_KERNELS: dict[bool, tuple] = {}
-
-
-def interpreting() -> bool:
-    """True when TRITON_INTERPRET is set to a true value right now (Triton's own parsing)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def _kernels(interpret: bool):
-    if interpret not in _KERNELS:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction as make
-        else:
-            from triton.runtime.jit import JITFunction as make
-        _KERNELS[interpret] = (make(_dice_bce_fwd), make(_dice_bce_bwd))
-    return _KERNELS[interpret]
+_kernels = KernelPair(_dice_bce_fwd, _dice_bce_bwd)
 
 
 def check_runnable(logits: torch.Tensor) -> bool:
     """Which flavour runs these logits (True = interpreter); a clear error if none can."""
-    if interpreting():
-        return True
-    if logits.is_cuda:
-        return False
-    raise RuntimeError(
-        "fused Dice+BCE loss ('--fused-loss on') needs CUDA tensors, or the Triton interpreter "
-        f"for {logits.device.type} tensors: set TRITON_INTERPRET=1 in the environment (slow, "
-        "meant for tests), or use --fused-loss auto|off to run the PyTorch reference here.")
+    return _check_runnable(logits, "fused Dice+BCE loss")
 
 
 def _dense_per_image(x: torch.Tensor) -> torch.Tensor:

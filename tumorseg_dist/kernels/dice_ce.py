@@ -36,11 +36,12 @@ set at call time (CPU tensors, slow, for tests), chosen per call as in dice_bce.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import KernelPair, check_runnable as _check_runnable
 
 TILE_ELEMENTS = 2048      # BLOCK pixels × KP classes per tile: registers stay as for one class
 NUM_WARPS = 8
@@ -145,35 +146,12 @@ def _dice_ce_bwd(x_ptr, t_ptr, w_ptr, coef_ptr, gce_ptr, g_ptr, M, K, stride_n, 
     tl.store(g_ptr + offs2, grad.to(g_ptr.dtype.element_ty), mask=m2)
 
 
-_KERNELS: dict[bool, tuple] = {}
-
-
-def interpreting() -> bool:
-    """True when TRITON_INTERPRET is set to a true value right now (Triton's own parsing)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def _kernels(interpret: bool):
-    if interpret not in _KERNELS:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction as make
-        else:
-            from triton.runtime.jit import JITFunction as make
-        _KERNELS[interpret] = (make(_dice_ce_fwd), make(_dice_ce_bwd))
-    return _KERNELS[interpret]
+_kernels = KernelPair(_dice_ce_fwd, _dice_ce_bwd)
 
 
 def check_runnable(logits: torch.Tensor) -> bool:
     """Which flavour runs these logits (True = interpreter); a clear error if none can."""
-    if interpreting():
-        return True
-    if logits.is_cuda:
-        return False
-    raise RuntimeError(
-        "fused K-class Dice+CE loss ('--fused-loss on') needs CUDA tensors, or the Triton "
-        f"interpreter for {logits.device.type} tensors: set TRITON_INTERPRET=1 in the "
-        "environment (slow, meant for tests), or use --fused-loss auto|off to run the PyTorch "
-        "reference here.")
+    return _check_runnable(logits, "fused K-class Dice+CE loss")
 
 
 def block_sizes(classes: int) -> tuple[int, int]:
