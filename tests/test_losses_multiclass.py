@@ -631,4 +631,4 @@ def test_the_kernel_module_imports_nothing_from_the_package():
     ours = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
             and (getattr(n, "level", 0) or any(a.name.startswith("tumorseg_dist") for a in n.names)
                  or (getattr(n, "module", None) or "").startswith("tumorseg_dist"))]
-    assert ours == ["from .launch import KernelPair, check_runnable as _check_runnable"]
+    assert ours == ["from .launch import KernelPair, check_runnable as _check_runnable, programs_per_image"]

@@ -37,12 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import KernelPair, check_runnable as _check_runnable
+from .launch import KernelPair, check_runnable as _check_runnable, programs_per_image
 
 FWD_BLOCK = 2048        # elements per tile
 BWD_BLOCK = 2048
 NUM_WARPS = 8
-INTERPRET_PROGRAMS_PER_IMAGE = 2   # small grid under the interpreter (each program is Python)
 
 
 # Kernels use only Triton builtins plus `tl.reduce` with the standard library's own sum combiner
@@ -155,12 +154,7 @@ class _FusedDiceBCESums(torch.autograd.Function):
         n = x.shape[0]
         m = x.numel() // n
         tiles = triton.cdiv(m, FWD_BLOCK)
-        if interpret:
-            per_image = INTERPRET_PROGRAMS_PER_IMAGE
-        else:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            per_image = triton.cdiv(4 * sms, n)
-        p = max(1, min(tiles, per_image))
+        p = programs_per_image(tiles, n, interpret, x.device)
         partials = torch.empty((n, p, 4), dtype=torch.float32, device=x.device)
         fwd[(n, p)](x, t, partials, m, p, float(pos_weight), BLOCK=FWD_BLOCK, num_warps=NUM_WARPS)
         sums = partials.sum(1)

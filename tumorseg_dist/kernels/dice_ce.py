@@ -41,11 +41,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import KernelPair, check_runnable as _check_runnable
+from .launch import KernelPair, check_runnable as _check_runnable, programs_per_image
 
 TILE_ELEMENTS = 2048      # BLOCK pixels × KP classes per tile: registers stay as for one class
 NUM_WARPS = 8
-INTERPRET_PROGRAMS_PER_IMAGE = 2
 
 # Only builtins and the standard library's own combiners, which the interpreter maps to numpy
 # (see dice_bce.py: `tl.sum`/`tl.max` are @jit helpers fixed at `import triton` time and break
@@ -215,12 +214,7 @@ class _FusedDiceCESums(torch.autograd.Function):
         m = t.shape[1]
         block, kp = block_sizes(k)
         tiles = triton.cdiv(m, block)
-        if interpret:
-            per_image = INTERPRET_PROGRAMS_PER_IMAGE
-        else:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            per_image = triton.cdiv(4 * sms, n)
-        p = max(1, min(tiles, per_image))
+        p = programs_per_image(tiles, n, interpret, x.device)
         part = torch.empty((n, p, 3, kp), dtype=torch.float32, device=x.device)
         scal = torch.empty((n, p, 3), dtype=torch.float32, device=x.device)
         has_ignore = ignore_index is not None

@@ -30,6 +30,20 @@ class KernelPair:
         return self._made[interpret]
 
 
+INTERPRET_PROGRAMS_PER_IMAGE = 2   # small grid under the interpreter (each program is Python)
+
+
+def programs_per_image(tiles: int, images: int, interpret: bool, device: torch.device) -> int:
+    """Forward programs per image: enough to fill the GPU (4 per SM over the batch), never
+    more than the image has tiles; a small grid under the interpreter."""
+    if interpret:
+        per_image = INTERPRET_PROGRAMS_PER_IMAGE
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        per_image = -(-4 * sms // images)
+    return max(1, min(tiles, per_image))
+
+
 def check_runnable(logits: torch.Tensor, what: str) -> bool:
     """Which flavour runs these logits (True = interpreter); a clear error if none can."""
     if interpreting():
