@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import json
 import importlib.metadata
 import os
 import platform
@@ -71,3 +72,11 @@ def provenance(argv: list[str], device: torch.device, script: str = "benchmarks/
                      "smp": version("segmentation_models_pytorch", "segmentation-models-pytorch"), "torchvision": version("torchvision"),
                      "albumentations": version("albumentations")},
     }
+
+
+def emit(doc: dict, path: Path | None) -> None:
+    """Print the benchmark's JSON document, and write it to `path` (--json) when given."""
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")

@@ -9,7 +9,6 @@ with the load; the best is the command's own cost.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
@@ -21,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _provenance import provenance  # noqa: E402
+from _provenance import emit, provenance  # noqa: E402
 from tumorseg_dist import cli  # noqa: E402
 from tumorseg_dist.commands import COMMANDS  # noqa: E402
 
@@ -67,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in COMMANDS:
             cli.usage_error("cli-bench", f"--commands: unknown command {name!r}; choose from {', '.join(COMMANDS)}")
         doc["commands"][name] = time_help(COMMANDS[name][0], a.repeat)
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if a.json:
-        a.json.write_text(text + "\n")
+    emit(doc, a.json)
     return 0
 
 

@@ -12,7 +12,6 @@ synthetic set is packed once by a warm-up run that is not timed. Prints one JSON
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -27,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _provenance import provenance  # noqa: E402
+from _provenance import emit, provenance  # noqa: E402
 from tumorseg_dist import cli  # noqa: E402
 
 COMPETITOR = ("import torch\na = torch.randn(768, 768)\nwhile True:\n    a = (a @ a).tanh()")
@@ -85,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             comp.wait()
         shutil.rmtree(cwd / "shards", ignore_errors=True)
     doc["slowdown"] = round(doc["beside_competitor"]["wall_s"] / doc["alone"]["wall_s"], 2)
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if a.json:
-        a.json.write_text(text + "\n")
+    emit(doc, a.json)
     return 0
 
 

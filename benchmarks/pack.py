@@ -118,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                        "shard_bytes_per_image": round(size / a.images)}
                 doc["rows"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if a.json:
-        a.json.write_text(text + "\n")
+    from _provenance import emit
+    emit(doc, a.json)
     return 0
 
 
