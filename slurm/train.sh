@@ -5,6 +5,11 @@
 #   sbatch slurm/train.sh --data shards/lgg --epochs 50
 #   sbatch --nodes=4 --time=2-00:00:00 slurm/train.sh --data shards/lgg   # override any #SBATCH line
 #
+# Cross-validation (data packed with --folds K): one array task per fold, task k trains --fold k
+# into runs/<job name>-<array job id>-f<k>/ (all folds of one submission side by side):
+#
+#   sbatch --array=0-4 slurm/train.sh --data shards/msd --epochs 50
+#
 # Run directory: runs/<job name>-<job id>/ (the same after a requeue); console log:
 # <job name>-<job id>.out in the submit directory. Training flags are those of
 # `python -m tumorseg_dist.train --help`; --out and --resume auto are added unless you pass them.
@@ -70,7 +75,18 @@ ATTEMPT=${SLURM_RESTART_COUNT:-0}
 NNODES=${SLURM_NNODES:-1}
 NPROC=$(tumorseg_nproc)
 RUNS_DIR=${RUNS_DIR:-runs}
-RUN_DIR=${RUN_DIR:-$RUNS_DIR/${SLURM_JOB_NAME:-tumorseg}-$SLURM_JOB_ID}
+# A job array over folds: task k is --fold k (unless the flags choose a fold), in its own run dir.
+FOLD=""
+if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+    case " $* " in *" --fold "*|*" --fold="*) ;; *) FOLD=$SLURM_ARRAY_TASK_ID ;; esac
+    case " $* " in *" --out "*|*" --out="*)
+        echo "tumorseg: error: an array job trains one fold per task, each in its own run directory:" \
+             "leave --out out (task k writes $RUNS_DIR/<job name>-<array job id>-f<k>; set RUNS_DIR" \
+             "to move them)" >&2
+        exit 1 ;;
+    esac
+fi
+RUN_DIR=${RUN_DIR:-$RUNS_DIR/${SLURM_JOB_NAME:-tumorseg}-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${FOLD:+-f$FOLD}}
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-300}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 MAX_REQUEUES=${MAX_REQUEUES:-20}
@@ -91,6 +107,7 @@ done
 train_args=()
 case " $* " in *" --out "*|*" --out="*) ;; *) train_args+=(--out "$RUN_DIR") ;; esac
 [ "$has_resume" = 1 ] || train_args+=(--resume auto)
+[ -n "$FOLD" ] && train_args+=(--fold "$FOLD")
 train_args+=("$@")
 
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)

@@ -60,6 +60,9 @@ class DataConfig:
     statistics from the dataset's manifest.json (recorded here in the run's config)."""
     std: Annotated[tuple[float, ...], FromManifest] = ()
     """Input normalisation std per model channel (empty: from manifest.json)."""
+    fold: Optional[int] = None
+    """Cross-validation fold of a dataset packed with `--folds K`: validate on fold k, train on
+    the other folds (the test split stays held out). Run dir default: NAME-fK."""
     verify_shards: VerifyMode = "quick"
     """Before the first epoch, check the shards against manifest.json's sha256 and size:
     `quick` hashes only shards new or changed since the last check (cache keyed by path, size

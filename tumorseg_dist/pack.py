@@ -61,6 +61,8 @@ def parse(argv: list[str] | None):
         return cfg
     if cfg.input is None and cfg.format != "synthetic":
         cli.usage_error("pack", f"INPUT is required for --format {cfg.format}")
+    if cfg.folds and cfg.format == "synthetic":
+        cli.usage_error("pack", "--folds is for packing an INPUT dataset; the synthetic set has no groups to fold")
     if (cfg.task_index is None) != (cfg.num_tasks is None):
         cli.usage_error("pack", "--task-index and --num-tasks go together")
     return cfg

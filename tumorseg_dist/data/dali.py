@@ -37,7 +37,7 @@ from ..dist import DistInfo
 from .augment import AugmentParams
 from .batch import LUMA, Batch, LoaderSpec
 from .shards import read_index
-from .shards import IMAGE_EXT, ShardError, read_manifest, shard_paths
+from .shards import IMAGE_EXT, ShardError, read_manifest, shard_paths, split_shards
 
 SHUFFLE_BUFFER = 1024   # DALI reader shuffle buffer (samples, encoded) per rank
 PREFETCH = 2            # batches DALI prepares ahead
@@ -105,7 +105,7 @@ def inspect_split(shard_dir: Path, split: str) -> SplitLayout:
     if codec not in IMAGE_EXT:
         raise ShardError(f"{shard_dir}/manifest.json: unknown codec {codec!r}; re-run pack")
     tars = shard_paths(shard_dir, split, manifest)
-    listed = {sh["name"]: sh["samples"] for sh in manifest["splits"][split]["shards"]}
+    listed = {sh["name"]: sh["samples"] for sh in split_shards(manifest, split, shard_dir)}
     keys: list[str] = []
     raw_seen: set[tuple[str, int, int]] = set()
     grey = True

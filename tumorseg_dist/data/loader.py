@@ -13,7 +13,7 @@ from ..dist import DistInfo
 from ..precision import Precision, resolve_precision
 from .batch import Loader, LoaderSpec, norm_stats
 from .order import divisible_choices
-from .shards import read_manifest
+from .shards import fold_split, read_manifest
 from .torch_loader import TorchLoader
 
 
@@ -32,7 +32,8 @@ def resolve_norm(cfg, shard_dir: Path) -> tuple[tuple[float, ...], tuple[float, 
 
 def build_loader(cfg, shard_dir: Path, split: str, dist: DistInfo, training: bool,
                  precision: Precision | None = None, workers: int | None = None) -> Loader:
-    """The configured loader (`--loader torch|dali`) for one split of a packed dataset, delivering
+    """The configured loader (`--loader torch|dali`) for one split of a packed dataset (under
+    `--fold k`, train and val are the folds: `shards.fold_split`), delivering
     `precision`'s image dtype and memory format (the run's; omitted, resolved from cfg.train).
     The model's first op casts to that dtype anyway; delivering it halves the output copy.
     `workers`: the process's thread budget (threads.plan); omitted, cfg.data.num_workers."""
@@ -44,7 +45,7 @@ def build_loader(cfg, shard_dir: Path, split: str, dist: DistInfo, training: boo
                          f"{divisible_choices(cfg.train.batch_size, dist.world_size)}")
     mean, std = resolve_norm(cfg, shard_dir)
     spec = LoaderSpec(
-        shard_dir=Path(shard_dir), split=split, training=training, size=cfg.data.size,
+        shard_dir=Path(shard_dir), split=fold_split(split, cfg.data.fold), training=training, size=cfg.data.size,
         in_channels=cfg.data.in_channels, batch_size=cfg.train.batch_size // dist.world_size,
         mean=mean, std=std, augment=resolve(cfg.augment) if training else PRESETS["none"],
         seed=cfg.train.seed, num_workers=cfg.data.num_workers if workers is None else workers,

@@ -60,6 +60,7 @@ class Sample:
     dataset: str = ""
     split: str | None = None    # given split (COCO); None = assigned by group
     meta: dict = field(default_factory=dict)   # more keys for the json (a volume slice: case, spacing_mm)
+    fold: int | None = None     # cross-validation fold of its group (pack --folds); None: no folds
 
 
 def safe_key(text: str) -> str:
@@ -257,6 +258,89 @@ def _fill_empty_splits(out: dict[str, str], order: list[str], counts: dict[str, 
         out[smallest] = sp
 
 
+# ---------------------------------------------------------------- cross-validation folds
+
+def assign_folds(groups: list[str], k: int, seed: int) -> dict[str, int]:
+    """Map each group (patient) to one of `k` folds, balanced by sample count.
+
+    Groups are shuffled with `seed`, then taken largest first (a stable sort, so equal sizes
+    keep the shuffled order) and each goes to the fold with the fewest samples so far (the
+    lowest-numbered on a tie): the longest-processing-time rule, which keeps every fold within
+    one group's size of the others. Deterministic for a given input; a group is in one fold."""
+    counts: dict[str, int] = {}
+    for g in groups:
+        counts[g] = counts.get(g, 0) + 1
+    if k < 2:
+        raise ShardError(f"--folds {k}: cross-validation needs at least 2 folds")
+    if len(counts) < k:
+        raise ShardError(f"--folds {k} needs at least {k} groups (patients) outside the test split, "
+                         f"there are {len(counts)}; use fewer folds or a smaller test fraction in --split")
+    order = sorted(counts)
+    np.random.default_rng(seed).shuffle(order)
+    order.sort(key=lambda g: -counts[g])
+    totals = [0] * k
+    out = {}
+    for g in order:
+        f = min(range(k), key=lambda i: (totals[i], i))
+        out[g] = f
+        totals[f] += counts[g]
+    return out
+
+
+def shard_prefix(split: str, fold: int | None) -> str:
+    """`train-000000.tar`, or a fold's own `train-fold2-000000.tar`."""
+    return split if fold is None else f"{split}-fold{fold}"
+
+
+def count_folds(manifest: dict) -> None:
+    """manifest["folds"]["samples"]: each fold's samples, from its shards (after a pack, and
+    again after a Slurm merge)."""
+    folds = manifest["folds"]
+    per = [0] * folds["count"]
+    for sh in manifest["splits"]["train"]["shards"]:
+        per[sh["fold"]] += sh["samples"]
+    folds["samples"] = per
+
+
+def fold_split(split: str, fold: int | None) -> str:
+    """The split name a loader reads for `split` under `train --fold K`: `train:fold2` (the
+    train shards of every other fold), `val:fold2` (fold 2's own); test (and any split without
+    a fold) as it is."""
+    return split if fold is None or split not in ("train", "val") else f"{split}:fold{fold}"
+
+
+def check_fold(manifest: dict, fold: int | None, shard_dir: Path, training: bool = False) -> None:
+    """A fold that this dataset has, or a one-line error naming the fix. `training`: a dataset
+    packed with folds has no val split of its own, so a fold must be chosen."""
+    folds = manifest.get("folds")
+    if fold is None:
+        if training and folds:
+            raise ShardError(f"{shard_dir} was packed with --folds {folds['count']}: its validation data "
+                             f"are the folds; pass --fold 0 to {folds['count'] - 1} (or re-pack without --folds)")
+        return
+    if not folds and manifest.get("format") == "synthetic":
+        raise ShardError(f"--fold {fold}: {shard_dir} is a synthetic set, which has no folds; pack a "
+                         f"dataset with --folds K to train on its folds")
+    if not folds:
+        raise ShardError(f"--fold {fold}: {shard_dir} was packed without folds; re-pack it with "
+                         f"--folds K: {repack_command(Path(shard_dir), manifest, '--folds 5')}")
+    if not 0 <= fold < folds["count"]:
+        raise ShardError(f"--fold {fold}: {shard_dir} has {folds['count']} folds, "
+                         f"--fold 0 to {folds['count'] - 1}")
+
+
+def split_shards(manifest: dict, split: str, shard_dir: Path) -> list[dict]:
+    """The manifest's shard entries of a split or of a fold selection (`fold_split`)."""
+    name, _, fold = split.partition(":fold")
+    if name not in manifest["splits"]:
+        raise ShardError(f"{shard_dir}/{MANIFEST} has no split {name!r}")
+    if not fold:
+        return manifest["splits"][name]["shards"]
+    k = int(fold)
+    check_fold(manifest, k, shard_dir)
+    return [sh for sh in manifest["splits"]["train"]["shards"] if (sh["fold"] == k) == (name == "val")]
+
+
 @dataclass
 class EncodedSample:
     """A sample after encoding: its tar members plus what the manifest needs. Small and
@@ -272,6 +356,7 @@ class EncodedSample:
     pixel_sum: np.ndarray       # per channel, in [0, 1] units
     pixel_sq: np.ndarray
     extra: dict = field(default_factory=dict)   # importer notes (e.g. non-binary mask sources)
+    fold: int | None = None     # cross-validation fold (pack --folds): its own train shards
 
 
 def pixel_sums(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -288,7 +373,7 @@ def encode_sample(s: Sample, codec: str, jpeg_quality: int = 95,
     members = sample_members(s, codec, jpeg_quality, image_bytes=image_bytes)
     ps, pq = pixel_sums(s.image)
     return EncodedSample(s.key, s.split, s.source, members, int(s.image.shape[0]), int(s.image.shape[1]),
-                         bool(np.any(s.mask)), ps, pq)
+                         bool(np.any(s.mask)), ps, pq, fold=s.fold)
 
 
 @dataclass
@@ -424,14 +509,17 @@ def write_dataset(samples: Iterable[Sample | EncodedSample], out: Path, *, fmt: 
     shutil.rmtree(stage, ignore_errors=True)
     try:
         stage.mkdir(parents=True)
-        writers = {sp: ShardWriter(stage, sp, shard_size) for sp in SPLITS}
+        writers: dict[tuple[str, int | None], ShardWriter] = {}
         stats = {sp: SplitStats() for sp in SPLITS}
         sizes: dict[str, int] = {}
         for s in samples:
             if s.split not in SPLITS:
                 raise ShardError(f"sample {s.source} has no split (got {s.split!r})")
             e = s if isinstance(s, EncodedSample) else encode_sample(s, codec, jpeg_quality)
-            writers[s.split].write(e.members)
+            w = (s.split, e.fold)
+            if w not in writers:
+                writers[w] = ShardWriter(stage, shard_prefix(*w), shard_size)
+            writers[w].write(e.members)
             stats[s.split].add(e, s.split == "train")
             hw = f"{e.width}x{e.height}"
             sizes[hw] = sizes.get(hw, 0) + 1
@@ -439,8 +527,11 @@ def write_dataset(samples: Iterable[Sample | EncodedSample], out: Path, *, fmt: 
                 progress(s)
         splits = {}
         for sp in SPLITS:
+            shards = [{**sh, **({} if f is None else {"fold": f})}
+                      for (wsp, f), wr in sorted(writers.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1))
+                      if wsp == sp for sh in wr.close()]
             splits[sp] = {"samples": stats[sp].samples, "positive_samples": stats[sp].positive_samples,
-                          "shards": writers[sp].close()}
+                          "shards": shards}
         tr = stats["train"]
         mean, std = tr.mean_std()
         from .. import __version__
@@ -454,6 +545,8 @@ def write_dataset(samples: Iterable[Sample | EncodedSample], out: Path, *, fmt: 
                                   "sum_sq": [float(v) for v in (tr.pixel_sq if tr.pixels else [])]},
             "size_histogram": dict(sorted(sizes.items())), **(extra or {}),
         }
+        if "folds" in manifest:
+            count_folds(manifest)
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         publish(stage, out)
         return manifest
@@ -479,10 +572,8 @@ def read_manifest(shard_dir: Path) -> dict:
 def shard_paths(shard_dir: Path, split: str, manifest: dict | None = None) -> list[Path]:
     """The split's tar files, checked to exist (a missing one names the fix)."""
     manifest = manifest or read_manifest(shard_dir)
-    if split not in manifest["splits"]:
-        raise ShardError(f"{shard_dir}/{MANIFEST} has no split {split!r}")
     paths = []
-    for sh in manifest["splits"][split]["shards"]:
+    for sh in split_shards(manifest, split, shard_dir):
         p = Path(shard_dir) / sh["name"]
         if not p.is_file():
             raise ShardError(f"{p} is listed in {MANIFEST} but missing; re-run pack with --overwrite")
@@ -491,14 +582,16 @@ def shard_paths(shard_dir: Path, split: str, manifest: dict | None = None) -> li
 
 
 
-def repack_command(shard_dir: Path, manifest: dict) -> str:
-    """The command that rebuilds `shard_dir` from its inputs (printed with a corrupt shard)."""
+def repack_command(shard_dir: Path, manifest: dict, more: str = "") -> str:
+    """The command that rebuilds `shard_dir` from its inputs (printed with a corrupt shard);
+    `more`: flags to add (e.g. `--folds 5`)."""
     if manifest.get("format") == "synthetic":
         s = manifest.get("synthetic", {})
         return (f"python -m tumorseg_dist.pack --format synthetic --out {shard_dir} --samples {s.get('samples')} "
                 f"--size {s.get('size')} --seed {s.get('seed')} --overwrite")
     return (f"python -m tumorseg_dist.pack {manifest.get('input_root', 'INPUT')} --out {shard_dir} "
-            f"--codec {manifest.get('codec', 'png')} --overwrite (with the other options it was packed "
+            f"--codec {manifest.get('codec', 'png')}{' ' + more if more else ''} --overwrite (with the other "
+            f"options it was packed "
             f"with; see {shard_dir / MANIFEST})")
 
 

@@ -10,7 +10,7 @@ import torch
 from .. import checkpoint, dist as distmod, resume_guard, threads, tracking
 from ..config import Config, save_toml
 from ..data.loader import build_loader, resolve_norm
-from ..data.shards import SPLITS, read_manifest
+from ..data.shards import SPLITS, check_fold, read_manifest
 from ..data.synthetic import ensure_synthetic
 from ..data.verify import verify_shards
 from ..engines import NonFiniteLossError, build_engine
@@ -37,10 +37,14 @@ def deterministic(device: torch.device) -> None:
 def prepare_data(cfg: Config, dist: distmod.DistInfo) -> Path:
     """The packed dataset to train on; the built-in set is packed by rank 0, once."""
     if cfg.data.path is not None:
-        read_manifest(cfg.data.path)  # fail early, on every rank, with the pack command to run
+        # fail early, on every rank, with the pack command to run
+        check_fold(read_manifest(cfg.data.path), cfg.data.fold, cfg.data.path, training=True)
         # Absolute, so evaluate/export find the data from the checkpoint whatever their cwd.
         return Path(cfg.data.path).resolve()
     out = None
+    if cfg.data.fold is not None:
+        raise ValueError(f"--fold {cfg.data.fold} needs --data: a dataset packed with --folds K "
+                         f"(the built-in synthetic set has no folds)")
     if dist.is_main:
         out = ensure_synthetic(SHARDS_ROOT, cfg.data.synthetic_samples, cfg.data.synthetic_size, cfg.train.seed)
     distmod.barrier()
@@ -51,6 +55,8 @@ def resolve_run_dir(cfg: Config, data_dir: Path) -> Path:
     if cfg.run.out is not None:
         return Path(cfg.run.out)
     name = cfg.run.name or f"{data_dir.name}-{model_name(cfg.model.arch, cfg.model.encoder, '-')}"
+    if cfg.run.name is None and cfg.data.fold is not None:
+        name += f"-f{cfg.data.fold}"   # one run per fold, side by side
     return Path("runs") / name
 
 

@@ -96,6 +96,9 @@ class PackConfig:
     with columns source,group."""
     split: Split = (0.7, 0.2, 0.1)
     """Train,val,test fractions by group (ignored for formats that come split)."""
+    folds: Optional[int] = None
+    """K-fold cross-validation: the groups outside the test split (its fraction in --split) go
+    to K folds, balanced by sample count, each in its own train shards; train with --fold k."""
     seed: int = 0
     """Seed of the split by group (and of the synthetic phantoms, and of the negatives of
     --slices lesion+N)."""
@@ -133,6 +136,8 @@ class PackConfig:
     def __post_init__(self) -> None:
         if self.out is tyro.MISSING:
             raise TypeError("PackConfig needs out (the output shard directory)")
+        if self.folds is not None and self.folds < 2:
+            raise ValueError(f"--folds {self.folds}: cross-validation needs at least 2 folds (5 is usual)")
         o = self.options
         parse_slices(o.slices)
         parse_labels(o.labels)

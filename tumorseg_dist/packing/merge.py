@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data.formats.volumes import merge_summaries
-from ..data.shards import (MANIFEST, SPLITS, ShardError, SplitStats, check_output, output_is_complete,
-                      publish, read_manifest, sha256_file)
+from ..data.shards import (MANIFEST, SPLITS, ShardError, SplitStats, check_output, count_folds, output_is_complete,
+                      publish, read_manifest, sha256_file, shard_prefix)
 
 
 def parts_root(out: Path) -> Path:
@@ -78,7 +78,9 @@ def merge_parts(out: Path, log=print, overwrite: bool = False) -> dict:
                 splits[sp]["samples"] += s["samples"]
                 splits[sp]["positive_samples"] += s["positive_samples"]
                 for sh in s["shards"]:
-                    name = f"{sp}-{len(splits[sp]['shards']):06d}.tar"
+                    # a fold's shards keep their own names (train-fold2-000000.tar)
+                    n = sum(x.get("fold") == sh.get("fold") for x in splits[sp]["shards"])
+                    name = f"{shard_prefix(sp, sh.get('fold'))}-{n:06d}.tar"
                     _link_or_copy(part / sh["name"], stage / name)
                     shutil.copyfile((part / sh["name"]).with_suffix(".idx"), (stage / name).with_suffix(".idx"))
                     if sha256_file(stage / name) != sh["sha256"]:
@@ -105,6 +107,8 @@ def merge_parts(out: Path, log=print, overwrite: bool = False) -> dict:
                     "merged_from_tasks": count}
         if "volumes" in first:
             manifest["volumes"] = merge_summaries([m["volumes"] for m in manifests])
+        if "folds" in first:
+            count_folds(manifest)
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         publish(stage, out)
     except BaseException:

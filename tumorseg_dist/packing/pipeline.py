@@ -18,8 +18,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..data.shards import (CODECS, SPLITS, EncodedSample, Sample, ShardError, assign_splits, check_output,
-                      encode_sample, write_dataset)
+from ..data.shards import (CODECS, SPLITS, EncodedSample, Sample, ShardError, assign_folds, assign_splits,
+                      check_output, encode_sample, write_dataset)
 from ..data.formats import FORMATS, VOLUME_FORMATS, detect
 from ..data.formats.common import (JPEG_EXTS, VOLUME_OPTIONS, Item, LayoutError, Options, PackInputError, Scan,
                                    load_item, walk)
@@ -49,6 +49,8 @@ class Plan:
     fingerprint: str
     job_fingerprint: str
     total_items: int
+    fold_of: dict[str, int] | None = None  # group -> fold (--folds), for the whole input
+    folds: dict | None = None              # manifest.json's "folds" (counts added by the writer)
 
 
 def _log(msg: str) -> None:
@@ -150,13 +152,19 @@ def plan(cfg: PackConfig, log: Callable[[str], None] = _log) -> Plan:
         for it in items:
             it.split = it.split or "train"
     else:
-        split_of = assign_splits([it.group or it.source for it in items], tuple(cfg.split), cfg.seed)
+        # --folds: only the test fraction is a split; train and val are the folds
+        fractions = (1.0 - cfg.split[2], 0.0, cfg.split[2]) if cfg.folds else tuple(cfg.split)
+        split_of = assign_splits([it.group or it.source for it in items], fractions, cfg.seed)
         for it in items:
             it.split = split_of[it.group or it.source]
-        log(f"  splits: --split {','.join(str(f) for f in cfg.split)} by group, --seed {cfg.seed}")
+        log(f"  splits: --split {','.join(str(f) for f in cfg.split)} by group, --seed {cfg.seed}"
+            + (f" (the test fraction; the rest is --folds {cfg.folds})" if cfg.folds else ""))
+    fold_of = folds = None
+    if cfg.folds:
+        fold_of, folds = plan_folds(items, cfg, fmt in VOLUME_FORMATS, log)
     counts = {sp: sum(it.split == sp for it in items) for sp in SPLITS}
     for sp, n in counts.items():
-        if n == 0:
+        if n == 0 and not (folds and sp == "val"):
             log(f"  warning: split {sp} gets no samples (too few groups for --split); training needs train and val")
     spec = {"format": fmt, "options": _options_spec(opts, fmt, cfg.seed), "groups": cfg.groups if groups_csv_hash is None else groups_csv_hash,
             "split": "given" if scan.given_splits else [list(cfg.split), cfg.seed], "codec": cfg.codec,
@@ -164,6 +172,7 @@ def plan(cfg: PackConfig, log: Callable[[str], None] = _log) -> Plan:
             "on_error": cfg.on_error, "dataset": cfg.dataset or Path(cfg.out).name,
             # only when set, so that the fingerprint of every earlier pack stays the same
             **({"follow_links": True} if cfg.follow_links else {}),
+            **({"folds": cfg.folds} if cfg.folds else {}),
             "files": _file_stats(root, [n for it in items for n in [it.source, *it.mask_sources]
                                         if "#" not in n] + scan.extra_files)}
     job_fp = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -177,7 +186,33 @@ def plan(cfg: PackConfig, log: Callable[[str], None] = _log) -> Plan:
         skipped = skipped if i == 0 else []          # scan problems are recorded once, by task 0
         fp = hashlib.sha256(f"{job_fp}:{i}/{n}".encode()).hexdigest()
         log(f"  task {i} of {n}: items {i * total // n}..{(i + 1) * total // n - 1} of {total}")
-    return Plan(fmt, why, scan, items, skipped, fp, job_fp, total)
+    return Plan(fmt, why, scan, items, skipped, fp, job_fp, total, fold_of, folds)
+
+
+def plan_folds(items: list[Item], cfg: PackConfig, volumes: bool,
+               log: Callable[[str], None]) -> tuple[dict[str, int], dict]:
+    """--folds K: the groups outside the test split (train and val alike) to K folds
+    (assign_folds), balanced by input items: images for 2D formats, cases for volumes (a case's
+    slice count is known only once it is read; manifest.json records each fold's samples)."""
+    for it in items:
+        if it.split == "val":
+            it.split = "train"
+    pool = [it.group or it.source for it in items if it.split == "train"]
+    try:
+        fold_of = assign_folds(pool, cfg.folds, cfg.seed)
+    except ShardError as e:
+        raise LayoutError(str(e)) from None
+    members: list[list[str]] = [[] for _ in range(cfg.folds)]
+    for g, f in sorted(fold_of.items()):
+        members[f].append(g)
+    per = [0] * cfg.folds
+    for g in pool:
+        per[fold_of[g]] += 1
+    unit = "cases" if volumes else "images"
+    log(f"  folds: {cfg.folds} folds of the {len(fold_of)} groups outside the test split, by {unit} "
+        f"({', '.join(map(str, per))}), --seed {cfg.seed}")
+    return fold_of, {"count": cfg.folds, "seed": cfg.seed, "balanced_by": unit, "items": per,
+                     "groups": members}
 
 
 # ---------------------------------------------------------------- work (worker processes)
@@ -205,7 +240,9 @@ def _work_case(item: Item) -> list:
     """A volume case: a ("case", ...) record, then one result per slice it keeps."""
     samples, info, warnings = load_case(item, _W["root"], _W["options"], _W["seed"], _W["dataset"])
     out: list = [("case", item.key, info, warnings)]
+    fold = _W["fold_of"].get(item.group or item.source) if item.split == "train" else None
     for s in samples:
+        s.fold = fold
         if _W["dry_run"]:
             out.append(("ok", s.key, [], bool(s.mask.any()), None))
         else:
@@ -224,8 +261,9 @@ def _work_one(item: Item) -> list:
         image, mask, nonbinary = load_item(item, root)
         if _W["dry_run"]:
             return [("ok", item.key, nonbinary, bool(mask.any()), None)]
+        fold = _W["fold_of"].get(item.group or item.source) if item.split == "train" else None
         s = Sample(item.key, image, mask, item.source, list(item.mask_sources), item.group,
-                   _W["dataset"], item.split)
+                   _W["dataset"], item.split, fold=fold)
         raw = _passthrough_jpeg(root / item.source, image) if _W["codec"] == "jpeg" else None
         enc = encode_sample(s, _W["codec"], _W["jpeg_quality"], image_bytes=raw)
         return [("ok", item.key, nonbinary, enc.positive, enc)]
@@ -269,7 +307,7 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
     hold("planned")
     state = {"root": Path(cfg.input).resolve(), "codec": cfg.codec, "jpeg_quality": cfg.jpeg_quality,
              "dry_run": cfg.dry_run, "dataset": cfg.dataset or Path(cfg.out).name, "options": cfg.options,
-             "seed": cfg.seed}
+             "seed": cfg.seed, "fold_of": p.fold_of or {}}
     volumes = p.fmt in VOLUME_FORMATS
     cases: dict[str, dict] = {}
     case_warnings: list[str] = []
@@ -320,6 +358,8 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
              "detected": p.why, "groups": cfg.groups, "job_fingerprint": p.job_fingerprint,
              "split_request": "given" if p.scan.given_splits else {"fractions": list(cfg.split), "seed": cfg.seed},
              "nonbinary_masks": {"count": 0, "examples": []}}
+    if p.folds:
+        extra["folds"] = dict(p.folds)
     if cfg.num_tasks is not None:
         extra["task"] = {"index": cfg.task_index, "count": cfg.num_tasks, "total_items": p.total_items}
     def volume_summary() -> dict:
@@ -342,6 +382,8 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
                     pass
                 manifest = {"dry_run": True, "format": p.fmt, "items": len(p.items), "skipped": skipped,
                             "splits": {sp: sum(it.split == sp for it in p.items) for sp in SPLITS}}
+                if p.folds:
+                    manifest["folds"] = p.folds
                 if volumes:
                     manifest["slices"] = {sp: sum(c["kept"] for c in cases.values() if c["split"] == sp)
                                           for sp in SPLITS}
