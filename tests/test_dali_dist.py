@@ -56,13 +56,15 @@ def test_two_ranks_torchrun(tmp_path):
     run_cli([TORCHRUN, "--nproc_per_node=2", "--standalone", str(script), str(shards), str(out)],
             cwd=tmp_path, timeout=240)
     r0, r1 = json.loads(out.read_text())
+    from tumorseg_dist.data.order import training_plan
     for epoch in ("0", "1"):
         a, b = r0["train"][epoch], r1["train"][epoch]
-        assert a["len"] == b["len"] == a["batches"] == b["batches"] == 6 // 2
+        assert a["len"] == b["len"] == a["batches"] == b["batches"] == 8 // 4   # whole global batches
         assert not set(a["keys"]) & set(b["keys"]), epoch           # disjoint per epoch
-        assert set(a["keys"]) | set(b["keys"]) <= {f"s{i:04d}" for i in range(11)}
-    # The rank -> shard assignment rotates with the epoch: rank 0 reads the other half next.
-    assert set(r0["train"]["0"]["keys"]) & set(r1["train"]["1"]["keys"])
+        # Each rank holds its slice of the epoch's global order (by global position).
+        for r, got in enumerate((a, b)):
+            plan = training_plan(11, 0, int(epoch), 4, 1, r, 2)
+            assert got["keys"] == [f"s{i:04d}" for batch in plan for _, i in batch], (epoch, r)
     assert r0["val_len"] == r1["val_len"] == len(r0["val"]) == len(r1["val"]) == 3   # ceil(5/2)
     counted = [k for r in (r0, r1) for batch in r["val"] for k in batch]
     assert sorted(counted) == [f"s{i:04d}" for i in range(11, 20)]    # each val sample once

@@ -7,6 +7,10 @@ another world size. Across the interruption every train sample is seen once in t
 each logged loss equals the uninterrupted 1-rank run's loss of the same samples (rank 0's
 per-rank batch at the same global position) within rel 1e-4: the layouts differ only in float
 reduction order (gradients summed by gloo's all-reduce instead of by accumulation).
+
+Both loaders select samples by global position. `--loader dali` runs its CPU pipeline with
+`--augment none`: its augmentation draws are the rank's pipeline stream (docs/loader.md), so
+only the un-augmented losses are the same on another world size; the keys hold either way.
 """
 import json
 import math
@@ -24,6 +28,13 @@ LAYOUT = {1: ["--batch-size", "2", "--grad-accum", "6"], 2: ["--batch-size", "4"
 TOLERANCE = 1e-4   # relative, per logged loss
 
 
+@pytest.fixture(scope="module", params=["torch", "dali"])
+def loader(request):
+    if request.param == "dali":
+        pytest.importorskip("nvidia.dali")
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     from tumorseg_dist.data.synthetic import pack_synthetic
@@ -32,13 +43,13 @@ def shards(tmp_path_factory):
     return out
 
 
-def command(shards, out, world):
+def command(shards, out, world, loader="torch"):
     launch = [PY, str(REPO / "launch" / "record_exit.py")] if world == 1 else \
         [TORCHRUN, "--nproc-per-node", str(world), "--standalone",
          str(REPO / "launch" / "record_exit.py")]
     return [*launch, "tumorseg_dist.train", *TINY, "--data", str(shards), "--out", str(out),
-            "--loader", "torch", "--epochs", "1", "--log-every", "1", "--seed", "3",
-            "--deterministic", "--record-keys", *LAYOUT[world]]
+            "--loader", loader, "--epochs", "1", "--log-every", "1", "--seed", "3",
+            "--deterministic", "--record-keys", *LAYOUT[world], *(["--augment", "none"] if loader == "dali" else [])]
 
 
 def steps(run):
@@ -57,16 +68,16 @@ def train_keys(shards):
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
+def reference(shards, loader, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    run_cli(command(shards, out, 1), cwd=out.parent, env={**ENV, "EXIT_CODE_DIR": str(out.parent / "c")})
+    run_cli(command(shards, out, 1, loader), cwd=out.parent, env={**ENV, "EXIT_CODE_DIR": str(out.parent / "c")})
     return chunk_losses(steps(out))
 
 
-def stopped(shards, tmp_path, world):
+def stopped(shards, tmp_path, world, loader):
     out = tmp_path / f"from{world}"
     codes = tmp_path / f"codes{world}"
-    _, stdout = preempt(command(shards, out, world), tmp_path, {**ENV, "EXIT_CODE_DIR": str(codes)},
+    _, stdout = preempt(command(shards, out, world, loader), tmp_path, {**ENV, "EXIT_CODE_DIR": str(codes)},
                         after_step=1)
     # Every rank exits 75 (requeue) after the collective save; torchrun itself reports the signal.
     assert [(codes / f"rank{r}").read_text().strip() for r in range(world)] == ["75"] * world, stdout[-3000:]
@@ -75,10 +86,10 @@ def stopped(shards, tmp_path, world):
     return out
 
 
-def resume_on(src, tmp_path, shards, world):
+def resume_on(src, tmp_path, shards, world, loader):
     out = tmp_path / f"{src.name}-to{world}"
     shutil.copytree(src, out)
-    p = run_cli(command(shards, out, world), cwd=tmp_path, env={**ENV, "EXIT_CODE_DIR": str(tmp_path / "c")})
+    p = run_cli(command(shards, out, world, loader), cwd=tmp_path, env={**ENV, "EXIT_CODE_DIR": str(tmp_path / "c")})
     assert f"resumed on {world} ranks" in p.stdout, p.stdout[-3000:]
     return out
 
@@ -94,11 +105,11 @@ def check(run, shards, reference):
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 1
 
 
-def test_two_ranks_stopped_mid_epoch_resume_on_one_and_on_three(shards, tmp_path, reference):
-    src = stopped(shards, tmp_path, 2)
+def test_two_ranks_stopped_mid_epoch_resume_on_one_and_on_three(shards, tmp_path, reference, loader):
+    src = stopped(shards, tmp_path, 2, loader)
     for world in (1, 3):
-        check(resume_on(src, tmp_path, shards, world), shards, reference)
+        check(resume_on(src, tmp_path, shards, world, loader), shards, reference)
 
 
-def test_one_rank_stopped_mid_epoch_resumes_on_two(shards, tmp_path, reference):
-    check(resume_on(stopped(shards, tmp_path, 1), tmp_path, shards, 2), shards, reference)
+def test_one_rank_stopped_mid_epoch_resumes_on_two(shards, tmp_path, reference, loader):
+    check(resume_on(stopped(shards, tmp_path, 1, loader), tmp_path, shards, 2, loader), shards, reference)

@@ -118,7 +118,6 @@ def relayout(cfg: Config, ckpt: dict, path: Path, world: int) -> list[str]:
         return []   # written before the world size was recorded: the flags as given
     per_rank = saved.train.batch_size // saved_world
     total = optimizer_batch(saved)
-    position = int(ckpt["train_state"].get("samples_in_epoch", 0) or ckpt["train_state"].get("batch_in_epoch", 0))
     if world != saved_world:
         # The stage DeepSpeed ran (an expert --deepspeed-config may set it), not our flag's.
         stage = (ckpt.get("deepspeed") or {}).get("zero_stage", saved.engine.zero_stage)
@@ -126,10 +125,6 @@ def relayout(cfg: Config, ckpt: dict, path: Path, world: int) -> list[str]:
             raise ConfigError(f"{path} was written by DeepSpeed ZeRO stage {stage} on {saved_world} ranks; "
                               f"only ZeRO-1/2 state is re-partitioned for another world size (this run has "
                               f"{world}). Resume on {saved_world} ranks, or {FINE_TUNE.format(path=path)}")
-        if cfg.data.loader == "dali" and position:
-            raise ConfigError(f"{path} stopped mid-epoch under --loader dali, whose sample selection "
-                              f"follows the world size; resume it on {saved_world} ranks (this run has "
-                              f"{world}), or use --loader torch for runs that change size mid-epoch")
     if total % (per_rank * world):
         fits = [w for w in range(1, total // per_rank + 1) if total % (per_rank * w) == 0]
         raise ConfigError(f"{path}: the run trains optimizer batches of {total} samples (--batch-size "

@@ -5,21 +5,25 @@ One pipeline definition (`seg_pipeline`) serves both devices: on a GPU the decod
 them on the GPU; on CPU (`device_id=None`) the same operators run on the CPU. Only the device
 arguments differ.
 
-Sharding and epochs (see docs/loader.md):
+Sample selection and epochs (see docs/loader.md):
 
-* `fn.readers.webdataset` reads the split's tars through their `.idx` files with
-  `num_shards` = world size and `shard_id` from the GLOBAL rank. DALI splits the concatenated
-  sample list into contiguous shards: shard i holds samples [i*N//W, (i+1)*N//W).
+* Training selects samples by GLOBAL POSITION, as the torch loader does: the epoch's global
+  order is a function of (seed, epoch) only (`order.training_plan`), global micro-batch j holds
+  positions [jB, (j+1)B) and rank r takes its b = B/world slice. `PlanSource` feeds those
+  samples' encoded members (read by offset through the `.idx` files) into the pipeline through
+  `fn.external_source`, so a run resumed on another number of ranks continues the same order at
+  the same position, and both loaders put the same sample at every position. An epoch is whole
+  optimizer steps (the ragged tail dropped), the same length on every rank.
+* Evaluation reads with `fn.readers.webdataset` (`num_shards` = world size, `shard_id` = GLOBAL
+  rank; DALI's contiguous shards [i*N//W, (i+1)*N//W)), pads (`pad_last_batch`) and marks the
+  padding `valid=False`. Validity comes from the reader's per-shard sizes (sample ordinal <
+  shard size) and is cross-checked against the sample keys DALI reports (`source_info`), so
+  each val/test sample is counted exactly once.
 * The pipeline is rebuilt at the start of every epoch with seeds derived only from
-  (seed, epoch, rank), so epoch e's order and augmentations are the same whether or not the run
-  was stopped and resumed before it. In training the shard a rank reads rotates with the epoch
-  (`(rank + epoch) % world`), so over several epochs every rank sees all the data, while within
-  one epoch the ranks stay disjoint; `stick_to_shard` keeps a rank inside its shard when it wraps.
-* Every rank runs the same number of batches (`len(loader)`), computed from the largest shard,
-  like the torch loader: training drops the ragged tail (short ranks wrap inside their shard),
-  evaluation pads (`pad_last_batch`) and marks the padding `valid=False`. Validity comes from
-  the reader's per-shard sizes (sample ordinal < shard size) and is cross-checked against the
-  sample keys DALI reports (`source_info`), so each val/test sample is counted exactly once.
+  (seed, epoch, rank), so epoch e's samples and augmentations are the same whether or not the
+  run was stopped and resumed before it on the same world size. The augmentation draws are the
+  rank's pipeline stream: on another world size a position holds the same sample, not the same
+  random parameters (the torch loader seeds them by position).
 """
 from __future__ import annotations
 
@@ -36,10 +40,10 @@ import torch
 from ..dist import DistInfo
 from .augment import AugmentParams
 from .batch import LUMA, Batch, LoaderSpec
-from .shards import read_index
+from .order import epoch_length, training_plan
+from .shards import label_classes, read_index
 from .shards import IMAGE_EXT, ShardError, read_manifest, shard_paths, split_shards
 
-SHUFFLE_BUFFER = 1024   # DALI reader shuffle buffer (samples, encoded) per rank
 PREFETCH = 2            # batches DALI prepares ahead
 
 
@@ -68,6 +72,7 @@ class SplitLayout:
     raw: RawLayout | None
     grey: bool       # every image has one channel (decoded and augmented as one channel)
     eight_bit: bool = False   # every image is 8-bit PNG/JPEG: decoded as uint8 (see `seg_pipeline`)
+    labels: bool = False      # masks are class ids (pack --classes, K > 2): kept as they are, not > 0
 
     def shard_range(self, shard_id: int, num_shards: int) -> tuple[int, int]:
         """DALI's contiguous split of the concatenated samples (`start_index` in DALI's loader)."""
@@ -153,7 +158,7 @@ def inspect_split(shard_dir: Path, split: str) -> SplitLayout:
                                  f"channels={channels}; re-pack with --codec png")
             raw = RawLayout(dtype, ndim, channels)
     return SplitLayout(tuple(tars), tuple(t.with_suffix(".idx") for t in tars), tuple(keys),
-                       IMAGE_EXT[codec], raw, grey, eight_bit)
+                       IMAGE_EXT[codec], raw, grey, eight_bit, label_classes(manifest) is not None)
 
 
 # ---------------------------------------------------------------- the pipeline definition
@@ -330,22 +335,61 @@ def _to_channels(image, have: int, want: int):
     return fn.slice(image, start=[0], shape=[want], axes=[2])  # RGBA -> RGB
 
 
-def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: bool,
-                 aug: AugmentParams, mean, std, shard_id: int, num_shards: int, reader_seed: int,
-                 initial_fill: int, gpu: bool, with_params: bool = False):
-    """The graph (build it with `pipeline_def(enable_conditionals=True)`). Outputs: image float
-    H×W×C normalised, with C = in_channels, or 1 for a grey split when the model's channels are
-    that one channel repeated (`DaliLoader` repeats it while copying into torch); mask bool
-    H×W×1; source_info bytes; then any augmentation parameters (sorted by name) when
-    `with_params`. The layout the model wants (NCHW or NHWC) is made by that same copy."""
+def read_encoded(layout: SplitLayout, source, shard_id: int, num_shards: int):
+    """(encoded image, encoded mask, source_info) per sample: from `source` (a `PlanSource`:
+    training, samples by global position) or, without one, DALI's reader over this rank's
+    contiguous shard in file order (evaluation)."""
     from nvidia.dali import fn, types
+    if source is not None:
+        return fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                  dtype=types.UINT8, ndim=1)
     encoded, encoded_mask = fn.readers.webdataset(
         paths=[str(p) for p in layout.tars], index_paths=[str(p) for p in layout.indexes],
         ext=[layout.image_ext, "mask.png"], missing_component_behavior="error",
         shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
-        random_shuffle=training, initial_fill=initial_fill, seed=reader_seed,
-        name="reader")
-    info = fn.get_property(encoded, key="source_info")
+        random_shuffle=False, name="reader")
+    return encoded, encoded_mask, fn.get_property(encoded, key="source_info")
+
+
+class PlanSource:
+    """`fn.external_source` callback: batch `iteration` of this rank's training plan as the
+    samples' encoded image and mask members and a DALI-style source_info ('TAR:OFFSET:KEY.EXT'),
+    read by offset (memory-mapped) through the split's `.idx` files."""
+
+    def __init__(self, layout: SplitLayout, plan: list[list[int]]):
+        self.plan, self.ext = plan, layout.image_ext
+        self.refs = [(t, r) for t, tar in enumerate(layout.tars) for r in read_index(tar)]
+        self.maps = [np.memmap(tar, dtype=np.uint8, mode="r") for tar in layout.tars]
+        self.names = [str(tar) for tar in layout.tars]
+
+    def _member(self, t: int, ref, ext: str) -> np.ndarray:
+        _, off, size = next(m for m in ref.members if m[0] == ext)
+        return self.maps[t][off:off + size]
+
+    def __call__(self, info):
+        if info.iteration >= len(self.plan):
+            raise StopIteration
+        images, masks, infos = [], [], []
+        for i in self.plan[info.iteration]:
+            t, ref = self.refs[i]
+            images.append(self._member(t, ref, self.ext))
+            masks.append(self._member(t, ref, "mask.png"))
+            off = next(m for m in ref.members if m[0] == self.ext)[1]
+            infos.append(np.frombuffer(f"{self.names[t]}:{off}:{ref.key}.{self.ext}".encode(), np.uint8))
+        return images, masks, infos
+
+
+def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: bool,
+                 aug: AugmentParams, mean, std, shard_id: int, num_shards: int, gpu: bool,
+                 source=None, with_params: bool = False):
+    """The graph (build it with `pipeline_def(enable_conditionals=True)`). Outputs: image float
+    H×W×C normalised, with C = in_channels, or 1 for a grey split when the model's channels are
+    that one channel repeated (`DaliLoader` repeats it while copying into torch); mask bool
+    H×W×1; source_info bytes; then any augmentation parameters (sorted by name) when
+    `with_params`. The layout the model wants (NCHW or NHWC) is made by that same copy.
+    The samples come from `read_encoded` (`source`: training's plan; None: the reader)."""
+    from nvidia.dali import fn, types
+    encoded, encoded_mask, info = read_encoded(layout, source, shard_id, num_shards)
     decode_on = "mixed" if gpu else "cpu"
     # Work in the source's channels (grey stays one channel through resize and augmentation,
     # 3× less work) and expand to the model's channels only before normalising.
@@ -388,7 +432,9 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
         image = normalise(image, mean[:1], std[:1], intensity, unit)
     else:
         image = normalise(_to_channels(image, have, in_channels), mean, std, intensity, unit)
-    mask = mask > 0   # bool; the copy into torch makes it float
+    # bool (binary) or the class ids (label masks, moved by nearest neighbour only); the copy
+    # into torch makes either float
+    mask = mask if layout.labels else mask > 0
     outs = [image, mask, info]
     if with_params:
         outs += [params[k] for k in sorted(params)]
@@ -461,32 +507,36 @@ class DaliLoader:
         self.epoch = epoch
 
     def _batches(self) -> int:
-        # Same formula as TorchLoader: from the largest shard, ceil(N / W).
-        per_rank = math.ceil(len(self.layout.keys) / self.dist.world_size)
-        b = self.spec.batch_size
-        return max(1, per_rank // b) if self.spec.training else math.ceil(per_rank / b)
+        # Same formulas as TorchLoader: training, whole optimizer steps of the global order;
+        # evaluation, from the largest shard, ceil(N / W).
+        n, b, w = len(self.layout.keys), self.spec.batch_size, self.dist.world_size
+        if self.spec.training:
+            return epoch_length(n, b * w * self.spec.grad_accum) // (b * w)
+        return math.ceil(math.ceil(n / w) / b)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def shard_id(self, epoch: int) -> int:
-        """The reader shard this rank reads in `epoch` (GLOBAL rank; rotates in training)."""
-        r, w = self.dist.rank, self.dist.world_size
-        return (r + epoch) % w if self.spec.training else r
+    def plan(self, epoch: int) -> list[list[int]]:
+        """Training: this rank's sample indices (into `layout.keys`) per batch of `epoch`."""
+        s, d = self.spec, self.dist
+        return [[i for _, i in batch] for batch in training_plan(
+            len(self.layout.keys), s.seed, epoch, s.batch_size * d.world_size, s.grad_accum, d.rank, d.world_size)]
 
     def build_pipeline(self, epoch: int, with_params: bool = False):
-        """A fresh pipeline for one epoch; its seeds depend only on (seed, epoch, rank)."""
+        """A fresh pipeline for one epoch; its seeds depend only on (seed, epoch, rank). Returns
+        it and the [lo, hi) reader shard of an evaluation (training: the whole split)."""
         from nvidia.dali import pipeline_def
-        s, sid = self.spec, self.shard_id(epoch)
-        lo, hi = self.layout.shard_range(sid, self.dist.world_size)
+        s, sid = self.spec, self.dist.rank
+        lo, hi = (0, len(self.layout.keys)) if s.training else self.layout.shard_range(sid, self.dist.world_size)
+        source = PlanSource(self.layout, self.plan(epoch)) if s.training else None
         dev_id = None
         if self.gpu:
             dev_id = self.dist.device.index if self.dist.device.index is not None else torch.cuda.current_device()
         make = pipeline_def(seg_pipeline, enable_conditionals=True)
         pipe = make(self.layout, size=s.size, in_channels=s.in_channels, training=s.training,
                     aug=s.augment, mean=s.mean, std=s.std, shard_id=sid,
-                    num_shards=self.dist.world_size, reader_seed=_seed(s.seed, epoch, 2),
-                    initial_fill=max(1, min(SHUFFLE_BUFFER, hi - lo)), gpu=self.gpu,
+                    num_shards=self.dist.world_size, gpu=self.gpu, source=source,
                     with_params=with_params,
                     batch_size=s.batch_size, num_threads=max(1, s.num_workers), device_id=dev_id,
                     seed=_seed(s.seed, epoch, self.dist.rank, 1), prefetch_queue_depth=PREFETCH,

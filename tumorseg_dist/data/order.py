@@ -36,6 +36,14 @@ def rank_slices(order: list[int], global_batch: int, rank: int, world: int) -> l
             for j in range(steps)]
 
 
+def training_plan(n: int, seed: int, epoch: int, global_batch: int, grad_accum: int, rank: int,
+                  world: int) -> list[list[tuple[int, int]]]:
+    """This rank's micro-batches of `epoch` as (global position, sample index): what both loaders
+    train on, so a position holds the same sample whichever loader or world size reads it."""
+    order = global_order(n, seed, epoch, epoch_length(n, global_batch * grad_accum))
+    return rank_slices(order, global_batch, rank, world)
+
+
 def divisible_choices(global_batch: int, world: int) -> str:
     """The nearest valid alternatives when `global_batch` does not divide over `world` ranks."""
     below, above = (global_batch // world) * world, (global_batch // world + 1) * world

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from ..dist import DistInfo
 from .augment import AugmentParams
 from .batch import Batch, LoaderSpec, source_channels, to_channels
-from .order import epoch_length, global_order, rank_slices
+from .order import epoch_length, training_plan
+from .shards import label_classes
 from .shards import IndexedShards, ShardError, WorkerFailure, read_manifest, read_sample, shard_paths
 
 
@@ -30,8 +31,7 @@ def rank_indices(n: int, rank: int, world: int, training: bool, seed: int, epoch
     batch of 1. Evaluation: the natural order dealt round-robin, short ranks padded with -1
     (masked out of metrics), so every real sample is counted once."""
     if training:
-        order = global_order(n, seed, epoch, epoch_length(n, world))
-        return [i for batch in rank_slices(order, world, rank, world) for _, i in batch]
+        return [i for batch in training_plan(n, seed, epoch, world, 1, rank, world) for _, i in batch]
     per_rank = math.ceil(n / world)
     mine = list(range(rank, n, world))
     return mine + [-1] * (per_rank - len(mine))
@@ -196,7 +196,8 @@ class TorchLoader:
     def __init__(self, spec: LoaderSpec, dist: DistInfo):
         self.spec, self.dist = spec, dist
         manifest = read_manifest(spec.shard_dir)
-        self.dataset = IndexedShards(shard_paths(spec.shard_dir, spec.split, manifest))
+        self.dataset = IndexedShards(shard_paths(spec.shard_dir, spec.split, manifest),
+                                     labels=label_classes(manifest) is not None)   # K-class label masks
         if len(self.dataset) == 0:
             raise ShardError(f"{spec.shard_dir}: split {spec.split!r} has no samples; re-pack with another --split")
         self.epoch = 0
@@ -217,11 +218,11 @@ class TorchLoader:
         if not s.training:
             idx = rank_indices(len(self.dataset), d.rank, d.world_size, False, s.seed, self.epoch)
             return [[(i, 0) for i in batch] for batch in batches_for(idx, s.batch_size)]
-        order = global_order(len(self.dataset), s.seed, self.epoch, self._epoch_samples())
+        plan = training_plan(len(self.dataset), s.seed, self.epoch, self._global_batch(), s.grad_accum,
+                             d.rank, d.world_size)
         # The augmentation seed follows the global position: the same draws for a sample
         # whatever the world size, worker count or rank that reads it.
-        return [[(i, hash((s.seed, self.epoch, pos)) & 0x7FFFFFFF) for pos, i in batch]
-                for batch in rank_slices(order, self._global_batch(), d.rank, d.world_size)]
+        return [[(i, hash((s.seed, self.epoch, pos)) & 0x7FFFFFFF) for pos, i in batch] for batch in plan]
 
     def __len__(self) -> int:
         if self.spec.training:
