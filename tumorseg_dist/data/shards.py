@@ -60,6 +60,7 @@ class Sample:
     dataset: str = ""
     split: str | None = None    # given split (COCO); None = assigned by group
     meta: dict = field(default_factory=dict)   # more keys for the json (a volume slice: case, spacing_mm)
+    labels: bool = False        # mask holds class ids (pack --classes, K > 2): stored as they are
     fold: int | None = None     # cross-validation fold of its group (pack --folds); None: no folds
 
 
@@ -109,10 +110,24 @@ def binarize_mask(mask: np.ndarray) -> np.ndarray:
     return np.where(mask != 0, 255, 0).astype(np.uint8)
 
 
-def encode_mask(mask: np.ndarray) -> bytes:
+def encode_mask(mask: np.ndarray, labels: bool = False) -> bytes:
+    """The mask member: 0/255 (binary), or with `labels` the class ids as an 8-bit label PNG."""
+    if labels:
+        mask = np.asarray(mask)
+        if mask.ndim != 2 or mask.dtype != np.uint8:
+            raise ShardError(f"a label mask must be H×W uint8 class ids, got {mask.dtype} {mask.shape}")
+    else:
+        mask = binarize_mask(mask)
     buf = io.BytesIO()
-    Image.fromarray(binarize_mask(mask), mode="L").save(buf, format="PNG", compress_level=6)
+    Image.fromarray(mask, mode="L").save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
+
+
+def label_classes(manifest: dict) -> list[str] | None:
+    """The class names (by id) of a dataset packed with label masks (`pack --classes`, K > 2
+    classes), else None: its masks are binary."""
+    c = manifest.get("classes") or {}
+    return list(c["names"]) if c.get("mask") == "label" else None
 
 
 def sample_members(s: Sample, codec: str, jpeg_quality: int = 95,
@@ -130,7 +145,7 @@ def sample_members(s: Sample, codec: str, jpeg_quality: int = 95,
     if image_bytes is None:
         image_bytes = encode_image(s.image, codec, jpeg_quality)
     return [(f"{s.key}.{IMAGE_EXT[codec]}", image_bytes),
-            (f"{s.key}.mask.png", encode_mask(s.mask)),
+            (f"{s.key}.mask.png", encode_mask(s.mask, s.labels)),
             (f"{s.key}.json", json.dumps(meta, sort_keys=True).encode())]
 
 
@@ -635,8 +650,9 @@ class IndexedShards:
     reader (`wids.wids.IndexedTarSamples`, memory-mapped), opened lazily, one per shard and
     process. Why not `wids.ShardListDataset`: see docs/loader.md."""
 
-    def __init__(self, tars: list[Path]):
+    def __init__(self, tars: list[Path], labels: bool = False):
         self.tars = tars
+        self.labels = labels   # masks are class ids (label_classes), not 0/255
         self.refs: list[SampleRef] = []
         self._first: list[int] = []        # index of each shard's first sample in `refs`
         for si, t in enumerate(tars):
@@ -688,7 +704,7 @@ class ShardSample:
 
     key: str
     image: np.ndarray   # H×W×C float32 in [0, 1] (16-bit scaled by 65535)
-    mask: np.ndarray    # H×W float32 {0, 1}
+    mask: np.ndarray    # H×W float32 {0, 1}, or class ids for label masks
     meta: dict          # the sample's json member ({} if it has none)
 
 
@@ -704,7 +720,8 @@ def read_sample(shards: IndexedShards, i: int) -> ShardSample:
     img_ext = next((e for e in members if e.startswith("image.")), None)
     if img_ext is None or "mask.png" not in members:
         raise ShardError(f"sample {ref.key} in {tar} lacks image or mask; re-pack: {_repack_hint(tar)}")
-    decoders = ((img_ext, lambda b: decode_image(b, img_ext)), ("mask.png", decode_mask),
+    decoders = ((img_ext, lambda b: decode_image(b, img_ext)),
+                ("mask.png", lambda b: decode_mask(b, getattr(shards, "labels", False))),
                 ("json", lambda b: json.loads(b) if b else {}))
     out = {}
     for ext, decode in decoders:
@@ -740,5 +757,7 @@ def decode_image(data: bytes, ext: str) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def decode_mask(data: bytes) -> np.ndarray:
-    return (np.asarray(Image.open(io.BytesIO(data))) > 0).astype(np.float32)
+def decode_mask(data: bytes, labels: bool = False) -> np.ndarray:
+    """H×W float32: {0, 1} (any non-zero pixel), or with `labels` the class ids as they are."""
+    arr = np.asarray(Image.open(io.BytesIO(data)))
+    return arr.astype(np.float32) if labels else (arr > 0).astype(np.float32)

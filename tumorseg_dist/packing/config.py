@@ -17,6 +17,7 @@ from tyro.constructors import PrimitiveConstructorSpec
 
 from ..data.formats import ALL_FORMATS, Options
 from ..data.formats.volumes import parse_labels, parse_slices, parse_window
+from ..data.formats.classes import parse_classes
 from ..data.shards import CODECS
 
 _UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
@@ -141,6 +142,7 @@ class PackConfig:
         o = self.options
         parse_slices(o.slices)
         parse_labels(o.labels)
+        parse_classes(o.classes)
         if o.window is not None:
             if o.intensity == "raw":
                 raise ValueError("--window goes with --intensity window (or auto), not with --intensity raw")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.formats.volumes import merge_summaries
+from ..data.formats.classes import merge_records
 from ..data.shards import (MANIFEST, SPLITS, ShardError, SplitStats, check_output, count_folds, output_is_complete,
                       publish, read_manifest, sha256_file, shard_prefix)
 
@@ -107,6 +108,8 @@ def merge_parts(out: Path, log=print, overwrite: bool = False) -> dict:
                     "merged_from_tasks": count}
         if "volumes" in first:
             manifest["volumes"] = merge_summaries([m["volumes"] for m in manifests])
+        if "classes" in first:   # pack --classes: the per-class counts of every part
+            manifest["classes"] = merge_records([m["classes"] for m in manifests])
         if "folds" in first:
             count_folds(manifest)
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -26,6 +26,7 @@ from ..data.formats.common import (JPEG_EXTS, VOLUME_OPTIONS, Item, LayoutError,
 from ..data.formats.volumes import load_case, summary
 
 from ..data.formats.common import links_outside
+from ..data.formats.classes import ClassCounts, counts as class_counts, parse_classes
 from .config import PackConfig
 from .signals import hold, stop_on_signals
 from .workers import ordered_map as workers_map
@@ -88,8 +89,11 @@ def _file_stats(root: Path, names: Iterable[str]) -> list:
 
 def _options_spec(opts: Options, fmt: str, seed: int) -> dict:
     """The options in the fingerprint: the volume options only for a volume format, so that the
-    fingerprint of every 2D pack stays what it was before they existed."""
+    fingerprint of every 2D pack stays what it was before they existed (and --classes/--overlap
+    only when --classes is given, for the same reason)."""
     d = asdict(opts)
+    if opts.classes is None:
+        d = {k: v for k, v in d.items() if k not in ("classes", "overlap")}
     if fmt not in VOLUME_FORMATS:
         return {k: v for k, v in d.items() if k not in VOLUME_OPTIONS}
     return {**d, "negatives_seed": seed}
@@ -247,6 +251,8 @@ def _work_case(item: Item) -> list:
             out.append(("ok", s.key, [], bool(s.mask.any()), None))
         else:
             enc = encode_sample(s, _W["codec"], _W["jpeg_quality"])
+            if _W["classes"]:
+                enc.extra["classes"] = (class_counts(s.mask, _W["classes"]), 0)
             out.append(("ok", s.key, [], enc.positive, enc))
     return out
 
@@ -258,14 +264,17 @@ def _work_one(item: Item) -> list:
     try:
         if item.volume is not None:
             return _work_case(item)
-        image, mask, nonbinary = load_item(item, root)
+        image, mask, nonbinary, conflicts = load_item(item, root, _W["classes"], _W["overlap"])
         if _W["dry_run"]:
             return [("ok", item.key, nonbinary, bool(mask.any()), None)]
         fold = _W["fold_of"].get(item.group or item.source) if item.split == "train" else None
         s = Sample(item.key, image, mask, item.source, list(item.mask_sources), item.group,
                    _W["dataset"], item.split, fold=fold)
+        s.labels = _W["classes"] > 2
         raw = _passthrough_jpeg(root / item.source, image) if _W["codec"] == "jpeg" else None
         enc = encode_sample(s, _W["codec"], _W["jpeg_quality"], image_bytes=raw)
+        if _W["classes"]:
+            enc.extra["classes"] = (class_counts(mask, _W["classes"]), conflicts)
         return [("ok", item.key, nonbinary, enc.positive, enc)]
     except PackInputError as e:
         return [("bad", e.source, e.reason, e.fix)]
@@ -308,6 +317,9 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
     state = {"root": Path(cfg.input).resolve(), "codec": cfg.codec, "jpeg_quality": cfg.jpeg_quality,
              "dry_run": cfg.dry_run, "dataset": cfg.dataset or Path(cfg.out).name, "options": cfg.options,
              "seed": cfg.seed, "fold_of": p.fold_of or {}}
+    class_spec = parse_classes(cfg.options.classes)
+    state.update(classes=class_spec.total if class_spec else 0, overlap=cfg.options.overlap)
+    per_class = ClassCounts(class_spec.total, SPLITS) if class_spec else None
     volumes = p.fmt in VOLUME_FORMATS
     cases: dict[str, dict] = {}
     case_warnings: list[str] = []
@@ -349,6 +361,8 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
             report["positive"] += int(positive)
             if enc is not None:
                 report["samples"][enc.split] += 1
+                if per_class is not None:
+                    per_class.add(enc.split, *enc.extra.pop("classes"))
                 yield enc
                 written += 1
                 if written == 1:
@@ -369,6 +383,8 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
         # `extra` is filled after the last sample with the non-binary masks the workers saw
         # (and, for volumes, every case's record).
         extra["nonbinary_masks"].update(count=len(nonbinary), examples=nonbinary[:50])
+        if per_class is not None:
+            extra["classes"] = per_class.record(class_spec, class_names(p, class_spec), cfg.options.overlap)
         if volumes:
             extra["volumes"] = volume_summary()
         hold("last")
@@ -426,6 +442,15 @@ def run(cfg: PackConfig, log: Callable[[str], None] = _log) -> dict:
         log(f"packed {p.fmt} -> {out} ({counts}; skipped {len(manifest['skipped'])}; codec {cfg.codec}; "
             f"{done} {unit} in {dt:.1f} s, {rate:.1f} {unit}/s)")
     return manifest
+
+
+def class_names(p: Plan, spec) -> list[str]:
+    """The class names by id: what the format read (COCO category names, dataset.json label
+    names), else the --classes KEYs."""
+    if p.scan.class_names:
+        return list(p.scan.class_names)
+    labels = (p.items[0].volume or {}).get("labels") or {} if p.items else {}
+    return list(labels.get("class_names") or spec.names())
 
 
 def _flat(per_item: Iterator[list], bar) -> Iterator:

@@ -17,6 +17,7 @@ import json
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from .classes import ClassSpec, parse_classes
 from .common import (Item, LayoutError, Options, Problem, Scan, SPLIT_NAMES,
                      assign_keys, is_image_name, resolved_inside)
 
@@ -44,25 +45,39 @@ def _split_of(json_rel: str) -> str | None:
     return None
 
 
+def _category_ids(cats: list[dict], tok: str, where: str, flag: str) -> set:
+    """The category ids one `--categories`/`--classes` KEY names: a name, or id:N."""
+    if tok.startswith("id:"):
+        try:
+            cid = int(tok[3:])
+        except ValueError:
+            raise LayoutError(f"{flag} {tok!r}: an id must be a number, e.g. id:1") from None
+        found = {cid} & {c["id"] for c in cats}
+    else:
+        found = {c["id"] for c in cats if str(c.get("name")) == tok}
+    if not found:
+        avail = ", ".join(f"id:{c['id']} name {c.get('name')!r}" for c in cats)
+        raise LayoutError(f"{flag} {tok!r} matches no category in {where} (it has: {avail}); "
+                          f"use one of those names or ids")
+    return found
+
+
 def _category_filter(cats: list[dict], spec: str | None, where: str) -> set:
-    ids = {c["id"] for c in cats}
     if not spec:
-        return ids
+        return {c["id"] for c in cats}
     keep = set()
     for tok in (t.strip() for t in spec.split(",") if t.strip()):
-        if tok.startswith("id:"):
-            try:
-                cid = int(tok[3:])
-            except ValueError:
-                raise LayoutError(f"--categories {tok!r}: an id must be a number, e.g. id:1") from None
-            found = {cid} & ids
-        else:
-            found = {c["id"] for c in cats if str(c.get("name")) == tok}
-        if not found:
-            avail = ", ".join(f"id:{c['id']} name {c.get('name')!r}" for c in cats)
-            raise LayoutError(f"--categories {tok!r} matches no category in {where} (it has: {avail})")
-        keep |= found
+        keep |= _category_ids(cats, tok, where, "--categories")
     return keep
+
+
+def _class_map(cats: list[dict], spec: ClassSpec, where: str) -> tuple[dict, list[str]]:
+    """--classes -> ({category id: class id}, class names: a KEY id:N is named by its category)."""
+    cmap, by_id = {}, {c["id"]: str(c.get("name")) for c in cats}
+    for key, cid in spec.entries:
+        for cat in _category_ids(cats, key, where, "--classes"):
+            cmap[cat] = cid
+    return cmap, spec.names(lambda k: by_id[int(k[3:])] if k.startswith("id:") else k)
 
 
 def _safe_file_name(name, json_rel: str, root: Path, base: Path) -> tuple[str | None, str]:
@@ -89,7 +104,11 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
     if not given and len(jsons) > 1:
         raise LayoutError("several COCO files whose split is not clear from their folder or name: "
                           + ", ".join(jsons) + "; put each in a train/ valid/ test/ folder or pack them one by one")
-    items, problems, listed = [], [], set()
+    spec = parse_classes(opts.classes)
+    if spec is not None and opts.categories:
+        raise LayoutError("--categories and --classes both choose categories; give only --classes "
+                          "(categories it leaves out are not drawn)")
+    items, problems, listed, class_names = [], [], set(), None
     for jrel, split in zip(jsons, splits):
         try:
             data = json.loads((root / jrel).read_text(encoding="utf-8-sig"))
@@ -98,6 +117,12 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise LayoutError(f"{jrel} has no 'images' list: not a COCO annotation file")
         keep = _category_filter(data.get("categories") or [], opts.categories, jrel)
+        if spec is not None:
+            cmap, names = _class_map(data.get("categories") or [], spec, jrel)
+            if class_names is not None and names != class_names:
+                raise LayoutError(f"--classes {spec.text}: {jrel} names the classes {names} but "
+                                  f"{jsons[0]} {class_names}; give the categories by id:N or fix the files")
+            class_names, keep = names, set(cmap)
         base = (root / jrel).parent
         images: dict = {}
         for im in data["images"]:
@@ -132,7 +157,8 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
             its = sorted(anns.get(iid, []), key=lambda a: str(a.get("id")))
             segs = [[a.get("id"), a.get("segmentation")] for a in its]
             ms = [f"{jrel}#annotation={a.get('id')}" for a in its] or [jrel]
-            items.append(Item("", src, ms, split=split, coco={"height": h, "width": w, "segmentations": segs}))
+            items.append(Item("", src, ms, split=split, coco={"height": h, "width": w, "segmentations": segs},
+                              classes=None if spec is None else [cmap[a["category_id"]] for a in its]))
     json_dirs = {PurePosixPath(j).parent.as_posix() for j in jsons}
     for f in files:
         if is_image_name(f) and f not in listed and PurePosixPath(f).parent.as_posix() in json_dirs:
@@ -140,10 +166,13 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
                                     "add it to the annotation file or remove it"))
             listed.add(f)
     assign_keys(items)
-    notes = ["masks: union of each image's annotations (pycocotools annToMask); no annotation = empty mask"]
+    notes = ["masks: union of each image's annotations (pycocotools annToMask); no annotation = empty mask"
+             if spec is None else
+             f"masks: each annotation drawn with its class ({', '.join(f'{i}={n}' for i, n in enumerate(class_names))}), "
+             f"in annotation order; {'label PNG masks' if spec.labels else 'binary masks'}"]
     if given:
         notes.append("splits: given by the annotation files (" + ", ".join(
             f"{j} -> {s}" for j, s in zip(jsons, splits)) + "); --split ignored")
     return Scan(items, problems, [f for f in files if f not in listed and f not in jsons], notes,
-                given_splits=given, extra_files=list(jsons))
+                given_splits=given, extra_files=list(jsons), class_names=class_names)
 

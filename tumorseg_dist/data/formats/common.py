@@ -54,6 +54,7 @@ class Item:
     fusion: str = "any"                  # any | majority | reader:K (over mask_sources)
     coco: dict | None = None             # {"height", "width", "segmentations": [...]}
     volume: dict | None = None           # a volume case: {"reader", "case", "channels", "files", "labels"}
+    classes: list[int] | None = None     # --classes: the class id of each mask source (COCO: per annotation)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Scan:
     notes: list[str] = field(default_factory=list)       # printed: how pairs/groups were decided
     given_splits: bool = False
     extra_files: list[str] = field(default_factory=list)  # inputs that are not images (COCO json)
+    class_names: list[str] | None = None                  # --classes: names by id (None: the KEYs)
 
 
 def rel(path: Path, root: Path) -> str:
@@ -203,33 +205,42 @@ def fuse(masks: list[np.ndarray], rule: str) -> np.ndarray:
 def rasterize(segmentations: list, h: int, w: int, source: str) -> np.ndarray:
     """Union of COCO annotations as bool H×W, the same pixels as pycocotools `COCO.annToMask`.
     Here rather than in `coco` so that `load_item` never imports a format."""
-    from pycocotools import mask as mask_utils
     out = np.zeros((h, w), dtype=bool)
     for ann_id, segm in segmentations:
-        try:
-            if isinstance(segm, list):
-                if not segm:
-                    raise ValueError("empty polygon list")
-                rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-            elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
-                rle = mask_utils.frPyObjects(segm, h, w)
-            elif isinstance(segm, dict) and isinstance(segm.get("counts"), (str, bytes)):
-                rle = dict(segm)
-                if isinstance(rle["counts"], str):
-                    rle["counts"] = rle["counts"].encode()
-            else:
-                raise ValueError(f"unknown segmentation type {type(segm).__name__}")
-            if list(rle.get("size", [h, w])) != [h, w]:
-                raise ValueError(f"RLE size {rle.get('size')} is not the image's {h}x{w}")
-            out |= mask_utils.decode(rle).astype(bool)
-        except (ValueError, TypeError, KeyError, IndexError) as e:
-            raise PackInputError(source, f"annotation {ann_id} cannot be rasterised ({e})",
-                                 "fix its segmentation in the annotation file") from e
+        out |= rasterize_one(ann_id, segm, h, w, source)
     return out
 
 
-def load_item(item: Item, root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode one item: (image, bool mask, mask sources that were not binary)."""
+def rasterize_one(ann_id, segm, h: int, w: int, source: str) -> np.ndarray:
+    """One COCO annotation as bool H×W (polygons, multi-polygons, uncompressed and compressed RLE)."""
+    from pycocotools import mask as mask_utils
+    try:
+        if isinstance(segm, list):
+            if not segm:
+                raise ValueError("empty polygon list")
+            rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
+        elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+            rle = mask_utils.frPyObjects(segm, h, w)
+        elif isinstance(segm, dict) and isinstance(segm.get("counts"), (str, bytes)):
+            rle = dict(segm)
+            if isinstance(rle["counts"], str):
+                rle["counts"] = rle["counts"].encode()
+        else:
+            raise ValueError(f"unknown segmentation type {type(segm).__name__}")
+        if list(rle.get("size", [h, w])) != [h, w]:
+            raise ValueError(f"RLE size {rle.get('size')} is not the image's {h}x{w}")
+        return mask_utils.decode(rle).astype(bool)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise PackInputError(source, f"annotation {ann_id} cannot be rasterised ({e})",
+                             "fix its segmentation in the annotation file") from e
+
+
+def load_item(item: Item, root: Path, total: int = 0,
+              overlap: str = "last") -> tuple[np.ndarray, np.ndarray, list[str], int]:
+    """Decode one item: (image, mask, mask sources that were not binary, pixels two classes
+    claimed). Without --classes (`item.classes` None) the mask is the bool union (or fusion);
+    with it, each source is drawn with its class id (`classes.paint`): a uint8 label map when
+    `total` > 2 classes, else bool."""
     image = read_array(root / item.source, item.source)
     h, w = image.shape[:2]
     nonbinary = []
@@ -238,9 +249,11 @@ def load_item(item: Item, root: Path) -> tuple[np.ndarray, np.ndarray, list[str]
         if (ch, cw) != (h, w):
             raise PackInputError(item.source, f"is {w}×{h} but {item.mask_sources[0]} says {cw}×{ch}",
                                  "fix width/height in the annotation file or re-export the image")
-        mask = rasterize(item.coco["segmentations"], h, w, item.source)
+        if item.classes is None:
+            return image, rasterize(item.coco["segmentations"], h, w, item.source), nonbinary, 0
+        layers = [rasterize_one(a, sg, h, w, item.source) for a, sg in item.coco["segmentations"]]
     else:
-        masks = []
+        layers = []
         for ms in item.mask_sources:
             m, binary = read_mask(root / ms, ms)
             if m.shape != (h, w):
@@ -248,9 +261,14 @@ def load_item(item: Item, root: Path) -> tuple[np.ndarray, np.ndarray, list[str]
                                      "fix or remove this pair")
             if not binary:
                 nonbinary.append(ms)
-            masks.append(m)
-        mask = fuse(masks, item.fusion)
-    return image, mask, nonbinary
+            layers.append(m)
+        if item.classes is None:
+            return image, fuse(layers, item.fusion), nonbinary, 0
+    from .classes import paint
+    mask, conflicts = paint(list(zip(item.classes, layers)), total, overlap, item.source)
+    if not layers:
+        mask = np.zeros((h, w), dtype=np.uint8 if total > 2 else bool)
+    return image, mask, nonbinary, conflicts
 
 
 @dataclass
@@ -285,6 +303,13 @@ class Options:
     `window` maps --window to 8 bits; `auto`: window if --window is given, else raw."""
     window: str | None = None
     """volumes: LO,HI (e.g. -1000,400 for lung CT) or auto (the 0.5/99.5 percentiles per case)."""
+    classes: str | None = None
+    """More than one class: KEY=ID,... (ID 0 = background), e.g. `benign=1,malignant=2`. KEY is a
+    folder or file-name start (folders, suffix), a category name or id:N (coco), a label value or
+    dataset.json name (volumes). K > 2 classes in total: masks are 8-bit label PNGs (None: binary)."""
+    overlap: Literal["last", "first", "error"] = "last"
+    """--classes: a pixel two classes claim goes to the one drawn last (later mask file or
+    annotation), the first, or is an error."""
 
     def __post_init__(self) -> None:
         f = self.mask_fusion

@@ -88,7 +88,7 @@ def detect(root: Path, files: list[str]) -> str | None:
 
 def scan(root: Path, files: list[str], opts: Options) -> Scan:
     pairs, missing, segs, series, kinds = _pairs(root, files)
-    labels = resolve_labels(opts.labels, None, "--format dicom")
+    labels = resolve_labels(opts.labels, None, "--format dicom", classes=opts.classes)
     items = [Item("", d, [lab], group=case, volume={"reader": "dicom", "case": case, "files": fs, "labels": labels})
              for d, fs, lab, case in pairs]
     problems = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
+from .classes import assign_by_path, parse_classes
 from .common import (Item, LayoutError, Options, Problem, Scan, SPLIT_NAMES, assign_keys, claim_masks,
                      is_image_name)
 
@@ -116,6 +117,7 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
     assign_keys(items)
     ignored = [f for f in files if f not in used]
     notes = [f"pairs: {i}/X + {m}/X (same relative path, any image extension)" for i, m in pairs]
+    notes += assign_by_path(items, parse_classes(opts.classes))
     if given:
         notes.append("splits: given by the parent folders (" + ", ".join(sorted(set(parents))) + ")")
     return Scan(items, problems, ignored, notes, given_splits=given)

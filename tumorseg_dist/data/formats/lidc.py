@@ -46,6 +46,9 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
     if not nod:
         raise LayoutError(f"no LIDC layout under {root}: expected PATIENT/nodule-K/images/slice-S.png "
                           f"with PATIENT/nodule-K/mask-R/slice-S.png beside it")
+    if opts.classes is not None:
+        raise LayoutError(f"--classes {opts.classes}: LIDC masks are one class (nodule), marked by up to 4 "
+                          f"readers; leave --classes out (--mask-fusion decides how the readers combine)")
     rule = opts.mask_fusion
     reader = None
     if rule.startswith("reader:"):

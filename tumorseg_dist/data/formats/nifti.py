@@ -82,7 +82,7 @@ def detect(root: Path, files: list[str]) -> str | None:
 
 def scan(root: Path, files: list[str], opts: Options) -> Scan:
     pairs, orphans, lonely = _pairs(files)
-    labels = resolve_labels(opts.labels, None, "--format nifti")
+    labels = resolve_labels(opts.labels, None, "--format nifti", classes=opts.classes)
     items = [Item("", img, [lab], group=case, volume={"reader": "nifti", "case": case, "labels": labels})
              for img, lab, case in pairs]
     problems = [Problem(f, "is a volume without a label (looked for labels/ beside its folder and for "

@@ -110,7 +110,7 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
     channels = ds.get("channel_names") or ds.get("modality") or {"0": "image"}
     n_chan = len(channels)
     declared = _declared_labels(ds, ds_path)
-    labels = resolve_labels(opts.labels, declared, ds_path)
+    labels = resolve_labels(opts.labels, declared, ds_path, classes=opts.classes)
     cases: dict[str, dict[int, str]] = {}
     problems, used = [], {ds_path}
     for f in _channel_files(files, base):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
+from .classes import assign_by_path, parse_classes
 from .common import Item, LayoutError, Options, Problem, Scan, assign_keys, claim_masks, is_image_name
 
 
@@ -60,6 +61,7 @@ def scan(root: Path, files: list[str], opts: Options) -> Scan:
                                     "add the image or remove the mask"))
     notes = [f"pairs: X.ext + X{opts.mask_suffix}.ext (+ X{opts.mask_suffix}_N.ext, united)"]
     notes.append(_groups(items))
+    notes += assign_by_path(items, parse_classes(opts.classes))
     assign_keys(items)
     return Scan(items, problems, [f for f in files if f not in used], notes)
 

@@ -126,9 +126,14 @@ def parse_labels(text: str | None) -> list[tuple[str | None, int | None]]:
     return out
 
 
-def resolve_labels(text: str | None, declared: dict[str, int] | None, where: str) -> dict:
+def resolve_labels(text: str | None, declared: dict[str, int] | None, where: str,
+                   classes: str | None = None) -> dict:
     """The label map an item carries: {"foreground": [values] or None (any non-zero), "names": {..},
-    "declared": [values] or None}. Names without a value are looked up in dataset.json."""
+    "declared": [values] or None}. Names without a value are looked up in dataset.json. With
+    `classes` (--classes VALUE=ID or NAME=ID), also "classes": {value: class id} and
+    "class_names" (by id), and foreground is every value of a class other than 0."""
+    if classes is not None:
+        return _resolve_classes(text, declared, where, classes)
     entries = parse_labels(text)
     names, values = {}, []
     for name, v in entries:
@@ -148,6 +153,43 @@ def resolve_labels(text: str | None, declared: dict[str, int] | None, where: str
             names[name] = v
     return {"foreground": sorted(set(values)) or None, "names": names,
             "declared": sorted(set(declared.values())) if declared else None}
+
+
+def _resolve_classes(text: str | None, declared: dict[str, int] | None, where: str, classes: str) -> dict:
+    from .classes import parse_classes
+    if text is not None:
+        raise LayoutError(f"--labels {text} and --classes {classes} both map label values; give only "
+                          f"--classes (VALUE=ID or, with dataset.json, NAME=ID)")
+    spec = parse_classes(classes)
+    value_of, names = {}, {}
+    for key, cid in spec.entries:
+        if key.lstrip("-").isdigit():
+            v = int(key)
+            if declared and v not in declared.values():
+                known = ", ".join(f"{k}={x}" for k, x in declared.items())
+                raise LayoutError(f"--classes {classes}: {where} declares no label {v} (it declares {known})")
+            names[key] = next((k for k, x in (declared or {}).items() if x == v), f"label_{v}")
+        elif declared and key in declared:
+            v = declared[key]
+            names[key] = key
+        else:
+            known = ", ".join(f"{k}={x}" for k, x in (declared or {}).items()) or "no names: give values"
+            raise LayoutError(f"--classes {classes}: {key!r} is not a label value or a label name of {where} "
+                              f"({known}); give VALUE=ID (e.g. 2=1)")
+        value_of[str(v)] = cid
+    fg = sorted(int(v) for v, cid in value_of.items() if cid)
+    return {"foreground": fg, "names": {}, "declared": sorted(set(declared.values())) if declared else None,
+            "classes": value_of, "class_names": spec.names(lambda k: names[k]), "total": spec.total}
+
+
+def class_label_map(data: np.ndarray, labels: dict) -> np.ndarray:
+    """A label volume's values -> class ids (uint8 for K > 2, else bool); values outside the
+    map are background (the caller counts and reports them, as without --classes)."""
+    out = np.zeros(data.shape, dtype=np.uint8)
+    for v, cid in labels["classes"].items():
+        if cid:
+            out[data == int(v)] = cid
+    return out if labels["total"] > 2 else out == 1
 
 
 def case_keys(items: list[Item]) -> None:
@@ -446,12 +488,15 @@ def _label_mask(lab: Volume, labels: dict, policy: str, case: str) -> tuple[np.n
     fg = labels.get("foreground")
     if fg is None:
         return data != 0, {}
-    unmapped = {str(v): int(c) for v, c in zip(values, counts) if v != 0 and v not in fg}
+    mapped = fg if "classes" not in labels else [int(v) for v in labels["classes"]]
+    unmapped = {str(v): int(c) for v, c in zip(values, counts) if v != 0 and v not in mapped}
     if unmapped and policy == "error":
         raise PackInputError(lab.source, f"has label value(s) {', '.join(unmapped)} "
                                          f"({sum(unmapped.values())} voxels) outside --labels (tumour = {fg})",
                              f"case {case}: add them to --labels, or pass --unmapped-labels background "
                              f"to count them as background")
+    if "classes" in labels:
+        return class_label_map(data, labels), unmapped
     return np.isin(data, fg), unmapped
 
 
@@ -578,7 +623,8 @@ def load_case(item: Item, root: Path, opts, seed: int, dataset: str) -> tuple[li
         if len(v.get("channels", [])) > 1:
             meta["channel_sources"] = list(v["channels"])
         samples.append(Sample(f"{item.key}_{letter}{k:0{width}d}", convert(im), m, item.source,
-                              list(item.mask_sources), item.group, dataset, item.split, meta=meta))
+                              list(item.mask_sources), item.group, dataset, item.split, meta=meta,
+                              labels=m.dtype == np.uint8))
     info = {"source": item.source, "label": item.mask_sources[0], "shape": list(img.data.shape[:3]),
             "spacing_mm": None if zooms is None else [round(float(z), 6) for z in zooms],
             "axis": AXIS_NAMES[axis], "slices": int(mask.shape[axis]), "lesion_slices": int(lesion.sum()),
