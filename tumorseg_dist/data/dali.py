@@ -41,7 +41,7 @@ from ..dist import DistInfo
 from .augment import AugmentParams
 from .batch import LUMA, Batch, LoaderSpec
 from .order import epoch_length, training_plan
-from .shards import read_index
+from .shards import label_classes, read_index
 from .shards import IMAGE_EXT, ShardError, read_manifest, shard_paths, split_shards
 
 PREFETCH = 2            # batches DALI prepares ahead
@@ -72,6 +72,7 @@ class SplitLayout:
     raw: RawLayout | None
     grey: bool       # every image has one channel (decoded and augmented as one channel)
     eight_bit: bool = False   # every image is 8-bit PNG/JPEG: decoded as uint8 (see `seg_pipeline`)
+    labels: bool = False      # masks are class ids (pack --classes, K > 2): kept as they are, not > 0
 
     def shard_range(self, shard_id: int, num_shards: int) -> tuple[int, int]:
         """DALI's contiguous split of the concatenated samples (`start_index` in DALI's loader)."""
@@ -157,7 +158,7 @@ def inspect_split(shard_dir: Path, split: str) -> SplitLayout:
                                  f"channels={channels}; re-pack with --codec png")
             raw = RawLayout(dtype, ndim, channels)
     return SplitLayout(tuple(tars), tuple(t.with_suffix(".idx") for t in tars), tuple(keys),
-                       IMAGE_EXT[codec], raw, grey, eight_bit)
+                       IMAGE_EXT[codec], raw, grey, eight_bit, label_classes(manifest) is not None)
 
 
 # ---------------------------------------------------------------- the pipeline definition
@@ -431,7 +432,9 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
         image = normalise(image, mean[:1], std[:1], intensity, unit)
     else:
         image = normalise(_to_channels(image, have, in_channels), mean, std, intensity, unit)
-    mask = mask > 0   # bool; the copy into torch makes it float
+    # bool (binary) or the class ids (label masks, moved by nearest neighbour only); the copy
+    # into torch makes either float
+    mask = mask if layout.labels else mask > 0
     outs = [image, mask, info]
     if with_params:
         outs += [params[k] for k in sorted(params)]

@@ -18,6 +18,7 @@ from ..dist import DistInfo
 from .augment import AugmentParams
 from .batch import Batch, LoaderSpec, source_channels, to_channels
 from .order import epoch_length, training_plan
+from .shards import label_classes
 from .shards import IndexedShards, ShardError, WorkerFailure, read_manifest, read_sample, shard_paths
 
 
@@ -195,7 +196,8 @@ class TorchLoader:
     def __init__(self, spec: LoaderSpec, dist: DistInfo):
         self.spec, self.dist = spec, dist
         manifest = read_manifest(spec.shard_dir)
-        self.dataset = IndexedShards(shard_paths(spec.shard_dir, spec.split, manifest))
+        self.dataset = IndexedShards(shard_paths(spec.shard_dir, spec.split, manifest),
+                                     labels=label_classes(manifest) is not None)   # K-class label masks
         if len(self.dataset) == 0:
             raise ShardError(f"{spec.shard_dir}: split {spec.split!r} has no samples; re-pack with another --split")
         self.epoch = 0
