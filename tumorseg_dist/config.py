@@ -124,6 +124,11 @@ class ModelConfig:
     encoder_weights: str = "imagenet"
     """`imagenet` (must be in the local Hugging Face cache: nothing is downloaded), `none`, or
     a path to a state dict for the encoder. Ignored by unet-classic."""
+    classes: Annotated[int, FromManifest] = 0
+    """Output classes K. 0: from the dataset (one sigmoid output for binary masks; K softmax
+    outputs for a dataset packed with `pack --classes`, K counting the background)."""
+    class_names: Annotated[tuple[str, ...], FromManifest] = ()
+    """Class names by id (recorded from manifest.json; empty for binary masks)."""
 
 
 @dataclass
@@ -156,6 +161,11 @@ class LossConfig:
     per-image Dice losses (MONAI style)."""
     fused_loss: Literal["auto", "on", "off"] = "auto"
     """`auto`: the Triton kernel on CUDA, the PyTorch reference elsewhere."""
+    class_weights: tuple[float, ...] = ()
+    """K classes: a weight per class id, background first, for the cross-entropy and the
+    class-weighted Dice mean (empty: all 1). Binary masks take none."""
+    ignore_index: Optional[int] = None
+    """K classes: a label value left out of the loss and the metrics (None: every pixel counts)."""
 
 
 @dataclass
@@ -176,7 +186,9 @@ class TrainConfig:
     patience: int = 10
     """Early stopping: epochs without improvement of --monitor (0 disables)."""
     min_delta: float = 0.0
-    monitor: Literal["val_loss", "val_dice"] = "val_dice"
+    monitor: str = "val_dice"
+    """`val_dice` (maximised; with K classes the mean over the foreground classes), `val_loss`
+    (minimised), or one class's Dice, `val_dice/NAME` (e.g. val_dice/malignant)."""
     threshold: float = 0.5
     """Probability threshold for metrics and predictions."""
     resume: str = "auto"
@@ -415,9 +427,37 @@ def parse(argv: list[str] | None = None, prog: str = "python -m tumorseg_dist.tr
     return cfg, preset_name
 
 
+def monitor_mode(monitor: str) -> str:
+    """"min" for val_loss, "max" for a Dice (val_dice, val_dice/NAME)."""
+    return "min" if monitor == "val_loss" else "max"
+
+
+def check_classes(cfg: Config, names: list[str] | None) -> None:
+    """The K-class settings against the dataset's classes (None: binary masks)."""
+    m, loss = cfg.model, cfg.loss
+    k = len(names) if names else 1
+    if m.classes not in (0, k):
+        what = f"{k} classes ({', '.join(names)})" if names else "binary masks (one output)"
+        raise ConfigError(f"--classes {m.classes}: the dataset {cfg.data.path} has {what}; leave --classes "
+                          f"out (it is read from manifest.json) or re-pack with pack --classes")
+    if not names and (loss.class_weights or loss.ignore_index is not None):
+        raise ConfigError("--class-weights and --ignore-index are for K classes; the dataset has binary "
+                          "masks (pack it with --classes for more than one class)")
+    if loss.class_weights and len(loss.class_weights) != k:
+        raise ConfigError(f"--class-weights has {len(loss.class_weights)} values for {k} classes "
+                          f"({', '.join(names)}): give one per class, background first")
+    mon = cfg.train.monitor
+    if mon.startswith("val_dice/") and mon[9:] not in (names or [])[1:]:
+        raise ConfigError(f"--monitor {mon}: the dataset has no foreground class {mon[9:]!r} "
+                          + (f"(its classes: {', '.join(names[1:])})" if names else "(its masks are binary)"))
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     t = cfg.train
+    if t.monitor not in ("val_loss", "val_dice") and not (t.monitor.startswith("val_dice/") and t.monitor[9:]):
+        raise ConfigError(f"--monitor {t.monitor!r}: use val_dice, val_loss or val_dice/CLASS "
+                          f"(a class name from the dataset's manifest.json)")
     if t.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {t.batch_size}")
     if t.epochs < 1:

@@ -166,3 +166,84 @@ def plot_curves(records: list[dict], path: Path, best_epoch: int | None = None,
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Curves(ep, xticks, best, lr)
+
+
+# ---------------------------------------------------------------- K classes
+
+# Class colours by id (background has none): distinct, and readable on grey ultrasound/MRI.
+CLASS_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                 (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
+
+
+def class_colour(class_id: int) -> tuple[int, int, int]:
+    return CLASS_COLOURS[(class_id - 1) % len(CLASS_COLOURS)]
+
+
+def label_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """uint8 RGB H×W×3: the image with each foreground class id filled in its colour (blended
+    by `alpha`) and outlined."""
+    rgb = overlay_image(image, np.zeros(labels.shape, bool)).astype(np.float32)
+    thick = max(1, round(max(rgb.shape[:2]) / 256))
+    for cid in (int(v) for v in np.unique(labels) if v > 0):
+        m = labels == cid
+        col = np.array(class_colour(cid), np.float32)
+        rgb[m] = (1 - alpha) * rgb[m] + alpha * col
+        rgb[contour(m, thick)] = col
+    return rgb.round().astype(np.uint8)
+
+
+def save_label_overlay(image: np.ndarray, labels: np.ndarray, names: list[str], path: Path,
+                       title: str = "") -> list[str]:
+    """The K-class overlay with a legend (one entry per foreground class: its colour, name and
+    share of the image) as one PNG, written atomically. Returns the legend entries."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    h, w = labels.shape
+    entries = [f"{names[c]} ({(labels == c).sum() / labels.size:.1%})" for c in range(1, len(names))]
+    fig, ax = plt.subplots(figsize=(max(3.0, 5.0 * w / max(h, w)) + 1.6, 5.0 * h / max(h, w) + 0.4))
+    ax.imshow(label_overlay(image, labels))
+    ax.set_axis_off()
+    if title:
+        ax.set_title(wrap_name(title, 40), fontsize=8)
+    handles = [Patch(color=np.array(class_colour(c)) / 255, label=e) for c, e in enumerate(entries, 1)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    _save_atomic(fig, Path(path))
+    return entries
+
+
+def plot_confusion(matrix: list[list[int]], names: list[str], path: Path, title: str = "") -> np.ndarray:
+    """The K×K pixel confusion matrix as a PNG: each row (a true class) normalised to 1 and
+    coloured by that share, the pixel counts printed in the cells. Returns the row shares."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cm = np.asarray(matrix, dtype=np.float64)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 2.2, 1.1 * k + 1.6))
+    im = ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
+    for r in range(k):
+        for c in range(k):
+            ax.text(c, r, f"{share[r, c]:.2f}\n{int(cm[r, c])}", ha="center", va="center", fontsize=7,
+                    color="white" if share[r, c] > 0.5 else "black")
+    ax.set_xticks(range(k), names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title or "pixels per true class (row share, count)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    _save_atomic(fig, Path(path))
+    return share
+
+
+def _save_atomic(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import Config, to_dict
+from .config import Config, monitor_mode, to_dict
 from .data.batch import Batch, Loader
 from .dist import DistInfo, all_reduce_sum, broadcast_object
 from .figures import OverlayBatch, plot_curves
 from .log import RunLog, epoch_line
 from .losses import DiceBCELoss
 from .metrics import MetricAccumulator, confusion, per_image_scores, summarize
+from .metrics import ClassMetricAccumulator, confusion_matrix, summarize_classes
 
 
 @dataclass
@@ -116,30 +117,50 @@ class _FigurePicker:
 
 @torch.no_grad()
 def evaluate(engine, loader: Loader, loss_fn: DiceBCELoss | None, threshold: float,
-             log: RunLog | None = None, desc: str = "val", keep: int = 0):
+             log: RunLog | None = None, desc: str = "val", keep: int = 0,
+             classes: list[str] | None = None, ignore_index: int | None = None):
     """Dataset-level metrics over every real sample of the split, counted once across ranks.
 
     "loss" is `loss_fn` over the whole split as one batch (its parts are summed over batches
     and ranks before the ratio, see docs/loss.md), so it does not depend on the world size or
     the batch size; NaN without a loss_fn. With keep > 0, also returns an OverlayBatch of up to
-    `keep` of this rank's images (lesions first) for figures, else only the metrics."""
+    `keep` of this rank's images (lesions first) for figures, else only the metrics.
+    `classes` (names by id, K > 2): the K-class metrics (metrics.summarize_classes, per class
+    and their foreground mean, plus the pixel confusion matrix); no figure batch then (None)."""
     engine.eval()
-    acc = MetricAccumulator(engine.device, extra=DiceBCELoss.N_PARTS)
-    picker = _FigurePicker(keep, threshold) if keep > 0 else None
+    if classes is None:
+        acc = MetricAccumulator(engine.device, extra=DiceBCELoss.N_PARTS)
+    else:
+        acc = ClassMetricAccumulator(engine.device, len(classes), 0 if loss_fn is None else loss_fn.n_parts,
+                                     ignore_index)
+    picker = _FigurePicker(keep, threshold) if keep > 0 and classes is None else None
     it = loader if log is None else log.progress(loader, len(loader), desc, unit="batch")
     for batch in it:
         logits = engine.eval_logits(batch.image)
         v = batch.valid
         parts = None if loss_fn is None else loss_fn.parts(logits[v], batch.mask[v])
-        acc.update(logits, batch.mask, v, threshold, parts)
+        if classes is None:
+            acc.update(logits, batch.mask, v, threshold, parts)
+        else:
+            acc.update(logits, batch.mask, v, parts)
         if picker is not None:
             picker.add(batch.image[v], batch.mask[v], logits[v])
     counts, parts = acc.reduce()
-    metrics = summarize(counts)
+    if classes is None:
+        metrics = summarize(counts)
+    else:
+        metrics = summarize_classes(counts, classes)
+        metrics["confusion_matrix"] = confusion_matrix(counts, len(classes))
     metrics["loss"] = float("nan") if loss_fn is None else loss_fn.from_parts(parts)
-    if picker is None:
+    if keep <= 0:
         return metrics
-    return metrics, picker.result(int(metrics["samples"]), engine.device)
+    return metrics, None if picker is None else picker.result(int(metrics["samples"]), engine.device)
+
+
+def class_options(cfg: Config) -> dict:
+    """evaluate()'s K-class arguments from the run's config (none for binary masks)."""
+    names = list(cfg.model.class_names)
+    return {"classes": names, "ignore_index": cfg.loss.ignore_index} if len(names) > 2 else {}
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
@@ -299,7 +320,9 @@ def epoch_record(state: TrainState, train: dict, val: dict, lr: float) -> dict:
             "val_precision": val["precision"], "val_recall": val["recall"],
             "val_accuracy": val["accuracy"], "val_mean_image_dice": val["mean_image_dice"],
             "val_mean_image_iou": val["mean_image_iou"], "val_samples": val["samples"],
-            "lr": lr, "images_per_s": train["images_per_s"], "seconds": train["seconds"]}
+            "lr": lr, "images_per_s": train["images_per_s"], "seconds": train["seconds"],
+            # K classes: val_dice/NAME, val_iou/NAME, ... (none for binary masks)
+            **{f"val_{k}": v for k, v in val.items() if "/" in k}}
 
 
 def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, state: TrainState,
@@ -313,7 +336,7 @@ def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, 
     Returns the state and why it ended: "done", "early_stop", "max_steps" or "preempted"."""
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
-    mode = "max" if t.monitor == "val_dice" else "min"
+    mode = monitor_mode(t.monitor)
     stop = StopRequest(dist)
     reason = "done"
     # Picking figure images ends in a collective, so every rank must agree to pick: only rank 0
@@ -326,8 +349,9 @@ def fit(cfg: Config, engine, train_loader: Loader, val_loader: Loader, loss_fn, 
             if reason == "preempted":
                 return state, reason
             engine.check_health()
-            val, shown = evaluate(engine, val_loader, loss_fn, t.threshold, log, keep=8) \
-                if images else (evaluate(engine, val_loader, loss_fn, t.threshold, log), None)
+            val = evaluate(engine, val_loader, loss_fn, t.threshold, log, keep=8 if images else 0,
+                           **class_options(cfg))
+            val, shown = val if images else (val, None)
             state.epoch, state.samples_in_epoch = epoch + 1, 0
             record = epoch_record(state, train, val, engine.lr())
             monitored = record[t.monitor]

@@ -378,6 +378,12 @@ def _multiclass_kernel_available() -> bool:
     return True
 
 
+def as_labels(target: torch.Tensor) -> torch.Tensor:
+    """The loaders' masks are float (binary {0, 1}, or class ids for K classes): the K-class loss
+    object takes them as they come and casts them to integer labels (exact: small whole numbers)."""
+    return target.long() if target.dtype.is_floating_point else target
+
+
 @dataclass(frozen=True)
 class MulticlassDiceCELoss:
     """`dice_ce_loss` with fixed options; like `DiceBCELoss`, also the exact loss of a split
@@ -413,7 +419,7 @@ class MulticlassDiceCELoss:
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.dim() < 3 or logits.shape[1] != self.classes:
             raise ValueError(f"logits {tuple(logits.shape)} must be N×{self.classes}×spatial")
-        return dice_ce_loss(logits, target, fused=self.fused, **self._options())
+        return dice_ce_loss(logits, as_labels(target), fused=self.fused, **self._options())
 
     def parts(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """float64 [n_parts]: [Σ w_t·ce, Σ w_t, images, then for "batch" I_k, P_k, T_k summed
@@ -423,7 +429,7 @@ class MulticlassDiceCELoss:
         if logits.shape[0] == 0:
             return out
         inter, psum, tsum, ce_sum, w_sum = multiclass_sums(
-            logits, target, class_weights=self.class_weights, ignore_index=self.ignore_index)
+            logits, as_labels(target), class_weights=self.class_weights, ignore_index=self.ignore_index)
         out[0], out[1], out[2] = ce_sum.double().sum(), w_sum.double().sum(), float(logits.shape[0])
         if self.dice_reduction == "batch":
             out[3:] = torch.cat([inter, psum, tsum], 1).double().sum(0)

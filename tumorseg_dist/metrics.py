@@ -88,3 +88,114 @@ def summarize(s: list[float]) -> dict[str, float]:
         "accuracy": ratio(tp + tn, tp + fp + fn + tn), "mean_image_dice": ratio(dsum, n),
         "mean_image_iou": ratio(isum, n), "samples": int(n),
     }
+
+
+# ---------------------------------------------------------------- K classes
+#
+# The prediction is the argmax over the K logits. Per image, one bincount gives the K×K
+# confusion matrix (rows: target class, columns: predicted class) over the pixels whose label
+# is not ignore_index; the dataset's matrix is their sum. Per class k (one-vs-rest): TP = C[k,k],
+# FP = column k minus TP, FN = row k minus TP; Dice, IoU, precision and recall are ratios of the
+# summed counts (NaN when undefined), as for one class. "dice", "iou", "precision", "recall" are
+# their means over the foreground classes (1..K-1) that are defined; the per-image scores are
+# each image's mean over the foreground classes, a class empty in both target and prediction
+# scoring 1 (the binary rule).
+
+
+def class_confusion(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
+    """Per-image K×K confusion matrices, float64 [B, K, K] (rows target, columns prediction),
+    of logits [B, K, H, W] and class-id targets [B, 1, H, W] or [B, H, W] (float or integer)."""
+    return label_confusion(logits.argmax(1), target, logits.shape[1], ignore_index)
+
+
+def label_confusion(pred: torch.Tensor, target: torch.Tensor, k: int, ignore_index: int | None = None) -> torch.Tensor:
+    """`class_confusion` of predicted labels [B, H, W] (evaluate's path: the argmax after the
+    probabilities were resized to the original size)."""
+    b = pred.shape[0]
+    pred = pred.reshape(b, -1).long()
+    t = target.reshape(b, -1).long()
+    keep = (t >= 0) & (t < k)
+    if ignore_index is not None:
+        keep &= t != ignore_index
+    img = torch.arange(b, device=t.device)[:, None].expand_as(t)
+    idx = (img * k + t) * k + pred
+    return torch.bincount(idx[keep], minlength=b * k * k).view(b, k, k).double()
+
+
+def class_counts(cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(TP, FP, FN, TN) per class of confusion matrices [..., K, K]."""
+    tp = cm.diagonal(dim1=-2, dim2=-1)
+    fp = cm.sum(-2) - tp
+    fn = cm.sum(-1) - tp
+    tn = cm.sum((-2, -1))[..., None] - tp - fp - fn
+    return tp, fp, fn, tn
+
+
+def image_class_scores(cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image Dice and IoU of each foreground class [B, K-1] from confusion matrices
+    [B, K, K]; a class empty in both target and prediction scores 1 (per_image_scores)."""
+    b, k = cm.shape[:2]
+    tp, fp, fn, _ = class_counts(cm)
+    dice, iou = per_image_scores(torch.stack([tp[:, 1:], fp[:, 1:], fn[:, 1:]], -1).flatten(0, 1))
+    return dice.view(b, k - 1), iou.view(b, k - 1)
+
+
+class ClassMetricAccumulator:
+    """The K-class MetricAccumulator: [C (K·K), Σ image Dice, Σ image IoU, images] and `extra`
+    sums in one float64 vector, one all-reduce."""
+
+    def __init__(self, device: torch.device, classes: int, extra: int = 0, ignore_index: int | None = None):
+        self.k, self.ignore_index = classes, ignore_index
+        self.sums = torch.zeros(classes * classes + 3 + extra, dtype=torch.float64, device=device)
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+               extra: torch.Tensor | None = None) -> None:
+        self.add(class_confusion(logits[valid], target[valid], self.ignore_index), extra)
+
+    def add(self, cm: torch.Tensor, extra: torch.Tensor | None = None) -> None:
+        """Per-image confusion matrices [B, K, K] (and extra sums) into the totals."""
+        k = self.k
+        cm = cm.to(self.sums.device)
+        dice, iou = image_class_scores(cm)
+        n = cm.shape[0]
+        self.sums[:k * k] += cm.sum(0).flatten()
+        if n:
+            self.sums[k * k] += dice.mean(1).sum()
+            self.sums[k * k + 1] += iou.mean(1).sum()
+        self.sums[k * k + 2] += n
+        if extra is not None:
+            self.sums[k * k + 3:] += extra.double()
+
+    def reduce(self) -> tuple[list[float], list[float]]:
+        s = all_reduce_sum(self.sums.clone()).tolist()
+        n = self.k * self.k + 3
+        return s[:n], s[n:]
+
+
+def summarize_classes(s: list[float], names: list[str]) -> dict[str, float]:
+    """Dataset-level K-class metrics from ClassMetricAccumulator's summed counts: per class
+    `dice/NAME`, `iou/NAME`, `precision/NAME`, `recall/NAME` (foreground classes), their means
+    over the defined ones as `dice`, ..., pixel accuracy, the per-image means, the matrix."""
+    k = len(names)
+    cm = torch.tensor(s[:k * k], dtype=torch.float64).view(k, k)
+    tp, fp, fn, _ = (v.tolist() for v in class_counts(cm))
+    out: dict[str, float] = {}
+    per: dict[str, list[float]] = {"dice": [], "iou": [], "precision": [], "recall": []}
+    for c in range(1, k):
+        vals = {"dice": ratio(2 * tp[c], 2 * tp[c] + fp[c] + fn[c]), "iou": ratio(tp[c], tp[c] + fp[c] + fn[c]),
+                "precision": ratio(tp[c], tp[c] + fp[c]), "recall": ratio(tp[c], tp[c] + fn[c])}
+        for m, v in vals.items():
+            out[f"{m}/{names[c]}"] = v
+            per[m].append(v)
+    for m, vals in per.items():
+        defined = [v for v in vals if v == v]
+        out[m] = sum(defined) / len(defined) if defined else UNDEFINED
+    dsum, isum, n = s[k * k:k * k + 3]
+    out.update(accuracy=ratio(float(cm.trace()), float(cm.sum())), mean_image_dice=ratio(dsum, n),
+               mean_image_iou=ratio(isum, n), samples=int(n))
+    return out
+
+
+def confusion_matrix(s: list[float], classes: int) -> list[list[int]]:
+    """The summed K×K pixel confusion matrix (rows target, columns prediction) as integers."""
+    return [[int(v) for v in s[r * classes:(r + 1) * classes]] for r in range(classes)]

@@ -1,6 +1,8 @@
 """Segmentation models: segmentation-models-pytorch architectures and the seeds' classic U-Net.
 
-Every model maps [B, C, H, W] -> one logit channel [B, 1, H, W]. Nothing is downloaded: ImageNet
+Every model maps [B, C, H, W] -> K logit channels [B, K, H, W]: one (sigmoid) for binary masks,
+K = `ModelConfig.classes` (softmax, background included) for a dataset packed with `pack
+--classes`. Nothing is downloaded: ImageNet
 encoder weights are looked up in the local Hugging Face cache (where smp keeps them) by us,
 never through the hub client, which would try the network first.
 """
@@ -33,7 +35,7 @@ class DoubleConv(nn.Sequential):
 class ClassicUNet(nn.Module):
     """Ronneberger-style U-Net: 64 -> 1024 filters, batch norm, transposed-conv upsampling."""
 
-    def __init__(self, in_channels: int = 1, base: int = 64, depth: int = 4):
+    def __init__(self, in_channels: int = 1, base: int = 64, depth: int = 4, classes: int = 1):
         super().__init__()
         widths = [base * 2 ** i for i in range(depth + 1)]  # 64 ... 1024
         self.down = nn.ModuleList([DoubleConv(in_channels, widths[0])] +
@@ -42,7 +44,7 @@ class ClassicUNet(nn.Module):
         self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
                                  for i in reversed(range(depth))])
         self.dec = nn.ModuleList([DoubleConv(widths[i] * 2, widths[i]) for i in reversed(range(depth))])
-        self.head = nn.Conv2d(widths[0], 1, 1)
+        self.head = nn.Conv2d(widths[0], classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -101,7 +103,8 @@ def _build_smp(cfg: ModelConfig, in_channels: int) -> nn.Module:
     weights = cfg.encoder_weights
     local = cached_imagenet_weights(cfg.encoder) if weights == "imagenet" else None  # before the build: fail fast
     try:
-        model = arch(encoder_name=cfg.encoder, encoder_weights=None, in_channels=in_channels, classes=1)
+        model = arch(encoder_name=cfg.encoder, encoder_weights=None, in_channels=in_channels,
+                     classes=output_channels(cfg))
     except KeyError as e:
         raise ModelError(f"unknown encoder {cfg.encoder!r} for {cfg.arch}: {e}") from None
     if local is not None:
@@ -158,9 +161,17 @@ def model_name(arch: str, encoder: str, sep: str = "/") -> str:
     return arch if arch == "unet-classic" else f"{arch}{sep}{encoder}"
 
 
+def output_channels(cfg: ModelConfig) -> int:
+    """The logit channels: K for K classes, 1 for binary masks (classes 0 = not K-class)."""
+    if cfg.classes == 2:
+        raise ModelError("classes = 2 is the binary case: one sigmoid output (classes 0 or 1); "
+                         "K softmax outputs start at 3 (background and two classes)")
+    return cfg.classes if cfg.classes > 2 else 1
+
+
 def build_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
     if cfg.arch == "unet-classic":  # no encoder: --encoder/--encoder-weights do not apply
-        return ClassicUNet(in_channels)
+        return ClassicUNet(in_channels, classes=output_channels(cfg))
     if cfg.arch not in SMP_ARCHS:
         raise ModelError(f"unknown --arch {cfg.arch!r}; choose from {', '.join([*SMP_ARCHS, 'unet-classic'])}")
     return _build_smp(cfg, in_channels)

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..config import Config
+from ..config import Config, monitor_mode
 from ..dist import DistInfo
 from ..precision import Precision
 
@@ -84,7 +84,7 @@ class Schedule:
         self.step_count = 0
         self.plateau = None
         if cfg.optim.scheduler == "plateau":
-            mode = "max" if cfg.train.monitor == "val_dice" else "min"
+            mode = monitor_mode(cfg.train.monitor)   # val_dice/NAME is maximised too
             self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode=mode, factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience)
         self._apply()

@@ -9,15 +9,17 @@ import torch
 
 from .. import checkpoint, dist as distmod, resume_guard, threads, tracking
 from ..config import Config, save_toml
+from ..config import check_classes
 from ..data.loader import build_loader, resolve_norm
 from ..data.shards import SPLITS, check_fold, read_manifest
+from ..data.shards import label_classes
 from ..data.synthetic import ensure_synthetic
 from ..data.verify import verify_shards
 from ..engines import NonFiniteLossError, build_engine
 from ..figures import plot_overlays
 from ..log import RunLog, fmt
-from ..loop import TrainState, evaluate, fit, restore
-from ..losses import build_loss_fn
+from ..loop import TrainState, class_options, evaluate, fit, restore
+from ..losses import build_multiclass_loss_fn
 from ..models import build_model, model_name
 from ..precision import resolve_precision
 
@@ -81,18 +83,31 @@ def resume(engine, src: resume_guard.Source | None, dist, log: RunLog, batch: in
     return state
 
 
+def resolve_classes(cfg: Config, data_dir: Path) -> None:
+    """--classes 0 (the default) becomes the dataset's K when it was packed with label masks
+    (`pack --classes`, K > 2), with the class names; binary datasets keep 0 (one output)."""
+    names = label_classes(read_manifest(data_dir))
+    check_classes(cfg, names)
+    if names:
+        cfg.model.classes, cfg.model.class_names = len(names), tuple(names)
+
+
 def evaluate_test_split(cfg: Config, engine, data_dir: Path, dist, loss_fn, log: RunLog, state, reason: str,
                         run_dir: Path, workers: int) -> None:
     """Test-split metrics and the overlay figure with the weights now in the engine."""
     test_loader = build_loader(cfg, data_dir, "test", dist, training=False, precision=engine.precision,
                                workers=workers)
-    test, shown = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep=8)
+    test, shown = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep=8,
+                           **class_options(cfg))
     log.write_json("test_metrics.json", {"best_epoch": state.best_epoch, "stopped": reason, **test})
     if dist.is_main and shown is not None:
         plot_overlays(shown, run_dir / "overlays.png", cfg.data.mean, cfg.data.std, cfg.train.threshold)
     log.info(f"test ({test['samples']} images, best epoch {state.best_epoch}): dice {fmt(test['dice'])} "
              f"iou {fmt(test['iou'])} precision {fmt(test['precision'])} recall {fmt(test['recall'])} "
              f"-> {run_dir}")
+    per_class = [f"{k[5:]} {fmt(v)}" for k, v in test.items() if k.startswith("dice/")]
+    if per_class:
+        log.info(f"test dice per class: {', '.join(per_class)}")
 
 
 def run(cfg: Config, preset: str | None) -> int:
@@ -108,6 +123,7 @@ def run(cfg: Config, preset: str | None) -> int:
     data_dir = prepare_data(cfg, dist)
     cfg.data.path = data_dir
     cfg.data.mean, cfg.data.std = resolve_norm(cfg, data_dir)  # recorded in config + checkpoints
+    resolve_classes(cfg, data_dir)   # K classes from manifest.json, recorded the same way
     run_dir = resolve_run_dir(cfg, data_dir)
     log = RunLog(run_dir, dist.is_main)
     # Before anything is written or trained: a corrupt shard would otherwise train silently.
@@ -135,7 +151,8 @@ def run(cfg: Config, preset: str | None) -> int:
                               workers=budget.workers)
     steps = len(train_loader) * cfg.train.epochs
     total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
-    loss_fn = build_loss_fn(cfg.loss)
+    loss_fn = build_multiclass_loss_fn(cfg.loss, cfg.model.classes or 1, cfg.loss.class_weights or None,
+                                       cfg.loss.ignore_index)   # binary: build_loss_fn(cfg.loss) itself
     engine = build_engine(cfg, model, dist, loss_fn, total_steps, precision)
     for line in engine.describe():
         log.info(f"engine: {line}")
