@@ -17,6 +17,13 @@ the training size, exactly as training's test_metrics.json does. `--inference sl
 at each image's original size with tiles of the training size (Gaussian-weighted, `--overlap`),
 for images much larger than the training size (docs/inference.md).
 
+Several --checkpoint: an ensemble, their probabilities averaged (flip TTA inside each model);
+the default --out is then ensemble-RUN1+RUN2+.../eval-<split>... beside the runs.
+
+`--summary RUN-f0 RUN-f1 ...` evaluates nothing: it reads each run's eval-<split>[...]/metrics.json
+(as the flags name it) and writes the per-fold and mean ± sd table, summary.md and summary.json,
+to --out (default: summary-<split>[...] in the runs' common folder).
+
 Under torchrun each rank evaluates a disjoint slice of the split (global rank, world size), and
 the counts are summed, so every sample is counted exactly once.
 """
@@ -29,6 +36,9 @@ from .options import EvaluateArgs
 
 
 def _run(args: EvaluateArgs) -> int:
+    if args.summary:
+        from .jobs.summary import run as summary   # reads metrics.json files: no torch
+        return summary(args)
     from .jobs.evaluate import run   # torch and the model stack: only once the flags are good
     return run(args)
 

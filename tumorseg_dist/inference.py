@@ -69,11 +69,25 @@ class Predictor:
     device: torch.device
     source: Path | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    members: tuple["Predictor", ...] = ()   # an ensemble's other checkpoints (load_ensemble)
 
     @property
     def name(self) -> str:
-        """`unet/resnet34`, or just the architecture when it has no encoder."""
-        return model_name(self.arch, self.encoder)
+        """`unet/resnet34`, or just the architecture when it has no encoder; an ensemble says
+        how many models and which."""
+        if not self.members:
+            return model_name(self.arch, self.encoder)
+        names = sorted({model_name(m.arch, m.encoder) for m in self.models})
+        return f"ensemble of {len(self.models)} ({', '.join(names)})"
+
+    @property
+    def models(self) -> tuple["Predictor", ...]:
+        """Every model whose probabilities are averaged: this one, then its members."""
+        return (self, *self.members)
+
+    @property
+    def sources(self) -> list[Path | None]:
+        return [m.source for m in self.models]
 
     @property
     def pre(self) -> Preprocess:
@@ -85,8 +99,16 @@ class Predictor:
 
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """[B, C, S, S] normalised -> [B, 1, S, S] tumour probabilities (float32)."""
-        return flip_tta_probs(self.model, batch.to(self.device), tta)
+        """[B, C, S, S] normalised -> [B, 1, S, S] tumour probabilities (float32); an ensemble's
+        mean over its models (each fed the batch in its own normalisation, `renormalise`)."""
+        x = batch.to(self.device)
+        if not self.members:
+            return flip_tta_probs(self.model, x, tta)
+        acc = None
+        for m in self.models:
+            p = flip_tta_probs(m.model, renormalise(x, self.mean, self.std, m.mean, m.std), tta)
+            acc = p if acc is None else acc + p
+        return acc / len(self.models)
 
     def predict(self, tensors: list[torch.Tensor], shapes: list[tuple[int, int]], tta: bool = False,
                 threshold: float | None = None) -> list[np.ndarray]:
@@ -99,10 +121,75 @@ class Predictor:
     def sliding_probabilities(self, image: np.ndarray, tta: bool = False, overlap: float = 0.5,
                               batch_size: int = 8) -> torch.Tensor:
         """One [0, 1] image at its own resolution -> [H, W] probabilities (float32, CPU), from
-        tiles of the training size (`sliding_window_probs`)."""
-        return sliding_window_probs(self.model, image, in_channels=self.in_channels, size=self.size,
-                                    mean=self.mean, std=self.std, overlap=overlap,
-                                    batch_size=batch_size, tta=tta, device=self.device)
+        tiles of the training size (`sliding_window_probs`). An ensemble: the mean of its models'
+        maps (one tile layout and weighting, so the same as averaging tile by tile)."""
+        acc = None
+        for m in self.models:
+            p = sliding_window_probs(m.model, image, in_channels=m.in_channels, size=m.size, mean=m.mean,
+                                     std=m.std, overlap=overlap, batch_size=batch_size, tta=tta,
+                                     device=self.device)
+            acc = p if acc is None else acc.add_(p)
+        return acc if not self.members else acc / len(self.models)
+
+    def probability_map(self, image: np.ndarray, tta: bool = False, inference: str = "whole",
+                        overlap: float = 0.5, batch_size: int = 8) -> torch.Tensor:
+        """One [0, 1] image -> its [H, W] probabilities at the image's size (float32, CPU)."""
+        if inference == "sliding":
+            return self.sliding_probabilities(image, tta, overlap, batch_size)
+        if inference != "whole":
+            raise ValueError(f"--inference must be one of {', '.join(INFERENCE_MODES)}, got {inference!r}")
+        return to_original_size(self.probabilities(self.preprocess(image)[None], tta)[0], *image.shape[:2])
+
+    def predict_image(self, image: np.ndarray, tta: bool = False, threshold: float | None = None,
+                      inference: str = "whole", overlap: float = 0.5, batch_size: int = 8) -> np.ndarray:
+        """One [0, 1] image -> its boolean mask at the image's size."""
+        if inference == "whole":  # the batched path, so that a single image is predicted as in a batch
+            return self.predict([self.preprocess(image)], [image.shape[:2]], tta, threshold)[0]
+        t = self.threshold if threshold is None else threshold
+        return (self.probability_map(image, tta, inference, overlap, batch_size) > t).numpy()
+
+
+    @property
+    def pre(self) -> Preprocess:
+        return Preprocess(self.in_channels, self.size, self.mean, self.std)
+
+    def preprocess(self, image: np.ndarray, size: int | None = None) -> torch.Tensor:
+        """H×W or H×W×C float image in [0, 1] -> normalised [C, size, size] float32 tensor."""
+        return self.pre(image, size)
+
+    @torch.no_grad()
+    def probabilities(self, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """[B, C, S, S] normalised -> [B, 1, S, S] tumour probabilities (float32); an ensemble's
+        mean over its models (each fed the batch in its own normalisation, `renormalise`)."""
+        x = batch.to(self.device)
+        if not self.members:
+            return flip_tta_probs(self.model, x, tta)
+        acc = None
+        for m in self.models:
+            p = flip_tta_probs(m.model, renormalise(x, self.mean, self.std, m.mean, m.std), tta)
+            acc = p if acc is None else acc + p
+        return acc / len(self.models)
+
+    def predict(self, tensors: list[torch.Tensor], shapes: list[tuple[int, int]], tta: bool = False,
+                threshold: float | None = None) -> list[np.ndarray]:
+        """Preprocessed images and their original (H, W) -> one boolean mask per image at its
+        original size (probabilities resized back, then thresholded)."""
+        t = self.threshold if threshold is None else threshold
+        probs = self.probabilities(torch.stack(tensors), tta)
+        return [(to_original_size(p, h, w) > t).numpy() for p, (h, w) in zip(probs, shapes)]
+
+    def sliding_probabilities(self, image: np.ndarray, tta: bool = False, overlap: float = 0.5,
+                              batch_size: int = 8) -> torch.Tensor:
+        """One [0, 1] image at its own resolution -> [H, W] probabilities (float32, CPU), from
+        tiles of the training size (`sliding_window_probs`). An ensemble: the mean of its models'
+        maps (one tile layout and weighting, so the same as averaging tile by tile)."""
+        acc = None
+        for m in self.models:
+            p = sliding_window_probs(m.model, image, in_channels=m.in_channels, size=m.size, mean=m.mean,
+                                     std=m.std, overlap=overlap, batch_size=batch_size, tta=tta,
+                                     device=self.device)
+            acc = p if acc is None else acc.add_(p)
+        return acc if not self.members else acc / len(self.models)
 
     def probability_map(self, image: np.ndarray, tta: bool = False, inference: str = "whole",
                         overlap: float = 0.5, batch_size: int = 8) -> torch.Tensor:
@@ -143,6 +230,16 @@ def preprocess(image: np.ndarray, in_channels: int, size: int, mean, std) -> tor
     t = F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False,
                       antialias=True)[0]
     return _normalise(t, mean, std)
+
+
+def renormalise(x: torch.Tensor, mean, std, to_mean, to_std) -> torch.Tensor:
+    """A batch normalised with (mean, std) as normalising with (to_mean, to_std) would have
+    made it: per channel affine, so the ensemble's one preprocessing serves every member."""
+    if tuple(mean) == tuple(to_mean) and tuple(std) == tuple(to_std):
+        return x
+    def col(v):
+        return torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x * col(std) + col(mean) - col(to_mean)) / col(to_std)
 
 
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
@@ -348,6 +445,41 @@ def load_model(path: Path | str, device: str | torch.device = "cpu") -> Predicto
                      in_channels=info["in_channels"], size=info["size"], mean=info["mean"],
                      std=info["std"], threshold=info["threshold"], device=device, source=path,
                      config=info["config"])
+
+
+def output_channels(model: Predictor) -> int:
+    """The classes the network predicts (its output channels), from one small forward pass."""
+    with torch.no_grad():
+        x = torch.zeros(1, model.in_channels, 64, 64, device=model.device)
+        return int(model.model(x).shape[1])
+
+
+def load_ensemble(paths, device: str | torch.device = "cpu", threshold: float | None = None) -> Predictor:
+    """One checkpoint: `load_model`. Several: an ensemble, the first checkpoint's predictor with
+    the others as its `members`, whose probabilities `Predictor.probabilities` averages (flip
+    TTA inside each model). Members may differ in architecture and normalisation, not in what
+    is averaged: another input size, input channel count or number of output classes is an
+    error naming both files, and so are different trained thresholds unless `threshold` (the
+    --threshold flag) decides."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no --checkpoint given")
+    models = [load_model(p, device) for p in paths]
+    first = models[0]
+    if len(models) == 1:
+        return first
+    classes = output_channels(first)
+    for m in models[1:]:
+        for what, a, b in (("input size", first.size, m.size), ("input channels", first.in_channels, m.in_channels),
+                           ("output classes", classes, output_channels(m))):
+            if a != b:
+                raise CheckpointError(f"{m.source} cannot join an ensemble with {first.source}: {what} {b} vs {a}; "
+                                      f"ensemble checkpoints trained with the same --size, --in-channels and classes")
+        if threshold is None and m.threshold != first.threshold:
+            raise CheckpointError(f"{m.source} was trained with threshold {m.threshold}, {first.source} with "
+                                  f"{first.threshold}: pass --threshold T for the ensemble")
+    first.members = tuple(models[1:])
+    return first
 
 
 def resolve_threshold(flag: float | None, model: Predictor) -> float:

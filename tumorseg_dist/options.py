@@ -17,6 +17,8 @@ from . import cli
 from .config import VerifyMode
 
 Inference = Literal["whole", "sliding"]
+# evaluate/predict --checkpoint A [--checkpoint B ...]: one model, or an ensemble
+Checkpoints = Annotated[tuple[Path, ...], tyro.conf.UseAppendAction, tyro.conf.arg(metavar="CKPT")]
 
 
 def check_overlap(overlap: float) -> None:
@@ -31,8 +33,12 @@ def check_overlap(overlap: float) -> None:
 class EvaluateArgs:
     """The flags of `python -m tumorseg_dist.evaluate`."""
 
-    checkpoint: Path
-    """RUN/checkpoints/best.pt"""
+    checkpoint: Annotated[Checkpoints, tyro.conf.arg(help_behavior_hint="(required)")] = ()
+    """RUN/checkpoints/best.pt; repeat it for an ensemble (probabilities averaged). Not with
+    --summary."""
+    summary: Annotated[tuple[Path, ...], tyro.conf.arg(metavar="RUN", help_behavior_hint="(default: off)")] = ()
+    """Cross-validation summary instead of an evaluation: RUN-f0 RUN-f1 ... (run directories or
+    their eval folders) -> per-fold and mean ± sd table (summary.md, summary.json)."""
     data: cli.optional(Path, "the data the checkpoint was trained on") = None
     """Packed shard directory."""
     split: str = "test"
@@ -63,6 +69,10 @@ class EvaluateArgs:
 
     def __post_init__(self) -> None:
         check_overlap(self.overlap)
+        if not self.checkpoint and not self.summary:
+            raise ValueError("--checkpoint RUN/checkpoints/best.pt is required (or --summary RUN-f0 RUN-f1 ...)")
+        if self.checkpoint and self.summary:
+            raise ValueError("--summary reads finished evaluations; leave --checkpoint out")
         if self.inference == "sliding" and self.resolution == "model":
             raise ValueError("--inference sliding predicts at each image's original size; it goes "
                              "with --resolution original, not --resolution model")
@@ -75,8 +85,8 @@ class PredictArgs:
     inputs: Annotated[tuple[Path, ...], tyro.conf.Positional,
                       tyro.conf.arg(metavar="INPUT...", help_behavior_hint="(required)")]
     """Image files, folders of images, or packed shard directories."""
-    checkpoint: Path
-    """RUN/checkpoints/best.pt"""
+    checkpoint: Annotated[Checkpoints, tyro.conf.arg(help_behavior_hint="(required)")]
+    """RUN/checkpoints/best.pt; repeat it for an ensemble (probabilities averaged)."""
     out: Path
     """Output folder."""
     tta: bool = False
@@ -101,6 +111,8 @@ class PredictArgs:
 
     def __post_init__(self) -> None:
         check_overlap(self.overlap)
+        if not self.checkpoint:
+            raise ValueError("--checkpoint RUN/checkpoints/best.pt is required (repeat it for an ensemble)")
 
 
 

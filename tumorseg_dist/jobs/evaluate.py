@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,10 @@ import torch.nn.functional as F
 from .. import dist as distmod, threads
 from ..data.shards import IndexedShards, read_sample
 from ..data.torch_loader import rank_indices
-from ..data.shards import ShardError, WorkerFailure, read_manifest, shard_paths
+from ..data.shards import ShardError, WorkerFailure, fold_split, read_manifest, shard_paths
 from ..data.verify import verify_shards
 from ..figures import overlay_image, save_grid, wrap_name
-from ..inference import Predictor, load_model, resolve_threshold, to_original_size
+from ..inference import Predictor, load_ensemble, resolve_threshold, to_original_size
 from ..log import Console, fmt
 from ..metrics import mask_confusion, per_image_scores, summarize
 from ..options import EvaluateArgs
@@ -143,10 +144,31 @@ def plot_cases(rows: list[dict], samples: EvalSamples, model: Predictor, path: P
 
 
 
-def default_out(ckpt: Path, split: str, tta: bool, inference: str = "whole") -> Path:
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+def run_dir_of(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def default_out(ckpt: Path | tuple[Path, ...], split: str, tta: bool, inference: str = "whole") -> Path:
+    """RUN/eval-SPLIT[-sliding][-tta]; an ensemble's beside its runs, in
+    ensemble-RUN1+RUN2+.../ under their common folder."""
+    ckpts = (ckpt,) if isinstance(ckpt, Path) else tuple(ckpt)
+    runs = [run_dir_of(Path(c)).resolve() for c in ckpts]
+    run_dir = runs[0] if len(runs) == 1 else Path(os.path.commonpath(runs)) / ("ensemble-" + "+".join(r.name for r in runs))
     sliding = "-sliding" if inference == "sliding" else ""  # never overwrites the whole-image scores
     return run_dir / f"eval-{split}{sliding}{'-tta' if tta else ''}"
+
+
+def split_of(model: Predictor, split: str) -> str:
+    """The split to read: under cross-validation (checkpoints trained with --fold k) train and
+    val are fold k's (`shards.fold_split`); an ensemble of several folds has no such split."""
+    folds = {m.config.get("data", {}).get("fold") for m in model.models}
+    if split not in ("train", "val") or folds == {None}:
+        return split
+    if len(folds) > 1:
+        shown = ", ".join("none" if f is None else str(f) for f in sorted(folds, key=lambda f: -1 if f is None else f))
+        raise ValueError(f"--split {split}: the checkpoints were trained on different folds ({shown}), so every "
+                         f"sample of {split} was trained on by some of them; evaluate the ensemble on --split test")
+    return fold_split(split, folds.pop())
 
 
 def _finite(v):
@@ -169,25 +191,27 @@ def run(args: EvaluateArgs) -> int:
     log = Console(d.is_main)
     budget = threads.plan(args.workers)
     threads.apply(budget)
-    model = load_model(args.checkpoint, d.device)
+    model = load_ensemble(args.checkpoint, d.device, args.threshold)
     threshold = resolve_threshold(args.threshold, model)
     data = args.data or model.config.get("data", {}).get("path")
     if data is None:
-        raise ValueError(f"{args.checkpoint} does not record its data; pass --data shards/NAME")
+        raise ValueError(f"{args.checkpoint[0]} does not record its data; pass --data shards/NAME")
     data = Path(data)
     manifest = read_manifest(data)
-    verify_shards(data, [args.split], args.verify_shards, d, log.info)
-    shards = IndexedShards(shard_paths(data, args.split, manifest))
+    split = split_of(model, args.split)
+    # a fold's shards are train shards (shards.split_shards)
+    verify_shards(data, ["train" if ":fold" in split else split], args.verify_shards, d, log.info)
+    shards = IndexedShards(shard_paths(data, split, manifest))
     n = len(shards)
     if n == 0:
-        raise ShardError(f"{data}: split {args.split!r} has no samples")
+        raise ShardError(f"{data}: split {split!r} has no samples")
     mine = [i for i in rank_indices(n, d.rank, d.world_size, False, 0, 0) if i >= 0]
     sliding = args.inference == "sliding"
     samples = EvalSamples(shards, model, mine, args.inference)
     out = args.out or default_out(args.checkpoint, args.split, args.tta, args.inference)
     how = f", sliding window (overlap {args.overlap})" if sliding else ""
-    log.info(f"evaluate: {args.checkpoint} ({model.name}, {model.size}px) on {data} "
-             f"split {args.split}: {n} images, {d.world_size} rank(s), threshold {threshold}, "
+    log.info(f"evaluate: {', '.join(map(str, args.checkpoint))} ({model.name}, {model.size}px) on {data} "
+             f"split {split}: {n} images, {d.world_size} rank(s), threshold {threshold}, "
              f"{args.resolution} resolution{how}{', flip-TTA' if args.tta else ''}")
     log.info(f"evaluate: threads: {budget.describe()}")
     # Sliding: --batch-size counts tiles, and images come one at a time, so that only one
@@ -238,7 +262,8 @@ def run(args: EvaluateArgs) -> int:
             "hd95_mm_mean": float(hd_mm.mean()) if hd_mm.size else None,
             "hd95_mm_median": float(np.median(hd_mm)) if hd_mm.size else None,
             "hd95_mm_images": int(hd_mm.size),
-            "checkpoint": str(args.checkpoint), "data": str(data), "split": args.split,
+            "checkpoint": str(args.checkpoint[0]) if len(args.checkpoint) == 1 else [str(c) for c in args.checkpoint],
+            "ensemble": len(args.checkpoint), "data": str(data), "split": split,
             "tta": args.tta, "threshold": threshold, "resolution": args.resolution,
             "inference": args.inference, "overlap": args.overlap if sliding else None,
             "world_size": d.world_size, "arch": model.arch, "encoder": model.encoder, "size": model.size})

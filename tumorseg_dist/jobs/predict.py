@@ -16,7 +16,7 @@ from ..data.shards import IndexedShards, read_sample
 from ..data.shards import MANIFEST, ShardError, read_manifest, shard_paths
 from ..figures import overlay_image
 from ..imageio import IMAGE_EXTS, ImageFileError, read_image
-from ..inference import Predictor, load_model, resolve_threshold
+from ..inference import Predictor, load_ensemble, resolve_threshold
 from ..log import Console
 from ..options import PredictArgs
 
@@ -129,7 +129,7 @@ def run(args: PredictArgs) -> int:
     log = Console()
     budget = threads.plan(args.workers)
     threads.apply(budget)
-    model = load_model(args.checkpoint, resolve_device(args.device))
+    model = load_ensemble(args.checkpoint, resolve_device(args.device), args.threshold)
     threshold = resolve_threshold(args.threshold, model)
     items, shard_sets, problems = collect_inputs(args.inputs, args.split)
     for src, why in problems:
