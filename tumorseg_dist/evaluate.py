@@ -4,9 +4,10 @@ Writes to --out (default RUN/eval-<split>[-sliding][-tta]/ next to the checkpoin
 
   metrics.json    dataset-level Dice, IoU, precision, recall, accuracy (from summed TP/FP/FN/TN),
                   mean per-image Dice/IoU, mean/median Hausdorff-95 (MONAI's) over the images
-                  where both masks are non-empty, in pixels and, for images whose json gives
-                  pixel_spacing, in mm; and what was evaluated (checkpoint, data, split, TTA, ...)
-  per_image.csv   key, source, group, dice, iou, target/prediction area, hd95 (px), hd95_mm
+                  where both masks are non-empty, and the average symmetric surface distance
+                  (ASSD), in pixels and, for images whose json gives their spacing (slices of
+                  volumes: spacing_mm), in mm; and what was evaluated (checkpoint, data, split, ...)
+  per_image.csv   key, source, group, dice, iou, target/prediction area, hd95, hd95_mm, assd, assd_mm
   evaluate.log    the lines shown on the console, timestamped
   cases.png       the worst and the best images by Dice, with ground truth (green) and
                   prediction (red) contours

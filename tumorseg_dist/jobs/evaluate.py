@@ -24,7 +24,8 @@ from ..metrics import mask_confusion, per_image_scores, summarize
 from ..options import EvaluateArgs
 
 CSV_FIELDS = ["key", "source", "group", "dice", "iou", "target_area", "prediction_area", "hd95",
-              "hd95_mm"]
+              "hd95_mm", "assd", "assd_mm"]
+SURFACE = ("hd95", "hd95_mm", "assd", "assd_mm")   # per image; NaN (blank) where undefined
 
 
 # ---------------------------------------------------------------- Hausdorff-95
@@ -44,11 +45,35 @@ def hausdorff95(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, floa
     return float(d.item())
 
 
+def average_surface_distance(pred: np.ndarray, target: np.ndarray,
+                             spacing: tuple[float, float] | None = None) -> float:
+    """MONAI's symmetric average surface distance (ASSD: the mean over both boundaries of each
+    boundary pixel's distance to the other mask's boundary), in pixels or in the units of
+    `spacing`; NaN if either mask is empty, as `hausdorff95`."""
+    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+    if not pred.any() or not target.any():
+        return float("nan")
+    from monai.metrics import compute_average_surface_distance
+    d = compute_average_surface_distance(torch.from_numpy(pred)[None, None], torch.from_numpy(target)[None, None],
+                                         include_background=True, symmetric=True,
+                                         spacing=None if spacing is None else [float(v) for v in spacing])
+    return float(d.item())
+
+
+def surface_scores(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, float] | None) -> dict:
+    """One image's surface metrics: HD95 and ASSD in pixels, and in mm where the spacing is known."""
+    nan = float("nan")
+    return {"hd95": hausdorff95(pred, target), "assd": average_surface_distance(pred, target),
+            "hd95_mm": nan if spacing is None else hausdorff95(pred, target, spacing),
+            "assd_mm": nan if spacing is None else average_surface_distance(pred, target, spacing)}
+
+
 def pixel_spacing(meta: dict, original: tuple[int, int], compared: tuple[int, int]) -> tuple[float, float] | None:
     """The (row, column) pixel size in mm of the compared masks, from the sample's json
-    `pixel_spacing` [row mm, column mm] of the original image (scaled when the comparison is at
-    the model size), or None when the sample does not give it."""
-    sp = meta.get("pixel_spacing")
+    `spacing_mm` (a slice of a volume: `pack --format nnunet|nifti|dicom`) or `pixel_spacing`,
+    [row mm, column mm] of the original image (scaled when the comparison is at the model size),
+    or None when the sample does not give it."""
+    sp = meta.get("spacing_mm") or meta.get("pixel_spacing")
     try:
         row, col = (float(v) for v in sp)
     except (TypeError, ValueError):
@@ -171,6 +196,13 @@ def split_of(model: Predictor, split: str) -> str:
     return fold_split(split, folds.pop())
 
 
+def surface_means(rows: list[dict], key: str) -> dict:
+    """KEY_mean and KEY_median over the images where KEY is defined (None if none is)."""
+    v = np.array([r[key] for r in rows if math.isfinite(r[key])])
+    return {f"{key}_mean": float(v.mean()) if v.size else None,
+            f"{key}_median": float(np.median(v)) if v.size else None}
+
+
 def _finite(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -235,8 +267,7 @@ def run(args: EvaluateArgs) -> int:
             mm = pixel_spacing(s["meta"], s["mask"].shape, target.shape)
             rows.append({"key": s["key"], "source": s["meta"].get("source", ""),
                          "group": s["meta"].get("group") or "", "target_area": int(target.sum()),
-                         "prediction_area": int(pred.sum()), "hd95": hausdorff95(pred, target),
-                         "hd95_mm": float("nan") if mm is None else hausdorff95(pred, target, mm),
+                         "prediction_area": int(pred.sum()), **surface_scores(pred, target, mm),
                          "_index": s["index"]})
     c = torch.stack(counts) if counts else torch.zeros(0, 4, dtype=torch.float64)
     dice, iou = per_image_scores(c)
@@ -258,10 +289,11 @@ def run(args: EvaluateArgs) -> int:
             "hd95_images": int(hd.size),
             "hd95_unit": "pixels of the original image" if args.resolution == "original"
             else f"pixels at the model size {model.size}",
-            # Only the images whose json gives pixel_spacing: none of the built-in formats does.
+            # Only the images whose json gives their spacing (slices of volumes: spacing_mm).
             "hd95_mm_mean": float(hd_mm.mean()) if hd_mm.size else None,
             "hd95_mm_median": float(np.median(hd_mm)) if hd_mm.size else None,
             "hd95_mm_images": int(hd_mm.size),
+            **surface_means(rows, "assd"), **surface_means(rows, "assd_mm"),
             "checkpoint": str(args.checkpoint[0]) if len(args.checkpoint) == 1 else [str(c) for c in args.checkpoint],
             "ensemble": len(args.checkpoint), "data": str(data), "split": split,
             "tta": args.tta, "threshold": threshold, "resolution": args.resolution,
@@ -277,7 +309,7 @@ def run(args: EvaluateArgs) -> int:
             wr.writeheader()
             for r in rows:
                 wr.writerow({**r, "dice": f"{r['dice']:.6f}", "iou": f"{r['iou']:.6f}",
-                             **{k: "" if not math.isfinite(r[k]) else f"{r[k]:.3f}" for k in ("hd95", "hd95_mm")}})
+                             **{k: "" if not math.isfinite(r[k]) else f"{r[k]:.3f}" for k in SURFACE}})
         if args.cases > 0:
             log.info(f"evaluate: drawing {out / 'cases.png'} (the {args.cases} worst and best images)")
             plot_cases(rows, EvalSamples(shards, model, []), model, out / "cases.png", threshold,

@@ -17,8 +17,8 @@ from pathlib import Path
 from ..log import Console, fmt
 from ..options import EvaluateArgs
 
-METRICS = ("dice", "iou", "precision", "recall", "mean_image_dice", "hd95_mean", "hd95_mm_mean")
-SPEC = {"hd95_mean": ".2f", "hd95_mm_mean": ".2f"}
+METRICS = ("dice", "iou", "precision", "recall", "mean_image_dice", "hd95_mean", "hd95_mm_mean", "assd_mm_mean")
+SPEC = {"hd95_mean": ".2f", "hd95_mm_mean": ".2f", "assd_mm_mean": ".2f"}
 
 
 def metrics_file(path: Path, split: str, tta: bool, inference: str) -> Path:
