@@ -9,7 +9,7 @@ from tumorseg_dist.config import parse, to_dict
 
 RECIPES = REPO / "recipes"
 NAMES = ["pet-unet-r34-640", "lung-unet-256", "tif-unet-128", "unetplusplus-r34-512",
-         "coco-unet-r34", "synthetic-quickstart"]
+         "coco-unet-r34", "synthetic-quickstart", "busi-3class-unetpp-r34-512", "coco-categories-unet-r34"]
 
 # What the issue and the studies' write-ups fix for each recipe (section.key -> value).
 STUDY = {
@@ -26,6 +26,13 @@ STUDY = {
     "coco-unet-r34": {"model.arch": "unet", "model.encoder": "resnet34", "model.encoder_weights": "imagenet",
                       "loss.loss": "bce", "optim.optimizer": "adam", "train.monitor": "val_loss"},
     "synthetic-quickstart": {"model.arch": "unet", "data.in_channels": 1},
+    # the K-class variants (issue 17): their studies' settings, their classes from the manifest
+    "busi-3class-unetpp-r34-512": {"model.arch": "unetplusplus", "model.encoder": "resnet34", "data.size": 512,
+                                   "data.in_channels": 3, "loss.loss": "dice_bce",
+                                   "data.path": "shards/busi-3class"},
+    "coco-categories-unet-r34": {"model.arch": "unet", "model.encoder": "resnet34", "loss.loss": "bce",
+                                 "optim.optimizer": "adam", "train.monitor": "val_loss",
+                                 "data.path": "shards/brain-coco-categories"},
 }
 
 
