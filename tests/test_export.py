@@ -1,4 +1,5 @@
-"""export: ONNX equals PyTorch (fp32, < 1e-4) on a real input, dynamic batch, metadata, errors."""
+"""export --graph network (the bare network): ONNX equals PyTorch (fp32, < 1e-4) on a real input,
+dynamic batch, metadata, errors; and the checks on TIFF inputs (the default full graph)."""
 from __future__ import annotations
 
 import json
@@ -23,7 +24,8 @@ def test_onnx_matches_pytorch_with_dynamic_batch(tmp_path, ckpt, capsys):
     import onnx
     import onnxruntime as ort
     out = tmp_path / "m" / "model.onnx"
-    assert export.main(["--checkpoint", str(ckpt), "--onnx", str(out), "--dynamic-batch"]) == 0
+    assert export.main(["--checkpoint", str(ckpt), "--onnx", str(out), "--graph", "network",
+                        "--dynamic-batch"]) == 0
     printed = capsys.readouterr().out
     assert "max abs difference" in printed and "test/" in printed  # checked on a real test image
     diff = float(printed.split("max abs difference ")[1].split()[0])
@@ -59,8 +61,8 @@ def test_fixed_size_export_from_an_image_file_and_errors(tmp_path, ckpt, capsys)
     img = tmp_path / "scan (1).png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70), dtype=np.uint8)).save(img)
     out = tmp_path / "fixed.onnx"
-    assert export.main(["--checkpoint", str(ckpt), "--onnx", str(out), "--size", "96",
-                        "--input", str(img)]) == 0
+    assert export.main(["--checkpoint", str(ckpt), "--onnx", str(out), "--graph", "network",
+                        "--size", "96", "--input", str(img)]) == 0
     import onnxruntime as ort
     shape = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
     assert shape == [1, 1, 96, 96]

@@ -19,7 +19,6 @@ tiles of the training size, stitched with Gaussian weights (docs/inference.md, "
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,8 @@ from .checkpoint import CheckpointError
 from .config import Arch, ModelConfig
 from .data.batch import to_channels
 from .models import ModelError, build_model, model_name
+from .onnx_predictor import WEIGHT_FLOOR, SIGMA_SCALE, resolve_threshold, tile_starts  # noqa: F401 (re-exported)
+from .onnx_predictor import gaussian_weights as _gaussian_weights, pad_to_tile
 from .options import Inference, check_overlap
 
 KNOWN_ARCHS = Arch.__args__  # the Literal's choices
@@ -271,42 +272,12 @@ def to_original_size(probs: torch.Tensor, height: int, width: int) -> torch.Tens
 
 # ---------------------------------------------------------------- sliding window
 
-# nnU-Net's importance weighting: sigma = tile size / 8, so a tile's centre counts most and its
-# rim, where the model sees the least context (and a padded border), hardly at all.
-SIGMA_SCALE = 1 / 8
-# The Gaussian falls to e^-8 at the middle of a tile's edge and e^-16 at its corners; an image
-# corner is covered by one tile corner only, so without a floor its probability would be a
-# ratio of two ~1e-7 numbers. 1e-3 of the peak keeps every division well conditioned and changes
-# the weighting only in the outer ~4 % of a tile, where a neighbour's centre dominates anyway.
-WEIGHT_FLOOR = 1e-3
-
-
-def tile_starts(length: int, size: int, overlap: float) -> list[int]:
-    """Where the tiles start along an axis of `length` pixels (padded to >= size): the fewest
-    tiles whose step is at most size × (1 - overlap), spread evenly from flush with the start to
-    flush with the end (as nnU-Net does), so no tile hangs over the border.
-
-    The layout is mirror-symmetric (a tile at s has a twin at length - size - s), so flipping
-    the image flips the layout: flip TTA then composes with the window exactly."""
-    span = length - size
-    if span <= 0:
-        return [0]
-    check_overlap(overlap)
-    step = max(1, math.floor(size * (1.0 - overlap) + 1e-9))  # (1 - 0.9) * 100 is 9.99..: still 10
-    n = math.ceil(span / step) + 1
-    if n % 2 and span % 2:  # an odd middle tile is symmetric only on an even span: one more tile
-        n += 1
-    first = [math.floor(i * span / (n - 1) + 0.5) for i in range((n + 1) // 2)]
-    return first + [span - s for s in reversed(first[:n // 2])]
-
+# The tile layout and the Gaussian live in the torch-free onnx_predictor, so that both predictors
+# lay out and weight tiles alike.
 
 def gaussian_weights(size: int) -> torch.Tensor:
-    """[size, size] float32 importance map: a Gaussian of sigma size/8 centred on the tile
-    (peak 1, at the middle pixel or the middle four), floored at WEIGHT_FLOOR."""
-    d = torch.arange(size, dtype=torch.float64) - (size - 1) / 2  # exact: ±d on mirrored pixels
-    g = torch.exp(-d ** 2 / (2 * (size * SIGMA_SCALE) ** 2))
-    g = torch.outer(g, g)
-    return (g / g.max()).clamp_min(WEIGHT_FLOOR).float()
+    """[size, size] float32 importance map (onnx_predictor.gaussian_weights) as a tensor."""
+    return torch.from_numpy(_gaussian_weights(size))
 
 
 @torch.no_grad()
@@ -332,10 +303,7 @@ def sliding_window_probs(model: nn.Module, image: np.ndarray, *, in_channels: in
     check_overlap(overlap)
     arr = _hwc(image)
     h, w = arr.shape[:2]
-    top, left = max(size - h, 0) // 2, max(size - w, 0) // 2
-    if h < size or w < size:
-        arr = np.pad(arr, ((top, max(size - h, 0) - top), (left, max(size - w, 0) - left), (0, 0)),
-                     mode="reflect")
+    arr, top, left = pad_to_tile(arr, size)
     ph, pw = arr.shape[:2]
     device = torch.device(device)
     weight = gaussian_weights(size)
@@ -480,11 +448,3 @@ def load_ensemble(paths, device: str | torch.device = "cpu", threshold: float | 
                                   f"{first.threshold}: pass --threshold T for the ensemble")
     first.members = tuple(models[1:])
     return first
-
-
-def resolve_threshold(flag: float | None, model: Predictor) -> float:
-    """--threshold if given, else the one the model was trained and validated with."""
-    t = model.threshold if flag is None else flag
-    if not 0.0 < t < 1.0:
-        raise ValueError(f"--threshold must be strictly between 0 and 1, got {t}")
-    return t

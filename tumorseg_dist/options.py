@@ -85,10 +85,13 @@ class PredictArgs:
     inputs: Annotated[tuple[Path, ...], tyro.conf.Positional,
                       tyro.conf.arg(metavar="INPUT...", help_behavior_hint="(required)")]
     """Image files, folders of images, or packed shard directories."""
-    checkpoint: Annotated[Checkpoints, tyro.conf.arg(help_behavior_hint="(required)")]
-    """RUN/checkpoints/best.pt; repeat it for an ensemble (probabilities averaged)."""
     out: Path
     """Output folder."""
+    checkpoint: Annotated[Checkpoints, tyro.conf.arg(help_behavior_hint="(required unless --onnx)")] = ()
+    """RUN/checkpoints/best.pt; repeat it for an ensemble (probabilities averaged)."""
+    onnx: cli.optional(Path, "off: the checkpoint on PyTorch") = None
+    """A model written by `export` (--graph full), run on onnxruntime without torch, instead of
+    --checkpoint."""
     tta: bool = False
     """Average probabilities over 4 flips."""
     overlay: bool = False
@@ -111,8 +114,11 @@ class PredictArgs:
 
     def __post_init__(self) -> None:
         check_overlap(self.overlap)
-        if not self.checkpoint:
-            raise ValueError("--checkpoint RUN/checkpoints/best.pt is required (repeat it for an ensemble)")
+        if not self.checkpoint and self.onnx is None:
+            raise ValueError("--checkpoint RUN/checkpoints/best.pt is required (repeat it for an ensemble)"
+                             " or --onnx model.onnx")
+        if self.checkpoint and self.onnx is not None:
+            raise ValueError("--onnx runs the exported model on its own; leave --checkpoint out")
 
 
 
@@ -124,13 +130,27 @@ class ExportArgs:
     """RUN/checkpoints/best.pt"""
     onnx: Path
     """Output .onnx file."""
+    graph: Literal["full", "network"] = "full"
+    """full: the raw image (H×W×C uint8/uint16, any size) -> probabilities at its size, the
+    preprocessing inside (what predict --onnx runs); network: the bare network, a preprocessed
+    [N, C, S, S] float input -> logits."""
+    pixels: Literal["uint8", "uint16"] = "uint8"
+    """--graph full: the input's pixel type (8-bit images scaled by 255, 16-bit by 65535)."""
     size: cli.optional(int, "the training size") = None
-    """Input side length."""
+    """Input side length (--graph full: the size the graph resizes to)."""
     dynamic_batch: bool = False
-    """Batch dimension free (off: batch 1)."""
-    opset: int = 17
+    """--graph network: batch dimension free (off: batch 1)."""
+    opset: cli.optional(int, "18 for --graph full, 17 for network") = None
     input: cli.optional(Path, "the training data") = None
     """Image file or shard dir to check the export on."""
     atol: float = 1e-4
-    """Max allowed |onnxruntime - PyTorch|."""
+    """Max allowed |onnxruntime - PyTorch| (probabilities for --graph full, logits for network)."""
+
+    def __post_init__(self) -> None:
+        if self.dynamic_batch and self.graph == "full":
+            raise ValueError("--dynamic-batch applies to --graph network; the full graph takes one "
+                             "image of any size (batch tiles with --graph network)")
+        if self.opset is not None and self.graph == "full" and self.opset < 18:
+            raise ValueError(f"--graph full needs --opset 18 or later (its resize), got {self.opset}")
+
 

@@ -2,6 +2,7 @@
 file, written only once onnxruntime agrees with PyTorch on a real input."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -9,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from ..data.batch import to_channels
 from ..data.shards import IndexedShards, read_sample
 from ..data.shards import MANIFEST, read_manifest, shard_paths
 from ..imageio import read_image
 from ..inference import Predictor, load_model
 from ..log import Console
+from ..onnx_predictor import GRAPH_FORMAT, MIN_OPSET, PIXEL_SCALE, load_onnx
 from ..options import ExportArgs
 
 
@@ -42,23 +46,11 @@ def real_input(model: Predictor, given: Path | None) -> tuple[np.ndarray | None,
 
 def export_onnx(model: Predictor, path: Path, size: int, dynamic_batch: bool, opset: int,
                 example: torch.Tensor) -> None:
+    """The bare network: a preprocessed `image` [N or 1, C, S, S] -> `logits` (--graph network)."""
     import onnx
-    net = model.model.float().cpu().eval()
-    axes = {"image": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    with warnings.catch_warnings():
-        # The TorchScript exporter: the torch.export one needs onnxscript, which we do not ship.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (example,), str(path), input_names=["image"], output_names=["logits"],
-                          dynamic_axes=axes, opset_version=opset, do_constant_folding=True,
-                          dynamo=False)
-    proto = onnx.load(str(path))
-    declare_shapes(proto, "batch" if dynamic_batch else 1, model.in_channels, size)
-    onnx.checker.check_model(proto)
+    proto = network_proto(model, size, dynamic_batch, opset, example)
     onnx.helper.set_model_props(proto, {
-        "tumorseg_dist.arch": model.arch, "tumorseg_dist.encoder": model.encoder,
-        "tumorseg_dist.in_channels": str(model.in_channels), "tumorseg_dist.size": str(size),
-        "tumorseg_dist.mean": json.dumps(list(model.mean)), "tumorseg_dist.std": json.dumps(list(model.std)),
-        "tumorseg_dist.threshold": str(model.threshold),
+        **common_props(model, size, opset), "tumorseg_dist.graph": "network",
         "tumorseg_dist.output": "logits; probability = sigmoid(logits)",
         "tumorseg_dist.preprocess": "pixels/255 (16-bit: /65535) -> channels (grey repeated, colour "
                                     "to BT.601 luma) -> bilinear antialiased resize -> (x-mean)/std",
@@ -66,11 +58,138 @@ def export_onnx(model: Predictor, path: Path, size: int, dynamic_batch: bool, op
     onnx.save(proto, str(path))
 
 
-def declare_shapes(proto, batch: int | str, channels: int, size: int) -> None:
+def common_props(model: Predictor, size: int, opset: int) -> dict[str, str]:
+    return {"tumorseg_dist.arch": model.arch, "tumorseg_dist.encoder": model.encoder,
+            "tumorseg_dist.in_channels": str(model.in_channels), "tumorseg_dist.size": str(size),
+            "tumorseg_dist.mean": json.dumps(list(model.mean)), "tumorseg_dist.std": json.dumps(list(model.std)),
+            "tumorseg_dist.threshold": str(model.threshold), "tumorseg_dist.opset": str(opset)}
+
+
+def network_proto(model: Predictor, size: int, dynamic_batch: bool, opset: int, example: torch.Tensor):
+    """The network alone, traced by the TorchScript exporter, its signature declared."""
+    import onnx
+    net = model.model.float().cpu().eval()
+    axes = {"image": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter: the torch.export one needs onnxscript, which we do not ship.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (example,), buf, input_names=["image"], output_names=["logits"],
+                          dynamic_axes=axes, opset_version=opset, do_constant_folding=True,
+                          dynamo=False)
+    proto = onnx.load_from_string(buf.getvalue())
+    with torch.no_grad():
+        out_channels = int(net(example[:1]).shape[1])
+    declare_shapes(proto, "batch" if dynamic_batch else 1, model.in_channels, size, out_channels)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def channel_table(in_channels: int) -> np.ndarray:
+    """[5, 4, in_channels] float32: row C is the matrix that maps a C-channel pixel (zero-padded
+    to 4) to the model's channels. Built from data.batch.to_channels on the unit vectors, so it
+    is by construction the rule the loaders and the predictor apply (it is linear per pixel:
+    grey repeated, colour to BT.601 luma, alpha dropped)."""
+    table = np.zeros((5, 4, in_channels), np.float32)
+    for c in range(1, 5):
+        basis = torch.eye(c).reshape(c, c, 1)          # pixel k of a 1-wide image is unit vector k
+        table[c, :c] = to_channels(basis, in_channels)[:, :, 0].T.numpy()
+    return table
+
+
+def full_proto(model: Predictor, size: int, opset: int, pixels: str, example: torch.Tensor):
+    """The full graph: raw `image` [height, width, channels] (uint8/uint16) -> `probabilities`
+    [K, height, width] float32, doing what Predictor's whole mode does (docs/inference.md):
+
+    pixels / 255 (or 65535) -> the model's channels (channel_table, picked by the input's channel
+    count) -> the antialiased bilinear resize to S×S, as F.interpolate(antialias=True) computes
+    it (separable triangle-filter weights, stretched by the scale when shrinking, normalised per
+    output pixel; onnxruntime's own antialiased Resize differs from torch's by up to 0.03) ->
+    (x - mean) / std -> the network -> sigmoid (K = 1) or softmax over the K channels -> bilinear
+    resize back to height × width (Resize, half-pixel, as to_original_size). On an S×S input
+    both resizes are the identity, so the graph is also the sliding window's tile-step."""
+    import onnx
+    from onnx import TensorProto as T, helper as h, numpy_helper as nph
+    net = network_proto(model, size, False, opset, example)
+    out_channels = net.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    inits, nodes = [], []
+
+    def const(name: str, value) -> str:
+        inits.append(nph.from_array(np.asarray(value), f"pre/{name}"))
+        return f"pre/{name}"
+
+    def node(op: str, inputs: list[str], name: str, **attrs) -> str:
+        nodes.append(h.make_node(op, inputs, [f"pre/{name}"], name=f"pre/{name}", **attrs))
+        return f"pre/{name}"
+
+    f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
+    i64 = lambda v: np.asarray(v, np.int64)    # noqa: E731
+    shape = node("Shape", ["image"], "shape")
+    hw = node("Slice", [shape, const("0", i64([0])), const("2", i64([2]))], "hw")
+    x = node("Div", [node("Cast", ["image"], "float", to=T.FLOAT), const("scale", f32(PIXEL_SCALE[pixels]))], "unit")
+    c = node("Gather", [shape, const("c_axis", i64(2))], "c")
+    pad_c = node("Sub", [const("4", i64([4])), node("Slice", [shape, const("2b", i64([2])), const("3", i64([3]))], "c1")], "pad_c")
+    pads = node("Concat", [const("pads0", i64([0, 0, 0, 0, 0])), pad_c], "pads", axis=0)
+    x = node("Pad", [x, pads], "pad4")                                             # [H, W, 4]
+    x = node("MatMul", [x, node("Gather", [const("channels", channel_table(model.in_channels)), c], "mix")], "channels_out")
+    x = node("Transpose", [x], "chw", perm=[2, 0, 1])                             # [C, H, W]
+
+    def resize_weights(axis: int, tag: str) -> str:
+        """[S, n] antialiased bilinear weights from an axis of n input pixels to S."""
+        n = node("Cast", [node("Gather", [shape, const(f"axis{tag}", i64(axis))], f"n{tag}")], f"nf{tag}", to=T.FLOAT)
+        scale = node("Div", [n, const(f"S{tag}", f32(size))], f"scale{tag}")
+        inv = node("Reciprocal", [node("Max", [scale, const(f"one{tag}", f32(1.0))], f"support{tag}")], f"inv{tag}")
+        centre = node("Mul", [scale, const(f"i{tag}", f32(np.arange(size) + 0.5)[:, None])], f"centre{tag}")
+        j = node("Range", [const(f"half{tag}", f32(0.5)), node("Add", [n, const(f"half2{tag}", f32(0.5))], f"end{tag}"),
+                           const(f"step{tag}", f32(1.0))], f"j{tag}")
+        d = node("Mul", [node("Sub", [j, centre], f"dist{tag}"), inv], f"d{tag}")
+        w = node("Relu", [node("Sub", [const(f"one2{tag}", f32(1.0)), node("Abs", [d], f"absd{tag}")], f"tri{tag}")], f"w{tag}")
+        return node("Div", [w, node("ReduceSum", [w, const(f"ax1{tag}", i64([1]))], f"wsum{tag}", keepdims=1)], f"weights{tag}")
+
+    x = node("MatMul", [resize_weights(0, "h"), x], "resize_h")                     # [C, S, W]
+    x = node("MatMul", [x, node("Transpose", [resize_weights(1, "w")], "wT", perm=[1, 0])], "resized")  # [C, S, S]
+    std = f32(model.std).reshape(-1, 1, 1)
+    x = node("Div", [node("Sub", [x, const("mean", f32(model.mean).reshape(-1, 1, 1))], "centred"), const("std", std)], "normalised")
+    x = node("Unsqueeze", [x, const("ax0", i64([0]))], "batch")                   # [1, C, S, S]
+    net_nodes = list(net.graph.node)
+    for n_ in net_nodes:
+        for k, name in enumerate(n_.input):
+            if name == "image":
+                n_.input[k] = x
+    act = (h.make_node("Sigmoid", ["logits"], ["post/probs"], name="post/sigmoid") if out_channels == 1
+           else h.make_node("Softmax", ["logits"], ["post/probs"], name="post/softmax", axis=1))
+    sizes = h.make_node("Concat", ["post/nk", hw], ["post/sizes"], name="post/sizes", axis=0)
+    back = h.make_node("Resize", ["post/probs", "", "", "post/sizes"], ["post/resized"], name="post/resize",
+                       mode="linear", coordinate_transformation_mode="pytorch_half_pixel")
+    squeeze = h.make_node("Squeeze", ["post/resized", "pre/ax0"], ["probabilities"], name="post/squeeze")
+    inits.append(nph.from_array(i64([1, out_channels]), "post/nk"))
+    elem = T.UINT8 if pixels == "uint8" else T.UINT16
+    graph = h.make_graph(
+        nodes + net_nodes + [act, sizes, back, squeeze], "tumorseg_dist_full",
+        [h.make_tensor_value_info("image", elem, ["height", "width", "channels"])],
+        [h.make_tensor_value_info("probabilities", T.FLOAT, [out_channels, "height", "width"])],
+        initializer=inits + list(net.graph.initializer))
+    proto = h.make_model(graph, opset_imports=list(net.opset_import), ir_version=net.ir_version,
+                         producer_name="tumorseg_dist")
+    onnx.checker.check_model(proto)
+    onnx.helper.set_model_props(proto, {
+        **common_props(model, size, opset), "tumorseg_dist.graph": "full",
+        "tumorseg_dist.format": str(GRAPH_FORMAT), "tumorseg_dist.pixels": pixels,
+        "tumorseg_dist.out_channels": str(out_channels),
+        "tumorseg_dist.output": ("probabilities [1, H, W]: sigmoid of the logit; mask = > threshold"
+                                 if out_channels == 1 else
+                                 f"probabilities [{out_channels}, H, W]: softmax over the classes; "
+                                 f"mask = argmax"),
+        "tumorseg_dist.preprocess": "inside the graph: raw H×W×C pixels (1-4 channels; H×W as H×W×1)",
+    })
+    return proto
+
+
+def declare_shapes(proto, batch: int | str, channels: int, size: int, out_channels: int = 1) -> None:
     """The signature a deployment sizes its buffers from: image [batch, C, S, S] and logits
-    [batch, 1, S, S]. The TorchScript exporter's own guess names the output's spatial dims after
+    [batch, K, S, S]. The TorchScript exporter's own guess names the output's spatial dims after
     the batch, so both are written here; the exporter's intermediate shape notes go too."""
-    for value, c in ((proto.graph.input[0], channels), (proto.graph.output[0], 1)):
+    for value, c in ((proto.graph.input[0], channels), (proto.graph.output[0], out_channels)):
         dims = value.type.tensor_type.shape.dim
         del dims[:]
         for d in (batch, c, size, size):
@@ -100,6 +219,29 @@ def check_onnx(path: Path, net: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 
+def torch_probabilities(model: Predictor, image: np.ndarray, inference: str) -> np.ndarray:
+    """The PyTorch predictor's [K, H, W] probabilities for one [0, 1] image: what the full graph
+    must reproduce. A K-class network (K > 1) is read as softmax scores, whole mode only."""
+    with torch.no_grad():
+        if inference == "sliding" or int(model.model(model.preprocess(image)[None]).shape[1]) == 1:
+            return model.probability_map(image, inference=inference)[None].numpy()
+        probs = torch.softmax(model.model(model.preprocess(image)[None]).float(), 1)
+        return F.interpolate(probs, size=image.shape[:2], mode="bilinear", align_corners=False)[0].numpy()
+
+
+def full_checks(image: np.ndarray, size: int) -> list[tuple[str, np.ndarray, str]]:
+    """(what, image, inference mode): the image at its own size, then beside its mirror (a
+    non-square image, so the in-graph resize is exercised even when the image is S×S) whole and
+    through the sliding window (the graph as one tile-step)."""
+    wide = np.concatenate([image, image[:, ::-1]], axis=1)
+    if max(wide.shape[:2]) < 2 * size:  # smaller than a tile: the window would be one padded tile
+        wide = np.pad(wide, ((0, max(size - wide.shape[0], 0)), (0, max(2 * size - wide.shape[1], 0)))
+                      + ((0, 0),) * (wide.ndim - 2), mode="reflect")
+    h, w = wide.shape[:2]
+    return [(f"whole {image.shape[1]}x{image.shape[0]}", image, "whole"),
+            (f"whole {w}x{h}", wide, "whole"), (f"sliding {w}x{h}", wide, "sliding")]
+
+
 def run(args: ExportArgs) -> int:
     log = Console()
     model = load_model(args.checkpoint, "cpu")
@@ -107,31 +249,45 @@ def run(args: ExportArgs) -> int:
     multiple = 16 if model.arch == "unet-classic" else 32
     if size < multiple or size % multiple:
         raise ValueError(f"--size must be a multiple of {multiple} for {model.arch}, got {size}")
+    full = args.graph == "full"
+    opset = args.opset or (MIN_OPSET if full else 17)
     image, where = real_input(model, args.input)
     if image is None:
         log.warning(f"export: warning: the training data {model.config.get('data', {}).get('path')} is "
                     f"not here and no --input was given; checking on a random input instead")
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, model.in_channels, size, size, generator=g)
-        where = "random normal input"
-    else:
-        x = model.preprocess(image, size)[None]
+        # the full graph takes pixels: a random 8-bit image, not square, larger than a tile
+        image = torch.randint(0, 256, (size + 17, size + 9), generator=g).numpy().astype(np.float32) / 255
+        where = "random input"
+    x = model.preprocess(image, size)[None]
     args.onnx.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.onnx.with_name(f".{args.onnx.name}.tmp-{os.getpid()}")
-    # The check's steps: the export, then onnxruntime on batch 1 (and 3: a free batch must work).
-    steps = [("export", None), ("check batch 1", x)]
-    if args.dynamic_batch:
-        steps.append(("check batch 3", torch.cat([x, x.flip(-1), x.flip(-2)])))
+    # The check's steps: the export, then onnxruntime against PyTorch, each on a real input.
+    if full:
+        steps = [("export", None)] + full_checks(image, size)
+    else:
+        steps = [("export", None), ("batch 1", x, "")]  # (and batch 3: a free batch must work)
+        if args.dynamic_batch:
+            steps.append(("batch 3", torch.cat([x, x.flip(-1), x.flip(-2)]), ""))
     try:
         diffs = []
-        for what, batch in log.progress(steps, len(steps), "export", unit="step"):
-            if batch is None:
-                export_onnx(model, tmp, size, args.dynamic_batch, args.opset, x)
+        for step in log.progress(steps, len(steps), "export", unit="step"):
+            if step[1] is None and full:
+                proto = full_proto(model, size, opset, args.pixels, x)
+                import onnx
+                onnx.save(proto, str(tmp))
+                ort_model = load_onnx(tmp)
+            elif step[1] is None:
+                export_onnx(model, tmp, size, args.dynamic_batch, opset, x)
+            elif full:
+                got = ort_model.probabilities(step[1], inference=step[2], source=where)
+                diffs.append(float(np.abs(got - torch_probabilities(model, step[1], step[2])).max()))
             else:
-                diffs.append(check_onnx(tmp, model.model, batch))
+                diffs.append(check_onnx(tmp, model.model, step[1]))
         diff = max(diffs)
-        log.info(f"export: onnxruntime vs PyTorch on {where}: max abs difference {diff:.3e} "
-                 f"(logits, {'batch 1 and 3' if args.dynamic_batch else 'batch 1'}, {size}x{size})")
+        what = ("probabilities, " + ", ".join(s[0] for s in steps[1:]) if full else
+                f"logits, {'batch 1 and 3' if args.dynamic_batch else 'batch 1'}, {size}x{size}")
+        log.info(f"export: onnxruntime vs PyTorch on {where}: max abs difference {diff:.3e} ({what})")
         if not diff <= args.atol:
             log.warning(f"export: error: difference {diff:.3e} is above --atol {args.atol:g}; "
                         f"{args.onnx} was not written")
@@ -141,9 +297,15 @@ def run(args: ExportArgs) -> int:
         if tmp.exists():
             tmp.unlink()
     mb = args.onnx.stat().st_size / 2 ** 20
-    log.info(f"export: wrote {args.onnx} ({mb:.1f} MB, opset {args.opset}): input 'image' "
+    if full:
+        k = ort_model.out_channels
+        log.info(f"export: wrote {args.onnx} ({mb:.1f} MB, opset {opset}, --graph full): input 'image' "
+                 f"[height, width, channels] {args.pixels} (1-4 channels, any size; resized to {size} "
+                 f"inside); output 'probabilities' [{k}, height, width] "
+                 + (f"-> > {model.threshold}" if k == 1 else "-> argmax"))
+        return 0
+    log.info(f"export: wrote {args.onnx} ({mb:.1f} MB, opset {opset}, --graph network): input 'image' "
              f"[{'N' if args.dynamic_batch else 1}, {model.in_channels}, {size}, {size}] normalised "
              f"with mean {list(model.mean)} std {list(model.std)}; output 'logits' -> sigmoid -> "
              f"> {model.threshold}")
     return 0
-

@@ -8,16 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .. import threads
 from ..data.shards import IndexedShards, read_sample
 from ..data.shards import MANIFEST, ShardError, read_manifest, shard_paths
-from ..figures import overlay_image
 from ..imageio import IMAGE_EXTS, ImageFileError, read_image
-from ..inference import Predictor, load_ensemble, resolve_threshold
 from ..log import Console
+from ..onnx_predictor import resolve_threshold
 from ..options import PredictArgs
 
 MASK_NAME = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
@@ -76,10 +74,10 @@ def collect_inputs(inputs: tuple[Path, ...], splits: tuple[str, ...]) -> tuple[l
     return items, shard_sets, problems
 
 
-class PredictDataset(torch.utils.data.Dataset):
+class PredictDataset:  # map-style for torch's DataLoader; no torch base: --onnx runs without torch
     """Item i -> decoded original image, preprocessed tensor, ground truth if known, or the error."""
 
-    def __init__(self, items: list[InputItem], shards: list[IndexedShards], model: Predictor,
+    def __init__(self, items: list[InputItem], shards: list[IndexedShards], model,
                  inference: str = "whole"):
         self.items, self.shards = items, shards
         # the sliding window preprocesses tile by tile, from the image
@@ -122,14 +120,48 @@ def unique_name(name: str, taken: set[str]) -> str:
     return f"{stem}__{n}.png"
 
 
-def run(args: PredictArgs) -> int:
+def load_predictor(args: PredictArgs, budget: threads.Budget):
+    """The PyTorch predictor (a checkpoint or an ensemble), or with --onnx the torch-free one
+    (onnx_predictor: numpy and onnxruntime only, so torch is never imported on that path)."""
+    if args.onnx is not None:
+        from ..onnx_predictor import load_onnx
+        return load_onnx(args.onnx, budget.torch_threads, args.device)
+    threads.apply(budget)
     from ..dist import resolve_device
+    from ..inference import load_ensemble
+    return load_ensemble(args.checkpoint, resolve_device(args.device), args.threshold)
+
+
+class InProcessBatches:
+    """The --onnx path's loader: items read in this process, `batch_size` at a time (torch's
+    DataLoader would import torch; onnxruntime runs its own threads)."""
+
+    def __init__(self, dataset: PredictDataset, batch_size: int):
+        self.dataset, self.batch_size = dataset, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.dataset)
+        for i in range(0, n, self.batch_size):
+            yield [self.dataset[j] for j in range(i, min(i + self.batch_size, n))]
+
+
+def make_loader(dataset: PredictDataset, batch_size: int, workers: int, onnx: bool):
+    if onnx:
+        return InProcessBatches(dataset, batch_size)
+    import torch
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                       num_workers=workers, collate_fn=_collate)
+
+
+def run(args: PredictArgs) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     log = Console()
     budget = threads.plan(args.workers)
-    threads.apply(budget)
-    model = load_ensemble(args.checkpoint, resolve_device(args.device), args.threshold)
+    model = load_predictor(args, budget)
     threshold = resolve_threshold(args.threshold, model)
     items, shard_sets, problems = collect_inputs(args.inputs, args.split)
     for src, why in problems:
@@ -146,10 +178,8 @@ def run(args: PredictArgs) -> int:
     log.info(f"predict: threads: {budget.describe()}")
     # Sliding: --batch-size counts tiles, and images come one at a time (a huge image and its
     # full-size accumulator are the only large things in memory).
-    loader = torch.utils.data.DataLoader(
-        PredictDataset(items, shard_sets, model, args.inference),
-        batch_size=1 if sliding else args.batch_size, shuffle=False,
-        num_workers=budget.workers, collate_fn=_collate)
+    loader = make_loader(PredictDataset(items, shard_sets, model, args.inference),
+                         1 if sliding else args.batch_size, budget.workers, args.onnx is not None)
     rows, taken, renamed = [], set(), []
     for batch in log.progress(loader, len(loader), "predict", unit="batch"):
         good = []
@@ -161,8 +191,8 @@ def run(args: PredictArgs) -> int:
                 log.warning(f"predict: skipped {r['error']}")
         if not good:
             continue
-        if sliding:
-            preds = [model.predict_image(r["image"], args.tta, threshold, "sliding", args.overlap,
+        if sliding or args.onnx is not None:  # the ONNX graph takes one image at a time
+            preds = [model.predict_image(r["image"], args.tta, threshold, args.inference, args.overlap,
                                          args.batch_size) for r in good]
         else:
             preds = model.predict([r["tensor"] for r in good], [r["image"].shape[:2] for r in good],
@@ -179,6 +209,7 @@ def run(args: PredictArgs) -> int:
             if args.overlay:
                 o = over_dir / name
                 o.parent.mkdir(parents=True, exist_ok=True)
+                from ..figures import overlay_image  # (figures imports torch: --overlay loads it)
                 Image.fromarray(overlay_image(r["image"], pred, r["gt"])).save(o)
             area = int(pred.sum())
             rows.append({"input": r["item"].display, "mask": str(Path("masks") / name), "height": h,
