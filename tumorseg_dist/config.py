@@ -161,7 +161,7 @@ class LossConfig:
     per-image Dice losses (MONAI style)."""
     fused_loss: Literal["auto", "on", "off"] = "auto"
     """`auto`: the Triton kernel on CUDA, the PyTorch reference elsewhere."""
-    class_weights: tuple[float, ...] = ()
+    class_weights: Annotated[tuple[float, ...], tyro.conf.arg(help_behavior_hint="(default: all 1)")] = ()
     """K classes: a weight per class id, background first, for the cross-entropy and the
     class-weighted Dice mean (empty: all 1). Binary masks take none."""
     ignore_index: Optional[int] = None

@@ -175,13 +175,21 @@ CLASS_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (2
                  (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
 
 
+CLASS_COLOUR_NAMES = ("red", "green", "yellow", "blue", "orange", "purple", "cyan", "magenta", "lime", "pink")
+
+
 def class_colour(class_id: int) -> tuple[int, int, int]:
     return CLASS_COLOURS[(class_id - 1) % len(CLASS_COLOURS)]
 
 
-def label_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+def class_colour_name(class_id: int) -> str:
+    return CLASS_COLOUR_NAMES[(class_id - 1) % len(CLASS_COLOUR_NAMES)]
+
+
+def label_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45,
+                  truth: np.ndarray | None = None) -> np.ndarray:
     """uint8 RGB H×W×3: the image with each foreground class id filled in its colour (blended
-    by `alpha`) and outlined."""
+    by `alpha`) and outlined; `truth` (a label map): its classes' outlines in white."""
     rgb = overlay_image(image, np.zeros(labels.shape, bool)).astype(np.float32)
     thick = max(1, round(max(rgb.shape[:2]) / 256))
     for cid in (int(v) for v in np.unique(labels) if v > 0):
@@ -189,6 +197,8 @@ def label_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) ->
         col = np.array(class_colour(cid), np.float32)
         rgb[m] = (1 - alpha) * rgb[m] + alpha * col
         rgb[contour(m, thick)] = col
+    for cid in ([] if truth is None else (int(v) for v in np.unique(truth) if v > 0)):
+        rgb[contour(truth == cid, thick)] = 255
     return rgb.round().astype(np.uint8)
 
 

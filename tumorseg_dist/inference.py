@@ -149,65 +149,17 @@ class Predictor:
         t = self.threshold if threshold is None else threshold
         return (self.probability_map(image, tta, inference, overlap, batch_size) > t).numpy()
 
+    @property
+    def classes(self) -> int:
+        """Output channels, from the checkpoint's config: 1 (binary: a sigmoid tumour
+        probability) or K (softmax over K classes, background first; `pack --classes`)."""
+        return int((self.config.get("model") or {}).get("classes") or 1)
 
     @property
-    def pre(self) -> Preprocess:
-        return Preprocess(self.in_channels, self.size, self.mean, self.std)
-
-    def preprocess(self, image: np.ndarray, size: int | None = None) -> torch.Tensor:
-        """H×W or H×W×C float image in [0, 1] -> normalised [C, size, size] float32 tensor."""
-        return self.pre(image, size)
-
-    @torch.no_grad()
-    def probabilities(self, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """[B, C, S, S] normalised -> [B, 1, S, S] tumour probabilities (float32); an ensemble's
-        mean over its models (each fed the batch in its own normalisation, `renormalise`)."""
-        x = batch.to(self.device)
-        if not self.members:
-            return flip_tta_probs(self.model, x, tta)
-        acc = None
-        for m in self.models:
-            p = flip_tta_probs(m.model, renormalise(x, self.mean, self.std, m.mean, m.std), tta)
-            acc = p if acc is None else acc + p
-        return acc / len(self.models)
-
-    def predict(self, tensors: list[torch.Tensor], shapes: list[tuple[int, int]], tta: bool = False,
-                threshold: float | None = None) -> list[np.ndarray]:
-        """Preprocessed images and their original (H, W) -> one boolean mask per image at its
-        original size (probabilities resized back, then thresholded)."""
-        t = self.threshold if threshold is None else threshold
-        probs = self.probabilities(torch.stack(tensors), tta)
-        return [(to_original_size(p, h, w) > t).numpy() for p, (h, w) in zip(probs, shapes)]
-
-    def sliding_probabilities(self, image: np.ndarray, tta: bool = False, overlap: float = 0.5,
-                              batch_size: int = 8) -> torch.Tensor:
-        """One [0, 1] image at its own resolution -> [H, W] probabilities (float32, CPU), from
-        tiles of the training size (`sliding_window_probs`). An ensemble: the mean of its models'
-        maps (one tile layout and weighting, so the same as averaging tile by tile)."""
-        acc = None
-        for m in self.models:
-            p = sliding_window_probs(m.model, image, in_channels=m.in_channels, size=m.size, mean=m.mean,
-                                     std=m.std, overlap=overlap, batch_size=batch_size, tta=tta,
-                                     device=self.device)
-            acc = p if acc is None else acc.add_(p)
-        return acc if not self.members else acc / len(self.models)
-
-    def probability_map(self, image: np.ndarray, tta: bool = False, inference: str = "whole",
-                        overlap: float = 0.5, batch_size: int = 8) -> torch.Tensor:
-        """One [0, 1] image -> its [H, W] probabilities at the image's size (float32, CPU)."""
-        if inference == "sliding":
-            return self.sliding_probabilities(image, tta, overlap, batch_size)
-        if inference != "whole":
-            raise ValueError(f"--inference must be one of {', '.join(INFERENCE_MODES)}, got {inference!r}")
-        return to_original_size(self.probabilities(self.preprocess(image)[None], tta)[0], *image.shape[:2])
-
-    def predict_image(self, image: np.ndarray, tta: bool = False, threshold: float | None = None,
-                      inference: str = "whole", overlap: float = 0.5, batch_size: int = 8) -> np.ndarray:
-        """One [0, 1] image -> its boolean mask at the image's size."""
-        if inference == "whole":  # the batched path, so that a single image is predicted as in a batch
-            return self.predict([self.preprocess(image)], [image.shape[:2]], tta, threshold)[0]
-        t = self.threshold if threshold is None else threshold
-        return (self.probability_map(image, tta, inference, overlap, batch_size) > t).numpy()
+    def class_names(self) -> tuple[str, ...]:
+        """Class names by id (binary: background, tumour), from the checkpoint's config."""
+        names = tuple((self.config.get("model") or {}).get("class_names") or ())
+        return names if self.classes > 1 and len(names) == self.classes else ("background", "tumour")
 
 
 def _hwc(image: np.ndarray) -> np.ndarray:
@@ -246,18 +198,34 @@ def renormalise(x: torch.Tensor, mean, std, to_mean, to_std) -> torch.Tensor:
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 
 
+def probs_of(logits: torch.Tensor) -> torch.Tensor:
+    """Probabilities of [B, K, ...] logits: sigmoid of one channel (binary), softmax over K."""
+    x = logits.float()
+    return torch.sigmoid(x) if x.shape[1] == 1 else torch.softmax(x, 1)
+
+
 @torch.no_grad()
 def flip_tta_probs(model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
-    """sigmoid(model(x)); with tta, the mean probability over the four flips, each un-flipped."""
+    """sigmoid(model(x)) (softmax for K classes); with tta, the mean probability over the four
+    flips, each un-flipped."""
     if not tta:
-        return torch.sigmoid(model(x).float())
+        return probs_of(model(x))
     acc = None
     for dims in FLIPS:
         xi = x.flip(dims) if dims else x
-        p = torch.sigmoid(model(xi).float())
+        p = probs_of(model(xi))
         p = p.flip(dims) if dims else p
         acc = p if acc is None else acc + p
     return acc / len(FLIPS)
+
+
+def to_original_labels(probs: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """[K, S, S] class probabilities -> the [H, W] uint8 label map at the original size: the
+    probabilities resized (bilinear, as `to_original_size`), then the argmax."""
+    p = probs.float().cpu()[None]
+    if tuple(p.shape[-2:]) != (height, width):
+        p = F.interpolate(p, size=(height, width), mode="bilinear", align_corners=False)
+    return p[0].argmax(0).to(torch.uint8).numpy()
 
 
 def to_original_size(probs: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -396,7 +364,8 @@ def load_model(path: Path | str, device: str | torch.device = "cpu") -> Predicto
     ckpt = checkpoint.load(path, "cpu")
     info = describe(ckpt, path)
     try:
-        model = build_model(ModelConfig(arch=info["arch"], encoder=info["encoder"], encoder_weights="none"),
+        model = build_model(ModelConfig(arch=info["arch"], encoder=info["encoder"], encoder_weights="none",
+                                        classes=int(info["config"].get("model", {}).get("classes") or 0)),
                             info["in_channels"])
     except ModelError as e:
         raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None

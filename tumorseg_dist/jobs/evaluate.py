@@ -14,13 +14,18 @@ import torch.nn.functional as F
 
 from .. import dist as distmod, threads
 from ..data.shards import IndexedShards, read_sample
+from ..data.shards import label_classes
 from ..data.torch_loader import rank_indices
 from ..data.shards import ShardError, WorkerFailure, fold_split, read_manifest, shard_paths
 from ..data.verify import verify_shards
 from ..figures import overlay_image, save_grid, wrap_name
+from ..figures import plot_confusion
 from ..inference import Predictor, load_ensemble, resolve_threshold, to_original_size
+from ..inference import to_original_labels
 from ..log import Console, fmt
 from ..metrics import mask_confusion, per_image_scores, summarize
+from ..metrics import (ClassMetricAccumulator, confusion_matrix, image_class_scores, label_confusion,
+                       summarize_classes)
 from ..options import EvaluateArgs
 
 CSV_FIELDS = ["key", "source", "group", "dice", "iou", "target_area", "prediction_area", "hd95",
@@ -241,6 +246,8 @@ def run(args: EvaluateArgs) -> int:
     sliding = args.inference == "sliding"
     samples = EvalSamples(shards, model, mine, args.inference)
     out = args.out or default_out(args.checkpoint, args.split, args.tta, args.inference)
+    if model.classes > 1:   # K classes (pack --classes): per-class metrics, confusion matrix
+        return evaluate_classes(args, d, log, model, data, manifest, split, mine, out, budget)
     how = f", sliding window (overlap {args.overlap})" if sliding else ""
     log.info(f"evaluate: {', '.join(map(str, args.checkpoint))} ({model.name}, {model.size}px) on {data} "
              f"split {split}: {n} images, {d.world_size} rank(s), threshold {threshold}, "
@@ -324,4 +331,140 @@ def run(args: EvaluateArgs) -> int:
     distmod.cleanup()
     log.close()
     return 0
+
+
+# ---------------------------------------------------------------- K classes
+
+class ClassEvalSamples(EvalSamples):
+    """EvalSamples of a label-mask split: the mask is the class ids (uint8), not a bool."""
+
+    def load(self, i: int) -> dict:
+        s = read_sample(self.shards, i)
+        return {"index": i, "key": s.key, "meta": s.meta, "mask": s.mask.astype(np.uint8), "image": s.image}
+
+
+def class_score(prob: torch.Tensor, mask: np.ndarray, resolution: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image's (predicted labels, target labels) at the chosen resolution: the argmax of the
+    K probabilities resized to the original size, or at the model size against the mask resized
+    as the loader resizes it (nearest)."""
+    if resolution == "original":
+        return to_original_labels(prob, *mask.shape), mask
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    target = F.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0].to(torch.uint8).numpy()
+    return prob.float().cpu().argmax(0).to(torch.uint8).numpy(), target
+
+
+def evaluate_classes(args: EvaluateArgs, d, log: Console, model: Predictor, data: Path, manifest: dict,
+                     split: str, mine: list[int], out: Path, budget) -> int:
+    """evaluate for a K-class model: metrics.json (per class Dice/IoU/precision/recall from
+    summed counts, their foreground mean, the pixel confusion matrix), confusion.json and
+    confusion.png, per_image.csv with each image's per-class Dice and areas."""
+    names = list(model.class_names)
+    if label_classes(manifest) != names:
+        raise ValueError(f"{data} holds classes {label_classes(manifest) or 'binary masks'} but the checkpoint "
+                         f"predicts {names}; evaluate it on the dataset it was trained for (--data)")
+    if args.inference == "sliding":
+        raise ValueError("--inference sliding is for binary models for now; evaluate a K-class model with "
+                         "--inference whole")
+    k = len(names)
+    ignore = (model.config.get("loss") or {}).get("ignore_index")
+    shards = IndexedShards(shard_paths(data, split, manifest), labels=True)
+    loader = torch.utils.data.DataLoader(ClassEvalSamples(shards, model, mine), batch_size=args.batch_size,
+                                         shuffle=False, num_workers=budget.workers, collate_fn=_collate)
+    acc = ClassMetricAccumulator(d.device, k, ignore_index=ignore)
+    rows: list[dict] = []
+    for batch in log.progress(loader, len(loader), f"evaluate {args.split}", unit="batch"):
+        for s in batch:
+            if isinstance(s, WorkerFailure):
+                s.reraise()
+        probs = model.probabilities(torch.stack([s["tensor"] for s in batch]), tta=args.tta)
+        for s, prob in zip(batch, probs):
+            pred, target = class_score(prob, s["mask"], args.resolution, model.size)
+            cm = label_confusion(torch.from_numpy(pred)[None], torch.from_numpy(target)[None], k, ignore)
+            acc.add(cm)
+            dice, _ = image_class_scores(cm)
+            row = {"key": s["key"], "source": s["meta"].get("source", ""), "group": s["meta"].get("group") or "",
+                   "dice": float(dice.mean()), "_index": s["index"]}
+            for c in range(1, k):
+                row[f"dice/{names[c]}"] = float(dice[0, c - 1])
+                row[f"target_area/{names[c]}"] = int((target == c).sum())
+                row[f"prediction_area/{names[c]}"] = int((pred == c).sum())
+                row[f"hd95/{names[c]}"] = hausdorff95(pred == c, target == c)
+            rows.append(row)
+    counts, _ = acc.reduce()
+    rows = gather_rows(rows)
+    n = len(shards)
+    if len(rows) != n or len({r["key"] for r in rows}) != n or counts[k * k + 2] != n:
+        raise RuntimeError(f"evaluated {len(rows)} rows for {n} samples")
+    if d.is_main:
+        metrics = summarize_classes(counts, names)
+        matrix = confusion_matrix(counts, k)
+        for c in names[1:]:   # per class, over the images where both masks hold the class
+            hd = np.array([r[f"hd95/{c}"] for r in rows if math.isfinite(r[f"hd95/{c}"])])
+            metrics[f"hd95_mean/{c}"] = float(hd.mean()) if hd.size else None
+            metrics[f"hd95_images/{c}"] = int(hd.size)
+        metrics.update({"classes": names, "confusion_matrix": matrix, "ignore_index": ignore,
+                        "hd95_unit": "pixels of the original image" if args.resolution == "original"
+                        else f"pixels at the model size {model.size}",
+                        "checkpoint": [str(c) for c in args.checkpoint] if len(args.checkpoint) > 1
+                        else str(args.checkpoint[0]), "data": str(data), "split": split, "tta": args.tta,
+                        "resolution": args.resolution, "inference": args.inference,
+                        "world_size": d.world_size, "arch": model.arch, "encoder": model.encoder,
+                        "size": model.size})
+        out.mkdir(parents=True, exist_ok=True)
+        log.open_file(out / "evaluate.log")
+        write_json_atomic(out / "metrics.json", {k_: _finite(v) for k_, v in metrics.items()})
+        write_json_atomic(out / "confusion.json", {"classes": names, "rows": "true class",
+                                                   "columns": "predicted class", "pixels": matrix})
+        plot_confusion(matrix, names, out / "confusion.png", f"{split}: pixels per true class")
+        rows.sort(key=lambda r: r["key"])
+        fields = ["key", "source", "group", "dice"] + [f"{m}/{c}" for c in names[1:]
+                                                       for m in ("dice", "target_area", "prediction_area", "hd95")]
+        with open(out / "per_image.csv.tmp", "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            wr.writeheader()
+            for r in rows:
+                wr.writerow({k_: ("" if not math.isfinite(v) else f"{v:.6f}") if isinstance(v, float) else v
+                             for k_, v in r.items()})
+        (out / "per_image.csv.tmp").replace(out / "per_image.csv")
+        if args.cases > 0:
+            log.info(f"evaluate: drawing {out / 'cases.png'} (the {args.cases} worst and best images)")
+            plot_class_cases(rows, ClassEvalSamples(shards, model, []), model, out / "cases.png", args.tta,
+                             args.cases, names)
+        per = ", ".join(f"{c} {fmt(metrics[f'dice/{c}'])}" for c in names[1:])
+        log.info(f"evaluate: dice {fmt(metrics['dice'])} (mean over {k - 1} classes: {per}), pixel accuracy "
+                 f"{fmt(metrics['accuracy'])} ({metrics['samples']} images) -> {out}")
+    distmod.barrier()
+    distmod.cleanup()
+    log.close()
+    return 0
+
+
+def plot_class_cases(rows: list[dict], samples: ClassEvalSamples, model: Predictor, path: Path, tta: bool,
+                     per_side: int, names: list[str]) -> None:
+    """cases.png for K classes: the worst and best images by their mean foreground Dice, each
+    predicted class filled in its colour, the true classes outlined in white."""
+    from ..figures import class_colour_name, label_overlay
+    by_dice = sorted(rows, key=lambda r: (r["dice"], r["key"]))
+    worst = by_dice[:per_side]
+    best = [r for r in reversed(by_dice) if r not in worst][:per_side]
+    grid = []
+    for label, chosen in (("worst", worst), ("best", best)):
+        panels = []
+        for row in chosen:
+            s = samples.load(row["_index"])
+            prob = model.probabilities(model.preprocess(s["image"])[None], tta)[0]
+            pred = to_original_labels(prob, *s["mask"].shape)
+            per = ", ".join(f"{c} {row[f'dice/{c}']:.2f}" for c in names[1:])
+            panels.append((label_overlay(s["image"], pred, truth=s["mask"]),
+                           f"{label}: {wrap_name(row['key'])}\nDice {per}"))
+        grid.append(panels)
+    colours = ", ".join(f"{c} {class_colour_name(i)}" for i, c in enumerate(names[1:], 1))
+    save_grid(grid, path, f"prediction filled by class ({colours}), truth outlined in white", panel=(3.2, 3.8))
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
 
