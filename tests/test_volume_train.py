@@ -112,3 +112,77 @@ def test_surface_distances_in_mm_follow_the_spacing():
     assert 0.5 * px <= average_surface_distance(a, down, spacing) <= 2.0 * px
     assert average_surface_distance(a, down, spacing) < average_surface_distance(a, right, spacing)
     assert np.isnan(hausdorff95(a, np.zeros_like(a), spacing)) and np.isnan(average_surface_distance(a, ~a & False))
+
+
+# ---------------------------------------------------------------- predict: a volume in, a mask volume out
+
+def _checkpoint(ct, tmp_path) -> Path:
+    from inference_testing import make_checkpoint, tiny_config
+    m = read_manifest(ct["png"])
+    return make_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt",
+                           tiny_config(data=ct["png"], mean=tuple(m["mean"]), std=tuple(m["std"])))
+
+
+def _shard_slices(shards: Path, case: str) -> dict[int, np.ndarray]:
+    from tumorseg_dist.data.shards import read_sample
+    out = {}
+    for split in ("train", "test"):
+        ds = IndexedShards(shard_paths(shards, split))
+        for i, ref in enumerate(ds.refs):
+            if ref.key.startswith(case + "_z"):
+                out[int(ref.key.rsplit("_z", 1)[1])] = read_sample(ds, i).image
+    return out
+
+
+def test_predict_nifti_writes_the_mask_volume_in_the_inputs_geometry(ct, tmp_path):
+    import nibabel as nib
+    from test_volumes import view
+    from tumorseg_dist import predict
+    from tumorseg_dist.inference import load_model
+    ckpt = _checkpoint(ct, tmp_path)
+    # case_000 as the scanner might have written it: x and z reversed (a LAI-like voxel order)
+    src = nib.load(str(ct["png"].parent / "raw" / "imagesTr" / "case_000_0000.nii.gz"))
+    flip = np.diag([-1.0, 1, -1, 1])
+    flip[0, 3], flip[2, 3] = src.shape[0] - 1, src.shape[2] - 1
+    data = np.asanyarray(src.dataobj)[::-1, :, ::-1]
+    vol = tmp_path / "in" / "ct_case.nii.gz"
+    vol.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data), src.affine @ flip), str(vol))
+    out = tmp_path / "out"
+    assert predict.main([str(vol), "--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu",
+                         "--workers", "0", "--threshold", "0.5"]) == 0
+    got = nib.load(str(out / "volumes" / "ct_case.nii.gz"))
+    np.testing.assert_allclose(got.affine, nib.load(str(vol)).affine, atol=1e-6)
+    assert got.shape == data.shape and got.get_data_dtype() == np.uint8
+    mask = np.asanyarray(got.dataobj)
+    assert set(np.unique(mask)) <= {0, 1} and mask.any()
+    # each slice of the volume (nibabel's RAS view) is the 2D mask written beside it, and the
+    # model's prediction on the packed slice of the same case: the intensities were converted
+    # exactly as pack converted them
+    ras = np.asanyarray(nib.as_closest_canonical(got).dataobj)
+    model = load_model(ckpt)
+    packed = _shard_slices(ct["png"], "case_000")
+    assert len(packed) == data.shape[2]
+    for k in range(data.shape[2]):
+        png = np.asarray(Image.open(out / "masks" / "ct_case" / f"ct_case_z{k:04d}.png")) > 0
+        np.testing.assert_array_equal(view(ras, 2, k) > 0, png)
+        np.testing.assert_array_equal(png, model.predict_image(packed[k], threshold=0.5))
+    rows = list(csv.DictReader(open(out / "areas.csv")))
+    assert len(rows) == data.shape[2] and rows[0]["input"] == f"{vol}#z0"
+
+
+def test_predict_dicom_series_writes_nifti_with_its_affine(ct, tmp_path):
+    import nibabel as nib
+    from test_volumes import dicom_affine, dicom_case
+    from tumorseg_dist import predict
+    ckpt = _checkpoint(ct, tmp_path)
+    spacing, origin = (0.7, 0.6, 3.0), (-10.0, -12.0, 40.0)
+    dicom_case(tmp_path / "series" / "P1", tmp_path / "P1_label.nii.gz", shape=(32, 30, 8), spacing=spacing,
+               origin=origin)
+    out = tmp_path / "out"
+    assert predict.main([str(tmp_path / "series" / "P1"), "--checkpoint", str(ckpt), "--out", str(out),
+                         "--device", "cpu", "--workers", "0"]) == 0
+    got = nib.load(str(out / "volumes" / "P1.nii.gz"))
+    assert got.shape == (30, 32, 8)                      # (columns, rows, slices), as dcm2niix writes
+    np.testing.assert_allclose(got.affine, dicom_affine(spacing, origin), atol=1e-5)
+    assert np.asarray(Image.open(out / "masks" / "P1" / "P1_z0000.png")).shape == (32, 30)

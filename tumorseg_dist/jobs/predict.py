@@ -163,10 +163,11 @@ def run(args: PredictArgs) -> int:
     budget = threads.plan(args.workers)
     model = load_predictor(args, budget)
     threshold = resolve_threshold(args.threshold, model)
-    items, shard_sets, problems = collect_inputs(args.inputs, args.split)
+    volumes, inputs = split_volumes(args.inputs)
+    items, shard_sets, problems = collect_inputs(inputs, args.split) if inputs else ([], [], [])
     for src, why in problems:
         log.warning(f"predict: skipped {src}: {why}")
-    if not items:
+    if not items and not volumes:
         raise ValueError("no images to predict in " + ", ".join(map(str, args.inputs)))
     sliding = args.inference == "sliding"
     how = f", sliding window (overlap {args.overlap})" if sliding else ""
@@ -215,6 +216,8 @@ def run(args: PredictArgs) -> int:
             rows.append({"input": r["item"].display, "mask": str(Path("masks") / name), "height": h,
                          "width": w, "lesion_pixels": area, "lesion_fraction": round(area / (h * w), 6),
                          "gt_pixels": "" if r["gt"] is None else int(r["gt"].sum())})
+    if volumes:
+        rows += predict_volumes(volumes, model, threshold, args, log, problems)
     with open(args.out / "areas.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=["input", "mask", "height", "width", "lesion_pixels",
                                            "lesion_fraction", "gt_pixels"])
@@ -238,3 +241,87 @@ def run(args: PredictArgs) -> int:
     log.close()
     return 1 if problems else 0
 
+
+# ---------------------------------------------------------------- volumes
+
+def is_volume(path: Path) -> bool:
+    """A NIfTI file, or a folder of DICOM files (one series)."""
+    from ..data.formats.volumes import is_dicom_name, nifti_stem
+    if path.is_file():
+        return nifti_stem(path.name) is not None
+    if path.is_dir() and not (path / MANIFEST).is_file():
+        files = [p for p in path.iterdir() if p.is_file()]
+        return bool(files) and all(is_dicom_name(path, p.name) for p in files)
+    return False
+
+
+def split_volumes(inputs: tuple[Path, ...]) -> tuple[list[Path], tuple[Path, ...]]:
+    """(volume inputs, the other inputs); a folder's NIfTI files are volumes too."""
+    from ..data.formats.volumes import nifti_stem
+    volumes, rest = [], []
+    for inp in map(Path, inputs):
+        if is_volume(inp):
+            volumes.append(inp)
+            continue
+        if inp.is_dir() and not (inp / MANIFEST).is_file():
+            found = sorted(p for p in inp.rglob("*") if p.is_file() and nifti_stem(p.name) is not None)
+            volumes += found
+            if found and not any(p.suffix.lower() in IMAGE_EXTS for p in inp.rglob("*")):
+                continue   # a folder of volumes only: not "a folder without images"
+        rest.append(inp)
+    return volumes, tuple(rest)
+
+
+def predict_volumes(volumes: list[Path], model, threshold: float, args: PredictArgs, log: Console,
+                    problems: list) -> list[dict]:
+    """Each volume sliced as the training data was packed (its manifest's axis and intensity
+    rule), every slice predicted (ensemble, TTA and --inference as for images), the 2D masks in
+    masks/NAME/ and the mask volume volumes/NAME.nii.gz in the input's geometry. Returns the
+    areas.csv rows (one per slice)."""
+    from ..data.formats.common import PackInputError
+    from ..data.formats.volumes import (AXIS_LETTER, nifti_stem, prediction_slices, read_for_prediction,
+                                        save_mask_volume, unplane)
+    if getattr(model, "classes", 1) > 1:
+        raise ValueError("volume inputs are predicted with binary models for now (this one has "
+                         f"{model.classes} classes)")
+    spec = training_volumes(model)
+    if not spec:
+        log.warning("predict: the model's training data is not a packed volume dataset (or not found): slicing "
+                    "volumes along their acquisition axis with an auto window (0.5-99.5 percentiles)")
+    rows = []
+    for path in volumes:
+        name = nifti_stem(path.name) or path.name
+        try:
+            vol = read_for_prediction(path)
+            axis, images = prediction_slices(vol, spec.get("axis"), spec.get("intensity"))
+        except PackInputError as e:
+            problems.append((str(path), f"{e.reason}; {e.fix}" if e.fix else e.reason))
+            log.warning(f"predict: skipped {path}: {e}")
+            continue
+        masks = []
+        width = max(4, len(str(len(images) - 1)))
+        for k, image in enumerate(images):
+            pred = (model.probability_map(image, args.tta, args.inference, args.overlap, args.batch_size)
+                    > threshold).numpy()
+            masks.append(pred)
+            rel = Path("masks") / name / f"{name}_{AXIS_LETTER[axis]}{k:0{width}d}.png"
+            (args.out / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((pred * 255).astype(np.uint8), mode="L").save(args.out / rel)
+            h, w = pred.shape
+            rows.append({"input": f"{path}#{AXIS_LETTER[axis]}{k}", "mask": str(rel), "height": h, "width": w,
+                         "lesion_pixels": int(pred.sum()), "lesion_fraction": round(int(pred.sum()) / (h * w), 6),
+                         "gt_pixels": ""})
+        out = args.out / "volumes" / f"{name}.nii.gz"
+        save_mask_volume(unplane(masks, vol.data.shape[:3], axis), vol, path, out)
+        log.info(f"predict: {path}: {len(images)} slices along {'xyz'[axis]} -> {out}")
+    return rows
+
+
+def training_volumes(model) -> dict:
+    """The `volumes` record (axis, intensity rule) of the data the model was trained on, or {}
+    (trained on 2D images: the acquisition axis and an auto window)."""
+    path = (getattr(model, "config", None) or {}).get("data", {}).get("path")
+    try:
+        return read_manifest(Path(path)).get("volumes") or {} if path else {}
+    except ShardError:
+        return {}

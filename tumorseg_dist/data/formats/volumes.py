@@ -213,6 +213,7 @@ class Volume:
     slice_axis: int                  # the acquisition axis, in `data`'s axes
     source: str
     notes: list[str] = field(default_factory=list)
+    native_affine: np.ndarray | None = None   # the file's own voxel order (before RAS): predict writes in it
 
     @property
     def zooms(self) -> np.ndarray | None:
@@ -281,7 +282,7 @@ def _to_ras(data: np.ndarray, affine: np.ndarray, slice_axis: int, source: str) 
     ornt = io_orientation(affine)
     out = apply_orientation(data, ornt)
     new_affine = affine @ inv_ornt_aff(ornt, data.shape[:3])
-    return Volume(np.ascontiguousarray(out), new_affine, int(ornt[slice_axis, 0]), source)
+    return Volume(np.ascontiguousarray(out), new_affine, int(ornt[slice_axis, 0]), source, native_affine=affine)
 
 
 def _dicom_value(ds, name, default=None):
@@ -681,3 +682,73 @@ def _totals(vol: dict) -> None:
     vol["labels"]["cases_with_unmapped"] = sum(1 for i in vol["cases"].values() if i.get("unmapped_voxels"))
     if vol["intensity"]["mode"] == "raw":
         vol["intensity"]["offsets"] = offsets
+
+
+# ---------------------------------------------------------------- predict: a volume in, its mask volume out
+
+def read_for_prediction(path: Path) -> Volume:
+    """A volume to predict, as pack reads it (in RAS): a NIfTI file, or a folder holding one
+    DICOM series."""
+    path = Path(path)
+    if path.is_dir():
+        names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+        files = [n for n in names if is_dicom_name(path, n)]
+        if not files:
+            raise PackInputError(str(path), "holds no DICOM files", "give a NIfTI file or a DICOM series folder")
+        return read_dicom_series(path, files, str(path))
+    return read_nifti(path, str(path))
+
+
+def prediction_slices(vol: Volume, axis_option: str, intensity: dict | None) -> tuple[int, list[np.ndarray]]:
+    """(the axis, its slices as [0, 1] float images) the way the training data was packed:
+    the manifest's `volumes` axis and intensity rule (raw: value + offset in 16 bits; window:
+    its fixed LO,HI or this volume's percentiles). Without one (a model trained on 2D images),
+    the acquisition axis and an auto window."""
+    _check_image(vol, vol.source)
+    axis = vol.slice_axis if axis_option in (None, "auto") else AXES[axis_option]
+    mode = (intensity or {}).get("mode", "window")
+    window = (intensity or {}).get("window") or "auto"   # the flag as given ("-1000,400") or "auto"
+    _, convert = _intensity(vol, mode, None if mode == "raw" else
+                            (parse_window(window) if isinstance(window, str) else tuple(window)), vol.source)
+    out = []
+    for k in range(vol.data.shape[axis]):
+        im = convert(plane(vol.data, axis, k)[0])
+        out.append(im.astype(np.float32) / (65535.0 if im.dtype == np.uint16 else 255.0))
+    return axis, out
+
+
+def unplane(masks: list[np.ndarray], shape: tuple[int, int, int], axis: int) -> np.ndarray:
+    """The inverse of `plane` for every slice: the 2D masks back into the RAS voxel array."""
+    out = np.zeros(shape, np.uint8)
+    for k, m in enumerate(masks):
+        idx: list = [slice(None)] * 3
+        idx[axis] = k
+        out[tuple(idx)] = np.flip(np.asarray(m, np.uint8), (0, 1)).swapaxes(0, 1)
+    return out
+
+
+def save_mask_volume(mask_ras: np.ndarray, vol: Volume, source: Path, out: Path) -> None:
+    """The mask as NIfTI in the input's geometry: the RAS reorientation undone, so the voxels
+    are in the input's own order with its affine (a NIfTI input: its header too; a DICOM
+    series: (column, row, slice) with its patient geometry, as dcm2niix writes it).
+    Written to a temporary name and renamed, so a partial file never has the final name."""
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+    source = Path(source)
+    native = vol.native_affine
+    back = apply_orientation(mask_ras, ornt_transform(axcodes2ornt("RAS"), io_orientation(native)))
+    back = np.ascontiguousarray(back, dtype=np.uint8)
+    if source.is_dir():
+        img = nib.Nifti1Image(back, native)
+    else:
+        orig = nib.load(str(source))
+        if len(orig.shape) == 2:
+            back = back[:, :, 0]
+        img = nib.Nifti1Image(back, orig.affine, header=orig.header.copy())
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1, 0)
+    img.header.set_xyzt_units("mm")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name[:-len('.nii.gz')]}.tmp.nii.gz")
+    nib.save(img, str(tmp))
+    tmp.replace(out)
