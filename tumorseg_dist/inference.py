@@ -114,9 +114,12 @@ class Predictor:
     def predict(self, tensors: list[torch.Tensor], shapes: list[tuple[int, int]], tta: bool = False,
                 threshold: float | None = None) -> list[np.ndarray]:
         """Preprocessed images and their original (H, W) -> one boolean mask per image at its
-        original size (probabilities resized back, then thresholded)."""
+        original size (probabilities resized back, then thresholded); a K-class model: the uint8
+        label map (resized back, then the argmax)."""
         t = self.threshold if threshold is None else threshold
         probs = self.probabilities(torch.stack(tensors), tta)
+        if probs.shape[1] > 1:
+            return [to_original_labels(p, h, w) for p, (h, w) in zip(probs, shapes)]
         return [(to_original_size(p, h, w) > t).numpy() for p, (h, w) in zip(probs, shapes)]
 
     def sliding_probabilities(self, image: np.ndarray, tta: bool = False, overlap: float = 0.5,
@@ -143,11 +146,12 @@ class Predictor:
 
     def predict_image(self, image: np.ndarray, tta: bool = False, threshold: float | None = None,
                       inference: str = "whole", overlap: float = 0.5, batch_size: int = 8) -> np.ndarray:
-        """One [0, 1] image -> its boolean mask at the image's size."""
+        """One [0, 1] image -> its boolean mask at the image's size (K classes: its label map)."""
         if inference == "whole":  # the batched path, so that a single image is predicted as in a batch
             return self.predict([self.preprocess(image)], [image.shape[:2]], tta, threshold)[0]
         t = self.threshold if threshold is None else threshold
-        return (self.probability_map(image, tta, inference, overlap, batch_size) > t).numpy()
+        p = self.probability_map(image, tta, inference, overlap, batch_size)
+        return p.argmax(0).to(torch.uint8).numpy() if p.dim() == 3 else (p > t).numpy()
 
     @property
     def classes(self) -> int:
@@ -229,13 +233,14 @@ def to_original_labels(probs: torch.Tensor, height: int, width: int) -> np.ndarr
 
 
 def to_original_size(probs: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[1, S, S] or [B, 1, S, S] probabilities -> [H, W] (bilinear), on the CPU."""
+    """[1, S, S] or [B, 1, S, S] probabilities -> [H, W] (bilinear), on the CPU; K-class
+    [K, S, S] or [B, K, S, S] -> [K, H, W] (the first image's)."""
     p = probs.float().cpu()
     while p.dim() < 4:
         p = p[None]
     if tuple(p.shape[-2:]) != (height, width):
         p = F.interpolate(p, size=(height, width), mode="bilinear", align_corners=False)
-    return p[0, 0]
+    return p[0, 0] if p.shape[1] == 1 else p[0]
 
 
 # ---------------------------------------------------------------- sliding window
@@ -276,22 +281,25 @@ def sliding_window_probs(model: nn.Module, image: np.ndarray, *, in_channels: in
     device = torch.device(device)
     weight = gaussian_weights(size)
     weight_dev = weight.to(device)
-    acc = torch.zeros(ph, pw, dtype=torch.float32)
+    acc = None   # [H, W], or [K, H, W] for a K-class model
     wsum = torch.zeros(ph, pw, dtype=torch.float32)
     starts = [(y, x) for y in tile_starts(ph, size, overlap) for x in tile_starts(pw, size, overlap)]
     for i in range(0, len(starts), batch_size):
         chunk = starts[i:i + batch_size]
         tiles = _normalise(torch.stack([to_channels(_chw(arr[y:y + size, x:x + size]), in_channels)
                                         for y, x in chunk]), mean, std)  # per pixel: per batch is the same
-        probs = (flip_tta_probs(model, tiles.to(device), tta)[:, 0] * weight_dev).cpu()
-        del tiles  # before the next batch is built: one batch of tiles at a time
+        out = flip_tta_probs(model, tiles.to(device), tta)
+        probs = ((out[:, 0] if out.shape[1] == 1 else out) * weight_dev).cpu()
+        del tiles, out  # before the next batch is built: one batch of tiles at a time
+        if acc is None:
+            acc = torch.zeros((*probs.shape[1:-2], ph, pw), dtype=torch.float32)
         for (y, x), p in zip(chunk, probs):
-            acc[y:y + size, x:x + size] += p
+            acc[..., y:y + size, x:x + size] += p
             wsum[y:y + size, x:x + size] += weight
         del probs
     acc /= wsum  # in place: no third full-size map
     if (ph, pw) != (h, w):
-        acc = acc[top:top + h, left:left + w].clone()
+        acc = acc[..., top:top + h, left:left + w].clone()
     return acc
 
 

@@ -363,23 +363,27 @@ def evaluate_classes(args: EvaluateArgs, d, log: Console, model: Predictor, data
     if label_classes(manifest) != names:
         raise ValueError(f"{data} holds classes {label_classes(manifest) or 'binary masks'} but the checkpoint "
                          f"predicts {names}; evaluate it on the dataset it was trained for (--data)")
-    if args.inference == "sliding":
-        raise ValueError("--inference sliding is for binary models for now; evaluate a K-class model with "
-                         "--inference whole")
+    sliding = args.inference == "sliding"   # probabilities at the original size already
+    resolution = "original" if sliding else args.resolution
     k = len(names)
     ignore = (model.config.get("loss") or {}).get("ignore_index")
     shards = IndexedShards(shard_paths(data, split, manifest), labels=True)
-    loader = torch.utils.data.DataLoader(ClassEvalSamples(shards, model, mine), batch_size=args.batch_size,
-                                         shuffle=False, num_workers=budget.workers, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(ClassEvalSamples(shards, model, mine, args.inference),
+                                         batch_size=1 if sliding else args.batch_size, shuffle=False,
+                                         num_workers=budget.workers, collate_fn=_collate)
     acc = ClassMetricAccumulator(d.device, k, ignore_index=ignore)
     rows: list[dict] = []
     for batch in log.progress(loader, len(loader), f"evaluate {args.split}", unit="batch"):
         for s in batch:
             if isinstance(s, WorkerFailure):
                 s.reraise()
-        probs = model.probabilities(torch.stack([s["tensor"] for s in batch]), tta=args.tta)
+        if sliding:
+            probs = [model.sliding_probabilities(s.pop("image"), args.tta, args.overlap, args.batch_size)
+                     for s in batch]
+        else:
+            probs = model.probabilities(torch.stack([s["tensor"] for s in batch]), tta=args.tta)
         for s, prob in zip(batch, probs):
-            pred, target = class_score(prob, s["mask"], args.resolution, model.size)
+            pred, target = class_score(prob, s["mask"], resolution, model.size)
             cm = label_confusion(torch.from_numpy(pred)[None], torch.from_numpy(target)[None], k, ignore)
             acc.add(cm)
             dice, _ = image_class_scores(cm)
@@ -404,11 +408,12 @@ def evaluate_classes(args: EvaluateArgs, d, log: Console, model: Predictor, data
             metrics[f"hd95_mean/{c}"] = float(hd.mean()) if hd.size else None
             metrics[f"hd95_images/{c}"] = int(hd.size)
         metrics.update({"classes": names, "confusion_matrix": matrix, "ignore_index": ignore,
-                        "hd95_unit": "pixels of the original image" if args.resolution == "original"
+                        "hd95_unit": "pixels of the original image" if resolution == "original"
                         else f"pixels at the model size {model.size}",
                         "checkpoint": [str(c) for c in args.checkpoint] if len(args.checkpoint) > 1
                         else str(args.checkpoint[0]), "data": str(data), "split": split, "tta": args.tta,
-                        "resolution": args.resolution, "inference": args.inference,
+                        "resolution": resolution, "inference": args.inference,
+                        "overlap": args.overlap if sliding else None,
                         "world_size": d.world_size, "arch": model.arch, "encoder": model.encoder,
                         "size": model.size})
         out.mkdir(parents=True, exist_ok=True)
@@ -430,7 +435,7 @@ def evaluate_classes(args: EvaluateArgs, d, log: Console, model: Predictor, data
         if args.cases > 0:
             log.info(f"evaluate: drawing {out / 'cases.png'} (the {args.cases} worst and best images)")
             plot_class_cases(rows, ClassEvalSamples(shards, model, []), model, out / "cases.png", args.tta,
-                             args.cases, names)
+                             args.cases, names, args.inference, args.overlap, args.batch_size)
         per = ", ".join(f"{c} {fmt(metrics[f'dice/{c}'])}" for c in names[1:])
         log.info(f"evaluate: dice {fmt(metrics['dice'])} (mean over {k - 1} classes: {per}), pixel accuracy "
                  f"{fmt(metrics['accuracy'])} ({metrics['samples']} images) -> {out}")
@@ -441,7 +446,8 @@ def evaluate_classes(args: EvaluateArgs, d, log: Console, model: Predictor, data
 
 
 def plot_class_cases(rows: list[dict], samples: ClassEvalSamples, model: Predictor, path: Path, tta: bool,
-                     per_side: int, names: list[str]) -> None:
+                     per_side: int, names: list[str], inference: str = "whole", overlap: float = 0.5,
+                     batch_size: int = 8) -> None:
     """cases.png for K classes: the worst and best images by their mean foreground Dice, each
     predicted class filled in its colour, the true classes outlined in white."""
     from ..figures import class_colour_name, label_overlay
@@ -453,8 +459,7 @@ def plot_class_cases(rows: list[dict], samples: ClassEvalSamples, model: Predict
         panels = []
         for row in chosen:
             s = samples.load(row["_index"])
-            prob = model.probabilities(model.preprocess(s["image"])[None], tta)[0]
-            pred = to_original_labels(prob, *s["mask"].shape)
+            pred = model.predict_image(s["image"], tta, None, inference, overlap, batch_size)
             per = ", ".join(f"{c} {row[f'dice/{c}']:.2f}" for c in names[1:])
             panels.append((label_overlay(s["image"], pred, truth=s["mask"]),
                            f"{label}: {wrap_name(row['key'])}\nDice {per}"))
