@@ -171,6 +171,7 @@ def run(args: PredictArgs) -> int:
         raise ValueError("no images to predict in " + ", ".join(map(str, args.inputs)))
     sliding = args.inference == "sliding"
     how = f", sliding window (overlap {args.overlap})" if sliding else ""
+    names = label_names(model, args)   # K classes: label PNGs; None: binary masks
     log.info(f"predict: {len(items)} image(s) with {model.name} at {model.size}px, "
              f"threshold {threshold}{how}{', flip-TTA' if args.tta else ''} -> {args.out}")
     masks_dir, over_dir = args.out / "masks", args.out / "overlays"
@@ -204,6 +205,9 @@ def run(args: PredictArgs) -> int:
             if name != r["name"]:
                 renamed.append((r["item"].display, name))
             taken.add(name)
+            if names:
+                rows.append(write_labels(r, pred, name, args, names))
+                continue
             out = masks_dir / name
             out.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray((pred * 255).astype(np.uint8), mode="L").save(out)
@@ -219,8 +223,8 @@ def run(args: PredictArgs) -> int:
     if volumes:
         rows += predict_volumes(volumes, model, threshold, args, log, problems)
     with open(args.out / "areas.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=["input", "mask", "height", "width", "lesion_pixels",
-                                           "lesion_fraction", "gt_pixels"])
+        wr = csv.DictWriter(f, fieldnames=label_fields(names) if names else [
+            "input", "mask", "height", "width", "lesion_pixels", "lesion_fraction", "gt_pixels"])
         wr.writeheader()
         wr.writerows(rows)
     for src, name in renamed:
@@ -240,6 +244,45 @@ def run(args: PredictArgs) -> int:
              + (f"; {len(problems)} input(s) skipped, listed in {skipped}" if problems else ""))
     log.close()
     return 1 if problems else 0
+
+
+# ---------------------------------------------------------------- K classes
+
+def label_names(model, args: PredictArgs) -> list[str] | None:
+    """The class names of a K-class model (pack --classes), else None (binary masks); its
+    predict/predict_image give label maps then. An ONNX file carries its class count (its
+    output channels), not the names: class_1, class_2, ..."""
+    k = getattr(model, "classes", None) or getattr(model, "out_channels", 1)
+    if k <= 1:
+        return None
+    return list(getattr(model, "class_names", None) or ["background", *(f"class_{i}" for i in range(1, k))])
+
+
+def label_fields(names: list[str]) -> list[str]:
+    return ["input", "mask", "height", "width"] + [f"{m}/{c}" for c in names[1:] for m in ("pixels", "fraction")] \
+        + ["gt_pixels"]
+
+
+def write_labels(r: dict, labels: np.ndarray, name: str, args: PredictArgs, names: list[str]) -> dict:
+    """masks/NAME.png: the class ids as an 8-bit label PNG (0 = background); with --overlay,
+    overlays/NAME.png: the classes in colour with a legend. Returns the areas.csv row."""
+    labels = np.asarray(labels).astype(np.uint8)
+    out = args.out / "masks" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    Image.fromarray(labels, mode="L").save(tmp)
+    tmp.replace(out)
+    if args.overlay:
+        from ..figures import save_label_overlay
+        save_label_overlay(r["image"], labels, names, args.out / "overlays" / name, r["item"].display)
+    h, w = labels.shape
+    row = {"input": r["item"].display, "mask": str(Path("masks") / name), "height": h, "width": w,
+           "gt_pixels": "" if r["gt"] is None else int(r["gt"].sum())}
+    for c in range(1, len(names)):
+        n = int((labels == c).sum())
+        row[f"pixels/{names[c]}"], row[f"fraction/{names[c]}"] = n, round(n / (h * w), 6)
+    return row
+
 
 
 # ---------------------------------------------------------------- volumes
