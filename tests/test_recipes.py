@@ -9,7 +9,8 @@ from tumorseg_dist.config import parse, to_dict
 
 RECIPES = REPO / "recipes"
 NAMES = ["pet-unet-r34-640", "lung-unet-256", "tif-unet-128", "unetplusplus-r34-512",
-         "coco-unet-r34", "synthetic-quickstart", "busi-3class-unetpp-r34-512", "coco-categories-unet-r34"]
+         "coco-unet-r34", "synthetic-quickstart", "busi-3class-unetpp-r34-512", "coco-categories-unet-r34",
+         "msd-style-nifti"]
 
 # What the issue and the studies' write-ups fix for each recipe (section.key -> value).
 STUDY = {
@@ -33,6 +34,9 @@ STUDY = {
     "coco-categories-unet-r34": {"model.arch": "unet", "model.encoder": "resnet34", "loss.loss": "bce",
                                  "optim.optimizer": "adam", "train.monitor": "val_loss",
                                  "data.path": "shards/brain-coco-categories"},
+    # issue 16: CT volumes as 16-bit slices, trained from scratch (no 1-channel ImageNet weights)
+    "msd-style-nifti": {"data.path": "shards/msd-liver", "data.in_channels": 1, "model.encoder_weights": "none",
+                        "loss.loss": "dice_bce"},
 }
 
 

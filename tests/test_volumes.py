@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from tumorseg_dist.data.shards import IndexedShards, read_manifest, read_sample, shard_paths
+from tumorseg_dist.data.volume_phantoms import phantom as volume_phantom
 from tumorseg_dist.pack import main as pack
 
 SPACING = (0.8, 0.9, 2.5)
@@ -30,21 +31,9 @@ SPACING = (0.8, 0.9, 2.5)
 # ---------------------------------------------------------------- building cases
 
 def phantom(shape=(40, 36, 12), seed=0, tumour_at=(0.55, 0.5, 0.5)):
-    """(int16 HU image, uint8 label: 1 organ, 2 tumour). Air -1000 outside the body."""
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij"), -1)
-    body = (((grid - 0.5) / [0.45, 0.42, 2.0]) ** 2).sum(-1) < 1
-    organ = (((grid - [0.45, 0.5, 0.5]) / [0.25, 0.22, 0.38]) ** 2).sum(-1) < 1
-    tumour = (((grid - tumour_at) / [0.1, 0.12, 0.2]) ** 2).sum(-1) < 1
-    img = np.full(shape, -1000, np.int16)
-    img[body] = 20
-    img[organ] = 60
-    img[tumour] = 110
-    img = np.maximum(img + rng.integers(-30, 31, shape), -1024).astype(np.int16)   # CT's floor
-    lab = np.zeros(shape, np.uint8)
-    lab[organ] = 1
-    lab[tumour & organ] = 2
-    return img, lab
+    """(int16 HU image, uint8 label: 1 organ, 2 tumour). Air -1000 outside the body. The
+    package's phantom (docs and benchmarks use it too), at this file's small default size."""
+    return volume_phantom(shape, seed, tumour_at)
 
 
 def affine_of(spacing=SPACING, origin=(-20.0, -15.0, 30.0), flip=(False, False, False)):

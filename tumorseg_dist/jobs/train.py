@@ -57,8 +57,8 @@ def resolve_run_dir(cfg: Config, data_dir: Path) -> Path:
     if cfg.run.out is not None:
         return Path(cfg.run.out)
     name = cfg.run.name or f"{data_dir.name}-{model_name(cfg.model.arch, cfg.model.encoder, '-')}"
-    if cfg.run.name is None and cfg.data.fold is not None:
-        name += f"-f{cfg.data.fold}"   # one run per fold, side by side
+    if cfg.data.fold is not None:
+        name += f"-f{cfg.data.fold}"   # one run per fold, side by side (a recipe's name too)
     return Path("runs") / name
 
 
