@@ -49,6 +49,7 @@ def test_k_classes_from_the_manifest(run3):
     test = json.loads((run3 / "test_metrics.json").read_text())
     assert sum(map(sum, test["confusion_matrix"])) == 4 * 64 * 64
     assert "test dice per class: cyst" in (run3 / "train.log").read_text()
+    assert (run3 / "overlays.png").stat().st_size > 0   # the test images, classes filled by colour
 
 
 def test_binary_loss_is_the_binary_loss():

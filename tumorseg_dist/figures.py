@@ -85,13 +85,15 @@ class OverlayBatch:
 
     images [B, C, S, S] normalised, masks [B, 1, S, S], probs [B, 1, S, S]; dice: each shown
     image's Dice at the threshold; without_lesion / split_images: of the split, how many images
-    have an empty ground truth, of how many."""
+    have an empty ground truth, of how many. K classes: masks hold class ids, probs are
+    [B, K, S, S], dice is each image's mean over the foreground classes, names the classes."""
     images: torch.Tensor
     masks: torch.Tensor
     probs: torch.Tensor
     dice: list[float]
     without_lesion: int
     split_images: int
+    names: tuple[str, ...] = ()
 
 
 def plot_overlays(shown: OverlayBatch, path: Path, mean, std, threshold: float = 0.5,
@@ -107,13 +109,21 @@ def plot_overlays(shown: OverlayBatch, path: Path, mean, std, threshold: float =
     panels = []
     for i in range(n):
         img = (shown.images[i].float().cpu() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
-        pred = shown.probs[i, 0].float().cpu().numpy() > threshold
         gt = shown.masks[i, 0].float().cpu().numpy() > 0.5
         caption = f"Dice {shown.dice[i]:.3f}" + ("" if gt.any() else " (no lesion)")
-        panels.append((overlay_image(img, pred, gt), caption))
+        if shown.names:   # K classes: the argmax filled by class, the truth outlined in white
+            labels = shown.probs[i].float().cpu().argmax(0).numpy()
+            truth = shown.masks[i, 0].float().cpu().round().numpy().astype(np.uint8)
+            panels.append((label_overlay(img, labels, truth=truth), caption))
+        else:
+            pred = shown.probs[i, 0].float().cpu().numpy() > threshold
+            panels.append((overlay_image(img, pred, gt), caption))
     cols = min(4, n)
     rows = [panels[r * cols:(r + 1) * cols] for r in range(math.ceil(n / cols))]
-    title = (f"green: ground truth, red: prediction; {shown.without_lesion} of the "
+    how = "green: ground truth, red: prediction" if not shown.names else \
+        "prediction filled by class (" + ", ".join(f"{c} {class_colour_name(i)}" for i, c in
+                                                   enumerate(shown.names[1:], 1)) + "), truth outlined in white"
+    title = (f"{how}; {shown.without_lesion} of the "
              f"{shown.split_images} {split} images have no lesion")
     save_grid(rows, path, title, panel=(3.0, 3.2), fontsize=11)
     return [c for _, c in panels]

@@ -22,6 +22,7 @@ from .log import RunLog, epoch_line
 from .losses import DiceBCELoss
 from .metrics import MetricAccumulator, confusion, per_image_scores, summarize
 from .metrics import ClassMetricAccumulator, confusion_matrix, summarize_classes
+from .metrics import class_confusion, image_class_scores
 
 
 @dataclass
@@ -86,8 +87,8 @@ class _FigurePicker:
     """Up to `n` of this rank's images for an overlay figure, those with a lesion first (an
     empty image shows little), with their Dice, and the count of lesion-free images."""
 
-    def __init__(self, n: int, threshold: float):
-        self.n, self.threshold = n, threshold
+    def __init__(self, n: int, threshold: float, classes: list[str] | None = None):
+        self.n, self.threshold, self.classes = n, threshold, classes   # classes: K-class names
         self.lesion: list[tuple] = []
         self.empty: list[tuple] = []
         self.without_lesion = 0
@@ -97,8 +98,12 @@ class _FigurePicker:
         self.without_lesion += int((~has).sum())
         if len(self.lesion) >= self.n:
             return
-        dice, _ = per_image_scores(confusion(logits, mask, self.threshold))
-        probs = torch.sigmoid(logits.float())
+        if self.classes is None:
+            dice, _ = per_image_scores(confusion(logits, mask, self.threshold))
+            probs = torch.sigmoid(logits.float())
+        else:   # K classes: the mean Dice over the foreground classes, softmax probabilities
+            dice = image_class_scores(class_confusion(logits, mask))[0].mean(1)
+            probs = torch.softmax(logits.float(), 1)
         for i in range(image.shape[0]):
             pool = self.lesion if has[i] else self.empty
             if len(pool) < self.n:
@@ -112,7 +117,7 @@ class _FigurePicker:
             return None
         images, masks, probs, dice = zip(*chosen)
         return OverlayBatch(torch.stack(images), torch.stack(masks), torch.stack(probs), list(dice),
-                            without, split_images)
+                            without, split_images, tuple(self.classes or ()))
 
 
 @torch.no_grad()
@@ -126,14 +131,15 @@ def evaluate(engine, loader: Loader, loss_fn: DiceBCELoss | None, threshold: flo
     the batch size; NaN without a loss_fn. With keep > 0, also returns an OverlayBatch of up to
     `keep` of this rank's images (lesions first) for figures, else only the metrics.
     `classes` (names by id, K > 2): the K-class metrics (metrics.summarize_classes, per class
-    and their foreground mean, plus the pixel confusion matrix); no figure batch then (None)."""
+    and their foreground mean, plus the pixel confusion matrix), and the figure batch's
+    probabilities are the K softmax maps."""
     engine.eval()
     if classes is None:
         acc = MetricAccumulator(engine.device, extra=DiceBCELoss.N_PARTS)
     else:
         acc = ClassMetricAccumulator(engine.device, len(classes), 0 if loss_fn is None else loss_fn.n_parts,
                                      ignore_index)
-    picker = _FigurePicker(keep, threshold) if keep > 0 and classes is None else None
+    picker = _FigurePicker(keep, threshold, classes) if keep > 0 else None
     it = loader if log is None else log.progress(loader, len(loader), desc, unit="batch")
     for batch in it:
         logits = engine.eval_logits(batch.image)
@@ -152,9 +158,9 @@ def evaluate(engine, loader: Loader, loss_fn: DiceBCELoss | None, threshold: flo
         metrics = summarize_classes(counts, classes)
         metrics["confusion_matrix"] = confusion_matrix(counts, len(classes))
     metrics["loss"] = float("nan") if loss_fn is None else loss_fn.from_parts(parts)
-    if keep <= 0:
+    if picker is None:
         return metrics
-    return metrics, None if picker is None else picker.result(int(metrics["samples"]), engine.device)
+    return metrics, picker.result(int(metrics["samples"]), engine.device)
 
 
 def class_options(cfg: Config) -> dict:
