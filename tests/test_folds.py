@@ -192,3 +192,20 @@ def test_slurm_array_task_trains_its_fold(tmp_path):
     res = subprocess.run(["bash", "slurm/train.sh", "--data", "shards/x", "--out", "runs/one"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "leave --out out" in res.stderr
+
+
+def test_evaluate_reads_the_checkpoints_fold(folded, tmp_path, capsys):
+    """A checkpoint trained with --fold 1 evaluates --split val on fold 1; one trained without a
+    fold is told why the folded dataset has no val split."""
+    from inference_testing import make_checkpoint, tiny_config
+    from tumorseg_dist import evaluate
+    cfg = tiny_config(data=folded)
+    cfg.data.fold = 1
+    ck = make_checkpoint(tmp_path / "f1" / "checkpoints" / "best.pt", cfg)
+    args = ["--split", "val", "--device", "cpu", "--workers", "0", "--cases", "0"]
+    assert evaluate.main(["--checkpoint", str(ck), *args]) == 0
+    m = json.loads((tmp_path / "f1" / "eval-val" / "metrics.json").read_text())
+    assert m["split"] == "val:fold1" and m["samples"] == read_manifest(folded)["folds"]["samples"][1]
+    plain = make_checkpoint(tmp_path / "plain.pt", tiny_config(data=folded))
+    assert evaluate.main(["--checkpoint", str(plain), *args]) == 2
+    assert "packed with --folds, so its validation data are the folds" in capsys.readouterr().err

@@ -241,7 +241,10 @@ def run(args: EvaluateArgs) -> int:
     shards = IndexedShards(shard_paths(data, split, manifest))
     n = len(shards)
     if n == 0:
-        raise ShardError(f"{data}: split {split!r} has no samples")
+        folded = split == "val" and manifest.get("folds")   # pack --folds: val is a fold (--fold k)
+        raise ShardError(f"{data}: split {split!r} has no samples" + (
+            "; it was packed with --folds, so its validation data are the folds: evaluate a checkpoint "
+            "trained with --fold k on --split val, or use --split test" if folded else ""))
     mine = [i for i in rank_indices(n, d.rank, d.world_size, False, 0, 0) if i >= 0]
     sliding = args.inference == "sliding"
     samples = EvalSamples(shards, model, mine, args.inference)
