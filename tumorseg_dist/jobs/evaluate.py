@@ -144,9 +144,11 @@ def score(prob: torch.Tensor, mask: np.ndarray, threshold: float, resolution: st
 
 def plot_cases(rows: list[dict], samples: EvalSamples, model: Predictor, path: Path,
                threshold: float, tta: bool, per_side: int = 4, inference: str = "whole",
-               overlap: float = 0.5, batch_size: int = 8) -> list[str]:
+               overlap: float = 0.5, batch_size: int = 8, draw=None,
+               title: str = "green: ground truth, red: prediction (original size)") -> list[str]:
     """Worst `per_side` images by Dice (top row) and best ones with a non-empty target (bottom),
     each titled with its whole sample name (wrapped) and Dice, predicted as the metrics were.
+    `draw(sample, prediction, row)` -> (panel, Dice text) draws a case (K classes: label maps).
     Returns the captions."""
     if not rows:
         return []
@@ -160,13 +162,13 @@ def plot_cases(rows: list[dict], samples: EvalSamples, model: Predictor, path: P
         for row in chosen:
             s = samples.load(row["_index"])
             pred = model.predict_image(s["image"], tta, threshold, inference, overlap, batch_size)
-            panels.append((overlay_image(s["image"], pred, s["mask"]),
-                           f"{label}: {wrap_name(row['key'])}\nDice {row['dice']:.3f}"))
+            panel, dice = (overlay_image(s["image"], pred, s["mask"]), f"{row['dice']:.3f}") if draw is None \
+                else draw(s, pred, row)
+            panels.append((panel, f"{label}: {wrap_name(row['key'])}\nDice {dice}"))
         grid.append(panels)
     lines = max((c.count("\n") + 1 for row in grid for _, c in row), default=2)
     # Taller panels for captions of more lines: whole names, not cut and not overlapping.
-    save_grid(grid, path, "green: ground truth, red: prediction (original size)",
-              panel=(3.2, 3.2 + 0.14 * lines))
+    save_grid(grid, path, title, panel=(3.2, 3.2 + 0.14 * lines))
     return [c for row in grid for _, c in row]
 
 
@@ -391,7 +393,7 @@ def evaluate_classes(args: EvaluateArgs, d, log: Console, model: Predictor, data
             acc.add(cm)
             dice, _ = image_class_scores(cm)
             row = {"key": s["key"], "source": s["meta"].get("source", ""), "group": s["meta"].get("group") or "",
-                   "dice": float(dice.mean()), "_index": s["index"]}
+                   "dice": float(dice.mean()), "target_area": int((target > 0).sum()), "_index": s["index"]}
             for c in range(1, k):
                 row[f"dice/{names[c]}"] = float(dice[0, c - 1])
                 row[f"target_area/{names[c]}"] = int((target == c).sum())
@@ -451,24 +453,17 @@ def evaluate_classes(args: EvaluateArgs, d, log: Console, model: Predictor, data
 def plot_class_cases(rows: list[dict], samples: ClassEvalSamples, model: Predictor, path: Path, tta: bool,
                      per_side: int, names: list[str], inference: str = "whole", overlap: float = 0.5,
                      batch_size: int = 8) -> None:
-    """cases.png for K classes: the worst and best images by their mean foreground Dice, each
-    predicted class filled in its colour, the true classes outlined in white."""
+    """cases.png for K classes (plot_cases): the worst and best images by their mean foreground
+    Dice, each predicted class filled in its colour, the true classes outlined in white."""
     from ..figures import class_colour_name, label_overlay
-    by_dice = sorted(rows, key=lambda r: (r["dice"], r["key"]))
-    worst = by_dice[:per_side]
-    best = [r for r in reversed(by_dice) if r not in worst][:per_side]
-    grid = []
-    for label, chosen in (("worst", worst), ("best", best)):
-        panels = []
-        for row in chosen:
-            s = samples.load(row["_index"])
-            pred = model.predict_image(s["image"], tta, None, inference, overlap, batch_size)
-            per = ", ".join(f"{c} {row[f'dice/{c}']:.2f}" for c in names[1:])
-            panels.append((label_overlay(s["image"], pred, truth=s["mask"]),
-                           f"{label}: {wrap_name(row['key'])}\nDice {per}"))
-        grid.append(panels)
+
+    def draw(s: dict, pred: np.ndarray, row: dict):
+        return (label_overlay(s["image"], pred, truth=s["mask"]),
+                ", ".join(f"{c} {row[f'dice/{c}']:.2f}" for c in names[1:]))
+
     colours = ", ".join(f"{c} {class_colour_name(i)}" for i, c in enumerate(names[1:], 1))
-    save_grid(grid, path, f"prediction filled by class ({colours}), truth outlined in white", panel=(3.2, 3.8))
+    plot_cases(rows, samples, model, path, model.threshold, tta, per_side, inference, overlap, batch_size,
+               draw, f"prediction filled by class ({colours}), truth outlined in white")
 
 
 def write_json_atomic(path: Path, obj) -> None:
