@@ -132,3 +132,16 @@ def test_no_classes_is_unchanged_binary(tmp_path):
     assert "classes" not in m
     assert all(set(np.unique(v)) <= {0, 255} for v in all_masks(tmp_path / "bin", "train").values())
     assert parse_classes(None) is None
+
+
+def test_slurm_merge_sums_the_class_counts(tmp_path):
+    root = coco_phantoms(tmp_path / "coco", {"train": 6, "val": 3, "test": 3})
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    opts = ["--classes", "cyst=1,mass=2"]
+    assert pack(root, "--out", whole, *opts) == 0
+    for i in range(3):
+        assert pack(root, "--out", parts, "--task-index", i, "--num-tasks", 3, *opts) == 0
+    assert pack("--merge", "--out", parts) == 0
+    a = json.loads((whole / "manifest.json").read_text())["classes"]
+    b = json.loads((parts / "manifest.json").read_text())["classes"]
+    assert a == b and sum(a["pixels"]["train"]) == 6 * 64 * 64 and a["overlap_pixels"] > 0
