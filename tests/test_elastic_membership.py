@@ -68,17 +68,27 @@ class Node:
     def worker(self) -> int:
         """The pid of the agent's live training worker."""
         def find():
-            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-                for pid in (task / "children").read_text().split():
-                    if "tumorseg_dist.train" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
-                        return int(pid)
+            for pid in descendants(self.proc.pid):
+                if "tumorseg_dist.train" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                    return pid
             return None
         return wait_for(find, f"a worker of {self.log.name}", self)
 
     def kill(self) -> None:
+        """The agent and its workers (in sessions of their own: its group alone would orphan them)."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except FileNotFoundError:
+        return []
+    return kids + [g for k in kids for g in descendants(k)]
 
 
 def wait_for(probe, what, *nodes, timeout=WAIT):
