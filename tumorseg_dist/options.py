@@ -153,4 +153,3 @@ class ExportArgs:
         if self.opset is not None and self.graph == "full" and self.opset < 18:
             raise ValueError(f"--graph full needs --opset 18 or later (its resize), got {self.opset}")
 
-
