@@ -209,3 +209,20 @@ def test_evaluate_reads_the_checkpoints_fold(folded, tmp_path, capsys):
     plain = make_checkpoint(tmp_path / "plain.pt", tiny_config(data=folded))
     assert evaluate.main(["--checkpoint", str(plain), *args]) == 2
     assert "packed with --folds, so its validation data are the folds" in capsys.readouterr().err
+
+
+def test_folds_are_part_of_the_fingerprint_and_the_dry_run(folded, tmp_path, capsys):
+    src = folded.parent / "in"
+    common = [str(src), "--out", str(folded), "--split", "0.7,0.2,0.1", "--shard-size", "200KB", "--no-progress"]
+    assert pack([*common, "--folds", "3"]) == 0
+    assert "up to date" in capsys.readouterr().out                    # same folds: nothing to do
+    assert pack([*common, "--folds", "2"]) == 2                       # other folds: another dataset
+    assert "other inputs or options" in capsys.readouterr().err
+    assert pack([*common, "--folds", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "folds: 2 folds of the 27 groups outside the test split, by images (14, 13)" in out
+    with pytest.raises(SystemExit) as e:                               # a flag error, while parsing
+        pack([*common, "--folds", "1"])
+    assert e.value.code == 2 and "at least 2 folds" in capsys.readouterr().err
+    assert pack([*common, "--folds", "40", "--out", str(tmp_path / "x")]) == 2
+    assert "--folds 40 needs at least 40 groups" in capsys.readouterr().err
