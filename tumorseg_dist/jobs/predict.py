@@ -172,7 +172,8 @@ def run(args: PredictArgs) -> int:
     sliding = args.inference == "sliding"
     how = f", sliding window (overlap {args.overlap})" if sliding else ""
     names = label_names(model, args)   # K classes: label PNGs; None: binary masks
-    log.info(f"predict: {len(items)} image(s) with {model.name} at {model.size}px, "
+    log.info(f"predict: {len(items)} image(s){f' and {len(volumes)} volume(s)' if volumes else ''} with "
+             f"{model.name} at {model.size}px, "
              f"threshold {threshold}{how}{', flip-TTA' if args.tta else ''} -> {args.out}")
     masks_dir, over_dir = args.out / "masks", args.out / "overlays"
     masks_dir.mkdir(parents=True, exist_ok=True)
