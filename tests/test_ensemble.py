@@ -112,3 +112,12 @@ def test_predict_ensemble_writes_the_averaged_mask(ckpts, tmp_path):
     want = (probs > singles[0].threshold).numpy()
     got = np.asarray(Image.open(out / "masks" / "in.png")) > 0
     assert got.shape == want.shape and (got == want).mean() > 0.999   # bilinear resize ties aside
+
+
+def test_a_k_class_checkpoint_cannot_join_a_binary_ensemble(ckpts, tmp_path):
+    cfg = tiny_config()
+    cfg.model.classes = 3
+    odd = make_checkpoint(tmp_path / "k3.pt", cfg)
+    with pytest.raises(CheckpointError) as e:
+        load_ensemble([ckpts[0], odd])
+    assert "output classes 3 vs 1" in str(e.value) and str(odd) in str(e.value) and str(ckpts[0]) in str(e.value)
