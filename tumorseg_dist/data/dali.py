@@ -351,32 +351,37 @@ def read_encoded(layout: SplitLayout, source, shard_id: int, num_shards: int):
     return encoded, encoded_mask, fn.get_property(encoded, key="source_info")
 
 
+class SplitMembers:
+    """Where each sample's encoded image and mask members lie (from the `.idx` files, in
+    `layout.keys` order), over memory-mapped tars; made once per loader."""
+
+    def __init__(self, layout: SplitLayout):
+        self.ext = layout.image_ext
+        self.where = []   # (tar, image offset, image size, mask offset, mask size, source_info)
+        for t, tar in enumerate(layout.tars):
+            for ref in read_index(tar):
+                members = {m[0]: m[1:] for m in ref.members}
+                (io, isz), (mo, msz) = members[self.ext], members["mask.png"]
+                self.where.append((t, io, isz, mo, msz, f"{tar}:{io}:{ref.key}.{self.ext}".encode()))
+        self.maps = [np.memmap(tar, dtype=np.uint8, mode="r") for tar in layout.tars]
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        t, io, isz, mo, msz, info = self.where[i]
+        return self.maps[t][io:io + isz], self.maps[t][mo:mo + msz], np.frombuffer(info, np.uint8)
+
+
 class PlanSource:
     """`fn.external_source` callback: batch `iteration` of this rank's training plan as the
     samples' encoded image and mask members and a DALI-style source_info ('TAR:OFFSET:KEY.EXT'),
-    read by offset (memory-mapped) through the split's `.idx` files."""
+    read by offset from the memory-mapped tars."""
 
-    def __init__(self, layout: SplitLayout, plan: list[list[int]]):
-        self.plan, self.ext = plan, layout.image_ext
-        self.refs = [(t, r) for t, tar in enumerate(layout.tars) for r in read_index(tar)]
-        self.maps = [np.memmap(tar, dtype=np.uint8, mode="r") for tar in layout.tars]
-        self.names = [str(tar) for tar in layout.tars]
-
-    def _member(self, t: int, ref, ext: str) -> np.ndarray:
-        _, off, size = next(m for m in ref.members if m[0] == ext)
-        return self.maps[t][off:off + size]
+    def __init__(self, members: SplitMembers, plan: list[list[int]]):
+        self.members, self.plan = members, plan
 
     def __call__(self, info):
         if info.iteration >= len(self.plan):
             raise StopIteration
-        images, masks, infos = [], [], []
-        for i in self.plan[info.iteration]:
-            t, ref = self.refs[i]
-            images.append(self._member(t, ref, self.ext))
-            masks.append(self._member(t, ref, "mask.png"))
-            off = next(m for m in ref.members if m[0] == self.ext)[1]
-            infos.append(np.frombuffer(f"{self.names[t]}:{off}:{ref.key}.{self.ext}".encode(), np.uint8))
-        return images, masks, infos
+        return tuple(map(list, zip(*(self.members.sample(i) for i in self.plan[info.iteration]))))
 
 
 def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: bool,
@@ -501,6 +506,7 @@ class DaliLoader:
         self.epoch = 0
         self.batches_per_epoch = self._batches()
         self._pipe = None
+        self._members = None   # SplitMembers, made by the first training pipeline
         self._host = HostBuffers()
 
     def set_epoch(self, epoch: int) -> None:
@@ -529,7 +535,9 @@ class DaliLoader:
         from nvidia.dali import pipeline_def
         s, sid = self.spec, self.dist.rank
         lo, hi = (0, len(self.layout.keys)) if s.training else self.layout.shard_range(sid, self.dist.world_size)
-        source = PlanSource(self.layout, self.plan(epoch)) if s.training else None
+        if s.training and self._members is None:
+            self._members = SplitMembers(self.layout)
+        source = PlanSource(self._members, self.plan(epoch)) if s.training else None
         dev_id = None
         if self.gpu:
             dev_id = self.dist.device.index if self.dist.device.index is not None else torch.cuda.current_device()
