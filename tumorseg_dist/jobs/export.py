@@ -221,10 +221,12 @@ def check_onnx(path: Path, net: torch.nn.Module, x: torch.Tensor) -> float:
 
 def torch_probabilities(model: Predictor, image: np.ndarray, inference: str) -> np.ndarray:
     """The PyTorch predictor's [K, H, W] probabilities for one [0, 1] image: what the full graph
-    must reproduce. A K-class network (K > 1) is read as softmax scores, whole mode only."""
+    must reproduce. Whole mode of a K-class network: all K softmax maps resized back (the
+    predictor's whole-mode map keeps the first channel only)."""
     with torch.no_grad():
         if inference == "sliding" or int(model.model(model.preprocess(image)[None]).shape[1]) == 1:
-            return model.probability_map(image, inference=inference)[None].numpy()
+            p = model.probability_map(image, inference=inference).numpy()
+            return p.reshape(-1, *p.shape[-2:])   # [H, W] (binary) or [K, H, W]
         probs = torch.softmax(model.model(model.preprocess(image)[None]).float(), 1)
         return F.interpolate(probs, size=image.shape[:2], mode="bilinear", align_corners=False)[0].numpy()
 
