@@ -87,7 +87,7 @@ class PredictArgs:
     """Image files, folders of images, or packed shard directories."""
     out: Path
     """Output folder."""
-    checkpoint: Annotated[Checkpoints, tyro.conf.arg(help_behavior_hint="(required unless --onnx)")] = ()
+    checkpoint: Annotated[Checkpoints, tyro.conf.arg(help_behavior_hint="(default: none; required unless --onnx)")] = ()
     """RUN/checkpoints/best.pt; repeat it for an ensemble (probabilities averaged)."""
     onnx: cli.optional(Path, "off: the checkpoint on PyTorch") = None
     """A model written by `export` (--graph full), run on onnxruntime without torch, instead of
