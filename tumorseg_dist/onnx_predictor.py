@@ -110,6 +110,7 @@ class OnnxPredictor:
     threshold: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    class_names: tuple[str, ...] = ()   # by class id; () for a file exported before they were kept
 
     pre = None             # the graph preprocesses: callers hand it the image itself
 
@@ -254,4 +255,20 @@ def load_onnx(path: Path | str, threads: int = 0, device: str = "cpu") -> OnnxPr
         in_channels=int(_meta(props, "in_channels", path)),
         out_channels=int(_meta(props, "out_channels", path)), size=int(_meta(props, "size", path)),
         pixels=pixels, threshold=float(_meta(props, "threshold", path)),
-        mean=tuple(json.loads(_meta(props, "mean", path))), std=tuple(json.loads(_meta(props, "std", path))))
+        mean=tuple(json.loads(_meta(props, "mean", path))), std=tuple(json.loads(_meta(props, "std", path))),
+        class_names=_class_names(props, path))
+
+
+def _class_names(props: dict[str, str], path: Path) -> tuple[str, ...]:
+    """The class names export recorded, checked against the graph's output channels; a file
+    exported before they were recorded has none (predict names them class_1, class_2, ...)."""
+    text = props.get("tumorseg_dist.class_names")
+    if text is None:
+        return ()
+    try:
+        names = tuple(str(n) for n in json.loads(text))
+    except (ValueError, TypeError):
+        raise OnnxModelError(f"{path}: its tumorseg_dist.class_names metadata is not a JSON list; "
+                             f"the file was edited or damaged: re-export it") from None
+    k = int(props.get("tumorseg_dist.out_channels", "1"))
+    return names if k > 1 and len(names) == k else ()

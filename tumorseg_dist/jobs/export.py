@@ -62,7 +62,8 @@ def common_props(model: Predictor, size: int, opset: int) -> dict[str, str]:
     return {"tumorseg_dist.arch": model.arch, "tumorseg_dist.encoder": model.encoder,
             "tumorseg_dist.in_channels": str(model.in_channels), "tumorseg_dist.size": str(size),
             "tumorseg_dist.mean": json.dumps(list(model.mean)), "tumorseg_dist.std": json.dumps(list(model.std)),
-            "tumorseg_dist.threshold": str(model.threshold), "tumorseg_dist.opset": str(opset)}
+            "tumorseg_dist.threshold": str(model.threshold), "tumorseg_dist.opset": str(opset),
+            "tumorseg_dist.class_names": json.dumps(list(model.class_names))}
 
 
 def network_proto(model: Predictor, size: int, dynamic_batch: bool, opset: int, example: torch.Tensor):

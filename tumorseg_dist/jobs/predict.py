@@ -251,8 +251,8 @@ def run(args: PredictArgs) -> int:
 
 def label_names(model, args: PredictArgs) -> list[str] | None:
     """The class names of a K-class model (pack --classes), else None (binary masks); its
-    predict/predict_image give label maps then. An ONNX file carries its class count (its
-    output channels), not the names: class_1, class_2, ..."""
+    predict/predict_image give label maps then. An ONNX file carries them in its metadata (one
+    exported before they were kept: class_1, class_2, ...)."""
     k = getattr(model, "classes", None) or getattr(model, "out_channels", 1)
     if k <= 1:
         return None
