@@ -169,7 +169,11 @@ def test_the_docs_have_commands_that_run():
 
 # ---------------------------------------------------------------- running them (slow)
 
+# A page runs its commands in order (it packs what it later trains on): the recipes page is
+# about 30 commands, past the suite's 900 s per test on a loaded 2-core box; the page's own limit
+# is the subprocess timeout below.
 @pytest.mark.slow
+@pytest.mark.timeout(1600)
 @pytest.mark.parametrize("page", [p for p in PAGES if page_script(p)[1]])
 def test_page_commands_run(page, tmp_path):
     script, _ = page_script(page)
