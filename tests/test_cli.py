@@ -198,6 +198,8 @@ def test_every_command_has_its_console_script():
 
 def test_bench_runs_a_benchmark_and_names_the_choices():
     p = run_cli([PY, "-m", "tumorseg_dist.bench", "nope"], cwd=REPO, check=False)
-    assert p.returncode == 2 and "throughput, loss, pack, cli, contention" in p.stderr
+    assert p.returncode == 2 and "throughput, loss, pack, cli, contention, predict, resume" in p.stderr
     p = run_cli([PY, "-m", "tumorseg_dist.bench", "cli", "--help"], cwd=REPO)
     assert "--repeat" in p.stdout
+    p = run_cli([PY, "-m", "tumorseg_dist.bench", "resume", "--help"], cwd=REPO)
+    assert "--repeats" in p.stdout

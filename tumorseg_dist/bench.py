@@ -1,8 +1,10 @@
 """Run a benchmark: `python -m tumorseg_dist.bench NAME [flags]` (console script `tumorseg-bench`).
 
 NAME is a script in the repository's benchmarks/ folder: throughput, loss, pack, cli (the
---help timings), contention (the built-in run alone and beside a competing job) or predict (the
-predictor's images/s and memory, whole vs sliding, PyTorch vs onnxruntime). Each prints one JSON document; `NAME --help` lists its flags. The benchmarks
+--help timings), contention (the built-in run alone and beside a competing job), predict (the
+predictor's images/s and memory, whole vs sliding, PyTorch vs onnxruntime) or resume (launch to
+the first step, fresh and resumed onto another world size). Each prints one JSON document;
+`NAME --help` lists its flags. The benchmarks
 ship with the repository, not inside the package: this runs them from a clone (an editable
 install, `pip install -e .`, which `make setup` does).
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 NAMES = {"throughput": "throughput.py", "loss": "loss.py", "pack": "pack.py", "cli": "cli_help.py",
-         "contention": "contention.py", "predict": "predict.py"}
+         "contention": "contention.py", "predict": "predict.py", "resume": "resume.py"}
 
 
 def main(argv: list[str] | None = None) -> int:
