@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -191,6 +192,14 @@ class RunLog(Console):
     def write_json(self, name: str, obj: dict) -> None:
         if self.enabled:
             (self.dir / name).write_text(json.dumps(_finite(obj), indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary beside it and a rename: a reader (or a killed
+    run) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _finite(d: dict) -> dict:

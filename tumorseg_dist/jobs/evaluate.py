@@ -22,7 +22,7 @@ from ..figures import overlay_image, save_grid, wrap_name
 from ..figures import plot_confusion
 from ..inference import Predictor, load_ensemble, resolve_threshold, to_original_size
 from ..inference import to_original_labels
-from ..log import Console, fmt
+from ..log import Console, fmt, write_text_atomic
 from ..metrics import mask_confusion, per_image_scores, summarize
 from ..metrics import (ClassMetricAccumulator, confusion_matrix, image_class_scores, label_confusion,
                        summarize_classes)
@@ -210,6 +210,11 @@ def surface_means(rows: list[dict], key: str) -> dict:
             f"{key}_median": float(np.median(v)) if v.size else None}
 
 
+def checkpoint_field(args: EvaluateArgs) -> str | list[str]:
+    """metrics.json's "checkpoint": the file, or an ensemble's files."""
+    return str(args.checkpoint[0]) if len(args.checkpoint) == 1 else [str(c) for c in args.checkpoint]
+
+
 def _finite(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -293,28 +298,21 @@ def run(args: EvaluateArgs) -> int:
         raise RuntimeError(f"evaluated {len(keys)} rows ({len(set(keys))} distinct) for {n} samples")
     if d.is_main:
         metrics = summarize(totals)  # NaN where a ratio is undefined: null in JSON, n/a printed
-        hd = np.array([r["hd95"] for r in rows if math.isfinite(r["hd95"])])
-        hd_mm = np.array([r["hd95_mm"] for r in rows if math.isfinite(r["hd95_mm"])])
+        defined = {k: sum(math.isfinite(r[k]) for r in rows) for k in ("hd95", "hd95_mm")}
         metrics.update({
-            "hd95_mean": float(hd.mean()) if hd.size else None,
-            "hd95_median": float(np.median(hd)) if hd.size else None,
-            "hd95_images": int(hd.size),
+            **surface_means(rows, "hd95"), "hd95_images": defined["hd95"],
             "hd95_unit": "pixels of the original image" if args.resolution == "original"
             else f"pixels at the model size {model.size}",
             # Only the images whose json gives their spacing (slices of volumes: spacing_mm).
-            "hd95_mm_mean": float(hd_mm.mean()) if hd_mm.size else None,
-            "hd95_mm_median": float(np.median(hd_mm)) if hd_mm.size else None,
-            "hd95_mm_images": int(hd_mm.size),
+            **surface_means(rows, "hd95_mm"), "hd95_mm_images": defined["hd95_mm"],
             **surface_means(rows, "assd"), **surface_means(rows, "assd_mm"),
-            "checkpoint": str(args.checkpoint[0]) if len(args.checkpoint) == 1 else [str(c) for c in args.checkpoint],
-            "ensemble": len(args.checkpoint), "data": str(data), "split": split,
+            "checkpoint": checkpoint_field(args), "ensemble": len(args.checkpoint), "data": str(data), "split": split,
             "tta": args.tta, "threshold": threshold, "resolution": args.resolution,
             "inference": args.inference, "overlap": args.overlap if sliding else None,
             "world_size": d.world_size, "arch": model.arch, "encoder": model.encoder, "size": model.size})
         out.mkdir(parents=True, exist_ok=True)
         log.open_file(out / "evaluate.log")
-        (out / "metrics.json").write_text(json.dumps({k: _finite(v) for k, v in metrics.items()},
-                                                     indent=2) + "\n")
+        write_json_atomic(out / "metrics.json", {k: _finite(v) for k, v in metrics.items()})
         rows.sort(key=lambda r: r["key"])
         with open(out / "per_image.csv", "w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -415,8 +413,7 @@ def evaluate_classes(args: EvaluateArgs, d, log: Console, model: Predictor, data
         metrics.update({"classes": names, "confusion_matrix": matrix, "ignore_index": ignore,
                         "hd95_unit": "pixels of the original image" if resolution == "original"
                         else f"pixels at the model size {model.size}",
-                        "checkpoint": [str(c) for c in args.checkpoint] if len(args.checkpoint) > 1
-                        else str(args.checkpoint[0]), "data": str(data), "split": split, "tta": args.tta,
+                        "checkpoint": checkpoint_field(args), "data": str(data), "split": split, "tta": args.tta,
                         "resolution": resolution, "inference": args.inference,
                         "overlap": args.overlap if sliding else None,
                         "world_size": d.world_size, "arch": model.arch, "encoder": model.encoder,
@@ -467,7 +464,5 @@ def plot_class_cases(rows: list[dict], samples: ClassEvalSamples, model: Predict
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 

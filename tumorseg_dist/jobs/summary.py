@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-from ..log import Console, fmt
+from ..log import Console, fmt, write_text_atomic
 from ..options import EvaluateArgs
 
 METRICS = ("dice", "iou", "precision", "recall", "mean_image_dice", "hd95_mean", "hd95_mm_mean", "assd_mm_mean")
@@ -90,12 +90,6 @@ def markdown(s: dict) -> str:
             f"define each metric (sample sd, n - 1).\n\n" + "\n".join(lines) + "\n")
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run(args: EvaluateArgs) -> int:
     log = Console()
     files = [metrics_file(p, args.split, args.tta, args.inference) for p in args.summary]
@@ -105,8 +99,8 @@ def run(args: EvaluateArgs) -> int:
     out = args.out or Path(os.path.commonpath(runs)) / (
         f"summary-{args.split}{'-sliding' if args.inference == 'sliding' else ''}{'-tta' if args.tta else ''}")
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "summary.json", json.dumps(s, indent=2) + "\n")
-    _write(out / "summary.md", markdown(s))
+    write_text_atomic(out / "summary.json", json.dumps(s, indent=2) + "\n")
+    write_text_atomic(out / "summary.md", markdown(s))
     for line in markdown(s).splitlines():
         log.info(line)
     log.info(f"evaluate: summary of {len(files)} folds -> {out / 'summary.md'}, {out / 'summary.json'}")
