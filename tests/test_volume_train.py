@@ -186,3 +186,28 @@ def test_predict_dicom_series_writes_nifti_with_its_affine(ct, tmp_path):
     assert got.shape == (30, 32, 8)                      # (columns, rows, slices), as dcm2niix writes
     np.testing.assert_allclose(got.affine, dicom_affine(spacing, origin), atol=1e-5)
     assert np.asarray(Image.open(out / "masks" / "P1" / "P1_z0000.png")).shape == (32, 30)
+
+
+def test_predict_volume_refuses_what_it_cannot_write_before_writing(ct, tmp_path, capsys):
+    """A volume with an ONNX model (no training manifest to slice by) or a K-class checkpoint
+    (the mask volume is binary): one line naming the volume and the fix, nothing written."""
+    from inference_testing import make_checkpoint, tiny_config
+    from tumorseg_dist import export, predict
+    vol = ct["png"].parent / "raw" / "imagesTr" / "case_000_0000.nii.gz"
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((40, 40), 128, np.uint8)).save(images / "a.png")
+    ckpt = _checkpoint(ct, tmp_path)
+    onnx = tmp_path / "m.onnx"
+    assert export.main(["--checkpoint", str(ckpt), "--onnx", str(onnx), "--pixels", "uint16"]) == 0
+    cfg = tiny_config(data=ct["png"])
+    cfg.model.classes, cfg.model.class_names = 3, ("background", "a", "b")
+    k3 = make_checkpoint(tmp_path / "k3" / "checkpoints" / "best.pt", cfg)
+    for model, why in ((["--onnx", str(onnx)], "needs --checkpoint"), (["--checkpoint", str(k3)], "3 classes")):
+        out = tmp_path / f"out-{why[:4]}"
+        capsys.readouterr()
+        assert predict.main([str(images), str(vol), *model, "--out", str(out), "--device", "cpu",
+                             "--workers", "0"]) == 2
+        err = capsys.readouterr().err
+        assert why in err and str(vol) in err and len(err.strip().splitlines()) == 1, err
+        assert not (out / "masks" / "a.png").exists() and not (out / "areas.csv").exists()

@@ -172,6 +172,8 @@ def run(args: PredictArgs) -> int:
     sliding = args.inference == "sliding"
     how = f", sliding window (overlap {args.overlap})" if sliding else ""
     names = label_names(model, args)   # K classes: label PNGs; None: binary masks
+    if volumes:   # refused before anything is written
+        check_volume_model(volumes[0], model, args, names)
     log.info(f"predict: {len(items)} image(s){f' and {len(volumes)} volume(s)' if volumes else ''} with "
              f"{model.name} at {model.size}px, "
              f"threshold {threshold}{how}{', flip-TTA' if args.tta else ''} -> {args.out}")
@@ -325,9 +327,6 @@ def predict_volumes(volumes: list[Path], model, threshold: float, args: PredictA
     from ..data.formats.common import PackInputError
     from ..data.formats.volumes import (AXIS_LETTER, nifti_stem, prediction_slices, read_for_prediction,
                                         save_mask_volume, unplane)
-    if getattr(model, "classes", 1) > 1:
-        raise ValueError("volume inputs are predicted with binary models for now (this one has "
-                         f"{model.classes} classes)")
     spec = training_volumes(model)
     if not spec:
         log.warning("predict: the model's training data is not a packed volume dataset (or not found): slicing "
@@ -345,8 +344,8 @@ def predict_volumes(volumes: list[Path], model, threshold: float, args: PredictA
         masks = []
         width = max(4, len(str(len(images) - 1)))
         for k, image in enumerate(images):
-            pred = (model.probability_map(image, args.tta, args.inference, args.overlap, args.batch_size)
-                    > threshold).numpy()
+            pred = np.asarray(model.probability_map(image, args.tta, args.inference, args.overlap,
+                                                    args.batch_size) > threshold)
             masks.append(pred)
             rel = Path("masks") / name / f"{name}_{AXIS_LETTER[axis]}{k:0{width}d}.png"
             (args.out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -359,6 +358,20 @@ def predict_volumes(volumes: list[Path], model, threshold: float, args: PredictA
         save_mask_volume(unplane(masks, vol.data.shape[:3], axis), vol, path, out)
         log.info(f"predict: {path}: {len(images)} slices along {'xyz'[axis]} -> {out}")
     return rows
+
+
+def check_volume_model(volume: Path, model, args: PredictArgs, names: list[str] | None) -> None:
+    """A volume input needs what predict_volumes slices and writes with: a binary model (the
+    mask volume holds 0/1) and a checkpoint, whose training manifest says how the volumes were
+    sliced and windowed (an ONNX file does not record it)."""
+    if args.onnx is not None:
+        raise ValueError(f"{volume}: a volume input needs --checkpoint (its training manifest says how volumes "
+                         f"were sliced and windowed; {args.onnx} does not record it): predict it with "
+                         f"--checkpoint RUN/checkpoints/best.pt, or pass its slices as images")
+    if names:
+        raise ValueError(f"{volume}: a volume input is predicted into a binary mask volume, but "
+                         f"{args.checkpoint[0]} predicts {len(names)} classes ({', '.join(names)}): use a binary "
+                         f"checkpoint, or pass the volume's slices as images (label PNGs)")
 
 
 def training_volumes(model) -> dict:
