@@ -14,6 +14,7 @@ import torch
 from conftest import TORCHRUN, run_cli
 from inference_testing import make_checkpoint, tiny_config
 from tumorseg_dist import evaluate
+from tumorseg_dist import scoring
 from tumorseg_dist.jobs import evaluate as evaluate_job
 from tumorseg_dist.dist import DistInfo
 from tumorseg_dist.engines import build_engine
@@ -30,12 +31,12 @@ def square(size: int, y0: int, x0: int, side: int) -> np.ndarray:
 
 def test_hausdorff95_known_distances_and_empty_masks():
     a = square(64, 10, 10, 20)
-    assert evaluate_job.hausdorff95(a, a) == 0.0
-    assert evaluate_job.hausdorff95(a, square(64, 10, 13, 20)) == pytest.approx(3.0)
+    assert scoring.hausdorff95(a, a) == 0.0
+    assert scoring.hausdorff95(a, square(64, 10, 13, 20)) == pytest.approx(3.0)
     # Undefined when either mask is empty (MONAI alone gives inf or NaN): NaN, left out of means.
-    assert math.isnan(evaluate_job.hausdorff95(a, np.zeros_like(a)))
-    assert math.isnan(evaluate_job.hausdorff95(np.zeros_like(a), a))
-    assert math.isnan(evaluate_job.hausdorff95(np.zeros_like(a), np.zeros_like(a)))
+    assert math.isnan(scoring.hausdorff95(a, np.zeros_like(a)))
+    assert math.isnan(scoring.hausdorff95(np.zeros_like(a), a))
+    assert math.isnan(scoring.hausdorff95(np.zeros_like(a), np.zeros_like(a)))
 
 
 def rect(y0: int, x0: int, h: int, w: int) -> np.ndarray:
@@ -52,20 +53,20 @@ def test_hausdorff95_from_monai_equals_the_old_values():
     for want in old:
         p = ndimage.binary_opening(rng.random((48, 40)) > 0.6, iterations=1)
         t = ndimage.binary_opening(rng.random((48, 40)) > 0.55, iterations=1)
-        assert evaluate_job.hausdorff95(p, t) == pytest.approx(want, abs=1e-4)
-    assert evaluate_job.hausdorff95(rect(10, 10, 20, 20), rect(30, 25, 8, 30)) == pytest.approx(25.397681696873146, abs=1e-4)
-    assert evaluate_job.hausdorff95(rect(0, 0, 12, 64), rect(5, 3, 30, 20)) == pytest.approx(41.0, abs=1e-4)
+        assert scoring.hausdorff95(p, t) == pytest.approx(want, abs=1e-4)
+    assert scoring.hausdorff95(rect(10, 10, 20, 20), rect(30, 25, 8, 30)) == pytest.approx(25.397681696873146, abs=1e-4)
+    assert scoring.hausdorff95(rect(0, 0, 12, 64), rect(5, 3, 30, 20)) == pytest.approx(41.0, abs=1e-4)
 
 
 def test_hausdorff95_in_mm_from_the_pixel_spacing():
     a, b = square(64, 10, 10, 20), square(64, 10, 13, 20)  # 3 px apart along columns
-    assert evaluate_job.hausdorff95(a, b, (0.5, 0.8)) == pytest.approx(3 * 0.8)
-    assert evaluate_job.hausdorff95(a, square(64, 14, 10, 20), (0.5, 0.8)) == pytest.approx(4 * 0.5)
+    assert scoring.hausdorff95(a, b, (0.5, 0.8)) == pytest.approx(3 * 0.8)
+    assert scoring.hausdorff95(a, square(64, 14, 10, 20), (0.5, 0.8)) == pytest.approx(4 * 0.5)
     # the json's spacing is the original image's: at the model size a pixel is larger
-    assert evaluate_job.pixel_spacing({"pixel_spacing": [0.5, 0.8]}, (256, 128), (64, 64)) == (2.0, 1.6)
-    assert evaluate_job.pixel_spacing({"pixel_spacing": [0.5, 0.8]}, (64, 64), (64, 64)) == (0.5, 0.8)
+    assert scoring.pixel_spacing({"pixel_spacing": [0.5, 0.8]}, (256, 128), (64, 64)) == (2.0, 1.6)
+    assert scoring.pixel_spacing({"pixel_spacing": [0.5, 0.8]}, (64, 64), (64, 64)) == (0.5, 0.8)
     for meta in ({}, {"pixel_spacing": None}, {"pixel_spacing": [0, 1]}, {"pixel_spacing": "x"}):
-        assert evaluate_job.pixel_spacing(meta, (64, 64), (64, 64)) is None
+        assert scoring.pixel_spacing(meta, (64, 64), (64, 64)) is None
 
 
 def test_score_counts_as_training_counts():
@@ -76,12 +77,12 @@ def test_score_counts_as_training_counts():
     logits = torch.randn(1, 1, 16, 16, generator=g)
     logits[0, 0, 0, :4] = 0.0  # sigmoid exactly 0.5: not tumour, in both paths
     mask = (torch.rand(16, 16, generator=g) > 0.5).numpy()
-    pred, target, counts = evaluate_job.score(torch.sigmoid(logits)[0], mask, 0.5, "model", 16)
+    pred, target, counts = scoring.score(torch.sigmoid(logits)[0], mask, 0.5, "model", 16)
     want = confusion(logits, torch.from_numpy(mask)[None, None].float())[0]
     assert counts.dtype == torch.float64 and torch.equal(counts, want)
     assert counts.sum() == 256 and counts[0] == (pred & target).sum()
     big = np.kron(mask, np.ones((2, 2), bool))  # original 32 px: probabilities resized back
-    _, _, c32 = evaluate_job.score(torch.sigmoid(logits)[0], big, 0.5, "original", 16)
+    _, _, c32 = scoring.score(torch.sigmoid(logits)[0], big, 0.5, "original", 16)
     assert c32.sum() == 32 * 32
 
 

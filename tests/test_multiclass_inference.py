@@ -74,7 +74,7 @@ def test_evaluate_per_class_and_confusion(k3, tmp_path):
         assert metrics[f"dice/{name}"] == pytest.approx(2 * tp / (2 * tp + fp + fn)) if 2 * tp + fp + fn else True
     rows = list(csv.DictReader(open(out / "per_image.csv")))
     assert len(rows) == 4 and {"dice/cyst", "target_area/mass", "prediction_area/cyst", "hd95/mass"} <= rows[0].keys()
-    from tumorseg_dist.jobs.evaluate import hausdorff95
+    from tumorseg_dist.scoring import hausdorff95
     s = read_sample(shards, 0)
     pred = independent_labels(model, s.image)
     want_hd = hausdorff95(pred == 2, s.mask == 2)

@@ -19,7 +19,7 @@ from tumorseg_dist import dist as distmod
 from tumorseg_dist.config import Config
 from tumorseg_dist.data.loader import build_loader
 from tumorseg_dist.data.shards import IndexedShards, read_manifest, shard_paths
-from tumorseg_dist.jobs.evaluate import average_surface_distance, hausdorff95
+from tumorseg_dist.scoring import average_surface_distance, hausdorff95
 
 SPACING = (0.8, 0.9, 2.5)   # x, y, z mm: axial slices have rows along y (0.9) and columns along x (0.8)
 

@@ -368,8 +368,14 @@ def load_model(path: Path | str, device: str | torch.device = "cpu") -> Predicto
     """Rebuild the trained model from a checkpoint (no encoder weights are loaded or downloaded:
     the checkpoint has them all; its EMA weights if it has them), in eval mode on `device`."""
     path = Path(path)
+    return predictor_of(checkpoint.load(path, "cpu"), path, device)
+
+
+def predictor_of(ckpt: dict, path: Path, device: str | torch.device = "cpu") -> Predictor:
+    """`load_model` of a checkpoint dict already in memory, named `path` in errors: training's
+    end-of-run test evaluation hands the dict it saves (config, normalisation, the engine's
+    weights), so its predictor is the one `evaluate` rebuilds from that file."""
     device = torch.device(device)
-    ckpt = checkpoint.load(path, "cpu")
     info = describe(ckpt, path)
     try:
         model = build_model(ModelConfig(arch=info["arch"], encoder=info["encoder"], encoder_weights="none",
