@@ -3,6 +3,14 @@
 A loader yields `Batch`es already on the device, normalised, in the model's memory format.
 Every rank gets the same number of batches per epoch (`len(loader)`); in evaluation, padding
 samples that make the ranks even are marked `valid=False` so each real sample counts once.
+
+`Batch.pad` (issue 15, `--geometry letterbox|crop`): which output pixels come from the source
+image. None when every pixel of every sample is real (squash, and any batch without padding):
+consumers then treat every pixel as real, exactly as before. Otherwise a float32 tensor
+[B, 1, H, W] of {0.0, 1.0} on the batch's device, in the batch's memory format (the same shape,
+dtype and layout as `mask`): 1 = a real (source) pixel, 0 = padding added by the geometry (the
+letterbox border, a crop or affine shift past the image edge). Padding pixels are excluded from
+the loss and from the metrics; the image there holds the normalised value of 0, and the mask 0.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ class Batch:
     mask: torch.Tensor    # float {0, 1} [B, 1, H, W] on the device
     valid: torch.Tensor   # bool [B]: False for rank-padding samples (never counted)
     keys: list[str]
+    pad: torch.Tensor | None = None   # float {0, 1} [B, 1, H, W], 1 = real pixel; None = all real
 
 
 class Loader(Protocol):
