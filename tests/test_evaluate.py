@@ -99,7 +99,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def test_model_resolution_equals_the_training_loop(tmp_path, ckpt_32, synthetic_shards):
-    """`--resolution model` is training's test metric: same preprocessing, same counts."""
+    """`--resolution model` is the training loop's validation metric: same preprocessing, same counts."""
     out = tmp_path / "ev"
     assert evaluate.main(["--checkpoint", str(ckpt_32), "--split", "val", "--resolution", "model",
                           "--out", str(out), "--workers", "0", "--batch-size", "4", "--cases", "0"]) == 0

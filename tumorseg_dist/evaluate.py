@@ -13,8 +13,9 @@ Writes to --out (default RUN/eval-<split>[-sliding][-tta]/ next to the checkpoin
                   prediction (red) contours
 
 By default the prediction is resized back to each image's ORIGINAL size and compared with the
-original mask (areas and HD95 are in original pixels). `--resolution model` instead compares at
-the training size, exactly as training's test_metrics.json does. `--inference sliding` predicts
+original mask (areas and HD95 are in original pixels), as training's test_metrics.json is (the
+same scoring: tumorseg_dist/scoring.py). `--resolution model` instead compares at the training
+size, exactly as the training loop's validation counts. `--inference sliding` predicts
 at each image's original size with tiles of the training size (Gaussian-weighted, `--overlap`),
 for images much larger than the training size (docs/inference.md).
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, dist as distmod, resume_guard, threads, tracking
+from .. import checkpoint, dist as distmod, resume_guard, scoring, threads, tracking
 from ..config import Config, save_toml
 from ..config import check_classes
 from ..data.loader import build_loader, resolve_norm
@@ -17,8 +17,9 @@ from ..data.synthetic import ensure_synthetic
 from ..data.verify import verify_shards
 from ..engines import NonFiniteLossError, build_engine
 from ..figures import plot_overlays
+from ..inference import Predictor, predictor_of
 from ..log import RunLog, fmt
-from ..loop import TrainState, class_options, evaluate, fit, restore
+from ..loop import TrainState, checkpoint_state, class_options, evaluate, fit, restore
 from ..losses import build_multiclass_loss_fn
 from ..models import build_model, model_name
 from ..precision import resolve_precision
@@ -92,19 +93,46 @@ def resolve_classes(cfg: Config, data_dir: Path) -> None:
         cfg.model.classes, cfg.model.class_names = len(names), tuple(names)
 
 
+def test_predictor(cfg: Config, engine, state: TrainState, dist, source: Path) -> Predictor:
+    """The predictor `evaluate --checkpoint SOURCE` rebuilds, from the weights now in the engine:
+    the dict a checkpoint holds (config, normalisation, the engine's weights and EMA) through the
+    same `predictor_of`, so no file is re-read, yet the model is the file's: fp32, its EMA
+    weights when on, eager, contiguous, whatever the engine runs (fp16 DeepSpeed parameters,
+    torch.compile, channels_last). On every rank rank 0's weights, as the checkpoint has them:
+    DDP broadcasts buffers at the start of a training forward, so each rank's last forward left
+    BatchNorm statistics of its own batch (DeepSpeed's eval() broadcasts them itself)."""
+    engine.eval()
+    model = predictor_of(checkpoint_state(cfg, engine, state), source, dist.device)
+    if dist.distributed:
+        for t in model.model.state_dict().values():   # views of the parameters and buffers
+            torch.distributed.broadcast(t, src=0)
+    return model
+
+
 def evaluate_test_split(cfg: Config, engine, data_dir: Path, dist, loss_fn, log: RunLog, state, reason: str,
-                        run_dir: Path, workers: int) -> None:
-    """Test-split metrics and the overlay figure with the weights now in the engine."""
+                        run_dir: Path, workers: int, source: Path) -> None:
+    """test_metrics.json with the weights now in the engine (those of `source`): the metrics as
+    `evaluate --checkpoint SOURCE` scores them (scoring.score_split: each image through the
+    predictor, compared at its original size), and the loss and overlays.png from the training
+    loop's pass over the test loader at the training size (the loss is the training loss, defined
+    on the model's output there, as val_loss)."""
     test_loader = build_loader(cfg, data_dir, "test", dist, training=False, precision=engine.precision,
                                workers=workers)
-    test, shown = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep=8,
+    view, shown = evaluate(engine, test_loader, loss_fn, cfg.train.threshold, log, "test", keep=8,
                            **class_options(cfg))
+    model = test_predictor(cfg, engine, state, dist, source)
+    shards = scoring.split_shards(data_dir, "test", read_manifest(data_dir), model.classes)
+    # No surface distances: MONAI costs seconds to import, and `evaluate` reports them.
+    scores = scoring.score_split(model, shards, dist, log, threshold=model.threshold, workers=workers,
+                                 surface=False, desc="test (original size)")
+    test = {**scores.metrics, **({} if scores.matrix is None else {"confusion_matrix": scores.matrix}),
+            "loss": view["loss"], "resolution": scores.resolution, "inference": "whole"}
     log.write_json("test_metrics.json", {"best_epoch": state.best_epoch, "stopped": reason, **test})
     if dist.is_main and shown is not None:
         plot_overlays(shown, run_dir / "overlays.png", cfg.data.mean, cfg.data.std, cfg.train.threshold)
-    log.info(f"test ({test['samples']} images, best epoch {state.best_epoch}): dice {fmt(test['dice'])} "
-             f"iou {fmt(test['iou'])} precision {fmt(test['precision'])} recall {fmt(test['recall'])} "
-             f"-> {run_dir}")
+    log.info(f"test ({test['samples']} images at their original size, best epoch {state.best_epoch}): dice "
+             f"{fmt(test['dice'])} iou {fmt(test['iou'])} precision {fmt(test['precision'])} recall "
+             f"{fmt(test['recall'])} -> {run_dir}")
     per_class = [f"{k[5:]} {fmt(v)}" for k, v in test.items() if k.startswith("dice/")]
     if per_class:
         log.info(f"test dice per class: {', '.join(per_class)}")
@@ -185,14 +213,16 @@ def run(cfg: Config, preset: str | None) -> int:
 
     best = run_dir / "checkpoints" / "best.pt"
     distmod.barrier()  # before looking: rank 0 may still be writing best.pt
+    source = run_dir / "checkpoints" / "last.pt"   # the weights in the engine, on disk
     if best.is_file():
         engine.load_weights(checkpoint.load(best, dist.device))  # and its EMA weights, if any
+        source = best
     if read_manifest(data_dir)["splits"]["test"]["samples"] == 0:
         log.info(f"{data_dir} has an empty test split: no test_metrics.json (re-pack with a larger "
                  f"test fraction in --split to get one) -> {run_dir}")
     else:
         evaluate_test_split(cfg, engine, data_dir, dist, loss_fn, log, state, reason, run_dir,
-                            budget.workers)
+                            budget.workers, source)
     distmod.cleanup()
     log.close()
     return 0
