@@ -351,6 +351,63 @@ def test_torch_flips_alone_move_image_and_mask_exactly(shards):
     assert len(seen) >= 3
 
 
+@pytest.mark.parametrize("preset", ["light", "standard", "strong"])
+def test_dali_and_torch_training_batches_have_the_same_draws_and_pixels(shards, preset):
+    """Both loaders draw every per-sample parameter on the host from the global position
+    (data/draws.py): for the same plan the training batches match, masks exactly, images to
+    the loaders' resampling tolerance (2/255 in [0, 1] units), noise and intensities included.
+    Negative control: another --seed moves the masks, so a draw that differed would be caught."""
+    dist = DistInfo(0, 0, 1, CPU)
+    tr = spec_for(shards["png"], "train", True, aug=PRESETS[preset], batch=13, mean=0.2, std=0.5)
+    dali, torch_ = by_key(DaliLoader(tr, dist)), by_key(TorchLoader(tr, dist))
+    other = by_key(TorchLoader(replace(tr, seed=1), dist))
+    assert dali.keys() == torch_.keys() and len(dali) == 13
+    for k in dali:
+        assert torch.equal(dali[k][1], torch_[k][1]), k
+        diff = (dali[k][0] - torch_[k][0]).abs() * 0.5          # [0, 1] units
+        assert diff.max() < 2 / 255 and diff.mean() < 1e-3, (k, float(diff.max()))
+    assert sum(not torch.equal(dali[k][1], other[k][1]) for k in dali) >= 4
+
+
+def test_dali_recorded_params_are_the_host_draws_of_the_position(shards):
+    """The DALI graph's per-sample parameters (with_params) are `draws.sample_draws` of the
+    sample's global position, and its matrix is the torch loader's OpenCV matrix moved to
+    half-pixel centres."""
+    from tumorseg_dist.data.draws import position_seed, sample_draws
+    from tumorseg_dist.data.torch_loader import _geometry_matrix
+    dist = DistInfo(0, 0, 1, CPU)
+    aug = PRESETS["strong"]
+    tr = spec_for(shards["png"], "train", True, aug=aug, batch=13, seed=5)
+    loader = DaliLoader(tr, dist)
+    pipe, _ = loader.build_pipeline(epoch=2, with_params=True)
+    _, _, info, affine, b, c, fh, fv, g, _, _ = pipe.run()
+    keys = loader.layout.keys
+    for i, (pos, idx) in enumerate(loader.plan(2)[0]):
+        assert bytes(np.asarray(info.at(i))).decode().endswith(f":{keys[idx]}.image.png")
+        d = sample_draws(aug, position_seed(5, 2, pos), 64, 1)
+        assert (bool(np.asarray(fh.at(i))), bool(np.asarray(fv.at(i)))) == (d["hflip"], d["vflip"])
+        assert float(np.asarray(b.at(i))) == pytest.approx(d["brightness"], rel=1e-6)
+        assert float(np.asarray(c.at(i))) == pytest.approx(d["contrast"], rel=1e-6)
+        assert float(np.asarray(g.at(i))) == pytest.approx(d["gamma"] or 1.0, rel=1e-6)
+        if d["affine"] is None:
+            d["affine"] = (0.0, 1.0, 0.0, 0.0)
+        np.testing.assert_allclose(_cv2_matrix(np.asarray(affine.at(i))), _geometry_matrix((64, 64), 64, d),
+                                   atol=1e-4)
+
+
+def test_dali_augmentation_follows_the_position_not_the_world_size(shards):
+    """Two ranks (batch 6 each) and one rank (batch 12) put the same augmented pixels at every
+    position: the draws no longer come from the rank's pipeline stream."""
+    tr = spec_for(shards["png"], "train", True, aug=PRESETS["standard"], batch=12)
+    one = by_key(DaliLoader(tr, DistInfo(0, 0, 1, CPU)))
+    two = {}
+    for r in range(2):
+        two.update(by_key(DaliLoader(replace(tr, batch_size=6), DistInfo(r, r, 2, CPU))))
+    assert one.keys() == two.keys() and len(one) == 12
+    for k in one:
+        assert torch.equal(one[k][0], two[k][0]) and torch.equal(one[k][1], two[k][1]), k
+
+
 def test_augment_overrides_are_checked():
     assert resolve(AugmentConfig(augment="light", gamma=0.25, gamma_p=1.0)).gamma == 0.25
     with pytest.raises(ConfigError, match="--gamma-p"):

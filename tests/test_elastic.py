@@ -8,9 +8,10 @@ each logged loss equals the uninterrupted 1-rank run's loss of the same samples 
 per-rank batch at the same global position) within rel 1e-4: the layouts differ only in float
 reduction order (gradients summed by gloo's all-reduce instead of by accumulation).
 
-Both loaders select samples by global position. `--loader dali` runs its CPU pipeline with
-`--augment none`: its augmentation draws are the rank's pipeline stream (docs/loader.md), so
-only the un-augmented losses are the same on another world size; the keys hold either way.
+Both loaders select samples AND draw their augmentation (the default `--augment light`) by
+global position (data/draws.py), so the augmented losses are the same on another world size;
+`--loader dali` runs its CPU pipeline. `test_standard_augmentation_resumes_on_another_world_size`
+repeats one resume with `--augment standard` (affine, intensities, noise).
 """
 import json
 import math
@@ -43,13 +44,13 @@ def shards(tmp_path_factory):
     return out
 
 
-def command(shards, out, world, loader="torch"):
+def command(shards, out, world, loader="torch", augment=()):
     launch = [PY, str(REPO / "launch" / "record_exit.py")] if world == 1 else \
         [TORCHRUN, "--nproc-per-node", str(world), "--standalone",
          str(REPO / "launch" / "record_exit.py")]
     return [*launch, "tumorseg_dist.train", *TINY, "--data", str(shards), "--out", str(out),
             "--loader", loader, "--epochs", "1", "--log-every", "1", "--seed", "3",
-            "--deterministic", "--record-keys", *LAYOUT[world], *(["--augment", "none"] if loader == "dali" else [])]
+            "--deterministic", "--record-keys", *LAYOUT[world], *augment]
 
 
 def steps(run):
@@ -74,10 +75,10 @@ def reference(shards, loader, tmp_path_factory):
     return chunk_losses(steps(out))
 
 
-def stopped(shards, tmp_path, world, loader):
+def stopped(shards, tmp_path, world, loader, augment=()):
     out = tmp_path / f"from{world}"
     codes = tmp_path / f"codes{world}"
-    _, stdout = preempt(command(shards, out, world, loader), tmp_path, {**ENV, "EXIT_CODE_DIR": str(codes)},
+    _, stdout = preempt(command(shards, out, world, loader, augment), tmp_path, {**ENV, "EXIT_CODE_DIR": str(codes)},
                         after_step=1)
     # Every rank exits 75 (requeue) after the collective save; torchrun itself reports the signal.
     assert [(codes / f"rank{r}").read_text().strip() for r in range(world)] == ["75"] * world, stdout[-3000:]
@@ -86,10 +87,10 @@ def stopped(shards, tmp_path, world, loader):
     return out
 
 
-def resume_on(src, tmp_path, shards, world, loader):
+def resume_on(src, tmp_path, shards, world, loader, augment=()):
     out = tmp_path / f"{src.name}-to{world}"
     shutil.copytree(src, out)
-    p = run_cli(command(shards, out, world, loader), cwd=tmp_path, env={**ENV, "EXIT_CODE_DIR": str(tmp_path / "c")})
+    p = run_cli(command(shards, out, world, loader, augment), cwd=tmp_path, env={**ENV, "EXIT_CODE_DIR": str(tmp_path / "c")})
     assert f"resumed on {world} ranks" in p.stdout, p.stdout[-3000:]
     return out
 
@@ -113,3 +114,13 @@ def test_two_ranks_stopped_mid_epoch_resume_on_one_and_on_three(shards, tmp_path
 
 def test_one_rank_stopped_mid_epoch_resumes_on_two(shards, tmp_path, reference, loader):
     check(resume_on(stopped(shards, tmp_path, 1, loader), tmp_path, shards, 2, loader), shards, reference)
+
+
+def test_standard_augmentation_resumes_on_another_world_size(shards, tmp_path, loader):
+    """`--augment standard` (affine, gamma, brightness, contrast, noise): stopped on 2 ranks,
+    resumed on 1, every loss equals the uninterrupted 1-rank run's."""
+    aug = ["--augment", "standard"]
+    ref = tmp_path / "ref"
+    run_cli(command(shards, ref, 1, loader, aug), cwd=tmp_path, env={**ENV, "EXIT_CODE_DIR": str(tmp_path / "rc")})
+    src = stopped(shards, tmp_path, 2, loader, aug)
+    check(resume_on(src, tmp_path, shards, 1, loader, aug), shards, chunk_losses(steps(ref)))

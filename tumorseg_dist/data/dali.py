@@ -19,11 +19,16 @@ Sample selection and epochs (see docs/loader.md):
   padding `valid=False`. Validity comes from the reader's per-shard sizes (sample ordinal <
   shard size) and is cross-checked against the sample keys DALI reports (`source_info`), so
   each val/test sample is counted exactly once.
-* The pipeline is rebuilt at the start of every epoch with seeds derived only from
-  (seed, epoch, rank), so epoch e's samples and augmentations are the same whether or not the
-  run was stopped and resumed before it on the same world size. The augmentation draws are the
-  rank's pipeline stream: on another world size a position holds the same sample, not the same
-  random parameters (the torch loader seeds them by position).
+* Augmentation draws by GLOBAL POSITION too: every per-sample random parameter (flip coins,
+  rotation, zoom, shift, gamma, brightness, contrast, the noise's std and its field) is drawn
+  on the host by `draws.sample_draws`, seeded by (seed, epoch, position), the function the
+  torch loader uses, and `PlanSource` emits them as extra external_source outputs (`DRAWS`)
+  that the graph applies; nothing in the graph is random (no fn.random.*). So a position holds
+  the same sample AND the same augmentation on any world size, and `--loader dali` and
+  `--loader torch` get identical draws for the same (seed, epoch, position). The DALI
+  conditionals still gate gamma and noise, now on host-drawn coins.
+* The pipeline is rebuilt at the start of every epoch (its own seed, from (seed, epoch, rank),
+  now drives nothing random).
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import torch
 from ..dist import DistInfo
 from .augment import AugmentParams
 from .batch import LUMA, Batch, LoaderSpec
+from .draws import position_seed, sample_draws
 from .order import epoch_length, training_plan
 from .shards import label_classes, read_index
 from .shards import IMAGE_EXT, ShardError, read_manifest, shard_paths, split_shards
@@ -163,54 +169,56 @@ def inspect_split(shard_dir: Path, split: str) -> SplitLayout:
 
 # ---------------------------------------------------------------- the pipeline definition
 
-def _uniform(lo: float, hi: float):
-    from nvidia.dali import fn
-    return fn.random.uniform(range=[lo, hi])
+# Per-sample draws as `PlanSource` emits them, after the three encoded members: (name, DALI
+# dtype name, ndim). Scalars unless said; `field` is the noise field (H×W×C, 0×0×C when off).
+DRAWS = (("flip_h", "INT32", 0), ("flip_v", "INT32", 0), ("angle", "FLOAT", 0), ("zoom", "FLOAT", 0),
+         ("shift", "FLOAT", 1), ("gamma", "FLOAT", 0), ("gamma_on", "BOOL", 0),
+         ("brightness", "FLOAT", 0), ("contrast", "FLOAT", 0), ("noise", "FLOAT", 0),
+         ("noise_on", "BOOL", 0), ("field", "FLOAT", 3))
 
 
-def _gate(prob: float):
-    """Per-sample 0/1 (float) that is 1 with probability `prob`."""
-    from nvidia.dali import fn, types
-    return fn.cast(fn.random.coin_flip(probability=prob), dtype=types.FLOAT)
+def used_draws(p: AugmentParams) -> tuple[str, ...]:
+    """The `DRAWS` names the graph applies for `p` (only those are emitted)."""
+    if not p.enabled:
+        return ()
+    on = {"flip_h": p.flip_p > 0, "flip_v": p.flip_p > 0, "angle": has_affine(p), "zoom": has_affine(p),
+          "shift": has_affine(p), "gamma": p.gamma_p > 0 and p.gamma > 0,
+          "brightness": p.brightness_p > 0 and p.brightness > 0, "contrast": p.contrast_p > 0 and p.contrast > 0,
+          "noise": p.noise_p > 0 and p.noise > 0}
+    on.update(gamma_on=on["gamma"], noise_on=on["noise"], field=on["noise"])
+    return tuple(name for name, _, _ in DRAWS if on[name])
 
 
-def _coin(prob: float):
-    """Per-sample boolean predicate for a DALI conditional (only the chosen samples do the work)."""
-    from nvidia.dali import fn, types
-    return fn.cast(fn.random.coin_flip(probability=prob), dtype=types.BOOL)
+def draw_outputs(d: dict, size: int, channels: int) -> dict[str, np.ndarray]:
+    """One sample's `draws.sample_draws` as the arrays of `DRAWS`. The DALI angle is the drawn
+    one negated: DALI rotates clockwise on screen, OpenCV counter-clockwise."""
+    angle, zoom, tx, ty = d["affine"] or (0.0, 1.0, 0.0, 0.0)
+    f32, on = np.float32, d["field"] is not None
+    return {"flip_h": np.int32(d["hflip"]), "flip_v": np.int32(d["vflip"]), "angle": f32(-angle),
+            "zoom": f32(zoom), "shift": np.array([tx * size, ty * size], f32),
+            "gamma": f32(1.0 if d["gamma"] is None else d["gamma"]), "gamma_on": np.bool_(d["gamma"] is not None),
+            "brightness": f32(d["brightness"]), "contrast": f32(d["contrast"]), "noise": f32(d["noise"]),
+            "noise_on": np.bool_(on), "field": d["field"] if on else np.zeros((0, 0, channels), f32)}
 
 
-def _flip_coins(p: AugmentParams, params: dict):
-    """Per-sample horizontal and vertical flip coins (recorded in `params` for the tests)."""
-    from nvidia.dali import fn
-    h, v = fn.random.coin_flip(probability=p.flip_p), fn.random.coin_flip(probability=p.flip_p)
-    params.update(flip_h=h, flip_v=v)
-    return h, v
-
-
-def geometry_matrix(p: AugmentParams, size: int, params: dict):
+def geometry_matrix(p: AugmentParams, size: int, draws: dict, params: dict):
     """Per-sample 2×3 forward (source -> destination) matrix in DALI's pixel-centre coordinates:
-    the flips (mirror about the centre), then scale and rotate about the centre, then translate.
-    One matrix, so image and mask are resampled once for all of them."""
+    the flips (mirror about the centre), then scale and rotate about the centre, then translate,
+    from the host's draws. One matrix, so image and mask are resampled once for all of them; it
+    is `torch_loader._geometry_matrix` moved to half-pixel centres."""
     from nvidia.dali import fn
     from nvidia.dali import types
     c = [size / 2.0, size / 2.0]
     steps = []
     if p.flip_p:
-        h, v = _flip_coins(p, params)
-        fx = 1.0 - 2.0 * fn.cast(h, dtype=types.FLOAT)
-        fy = 1.0 - 2.0 * fn.cast(v, dtype=types.FLOAT)
+        params.update(flip_h=draws["flip_h"], flip_v=draws["flip_v"])
+        fx = 1.0 - 2.0 * fn.cast(draws["flip_h"], dtype=types.FLOAT)
+        fy = 1.0 - 2.0 * fn.cast(draws["flip_v"], dtype=types.FLOAT)
         steps.append((fn.transforms.scale, dict(scale=fn.stack(fx, fy), center=c)))
-    if p.affine_p and (p.rotate_deg or p.scale or p.translate):
-        on = _gate(p.affine_p)
-        if p.scale:
-            z = 1.0 + on * _uniform(-p.scale, p.scale)
-            steps.append((fn.transforms.scale, dict(scale=fn.stack(z, z), center=c)))
-        if p.rotate_deg:
-            steps.append((fn.transforms.rotation, dict(angle=on * _uniform(-p.rotate_deg, p.rotate_deg), center=c)))
-        if p.translate:
-            shift = fn.random.uniform(range=[-p.translate * size, p.translate * size], shape=[2])
-            steps.append((fn.transforms.translation, dict(offset=on * shift)))
+    z = draws["zoom"]
+    steps.append((fn.transforms.scale, dict(scale=fn.stack(z, z), center=c)))
+    steps.append((fn.transforms.rotation, dict(angle=draws["angle"], center=c)))
+    steps.append((fn.transforms.translation, dict(offset=draws["shift"])))
     m = None
     for op, kw in steps:   # each transform is applied after the previous one
         m = op(**kw) if m is None else op(m, **kw)
@@ -222,11 +230,12 @@ def has_affine(p: AugmentParams) -> bool:
     return bool(p.affine_p and (p.rotate_deg or p.scale or p.translate))
 
 
-def flips(image, mask, p: AugmentParams, params: dict):
+def flips(image, mask, draws: dict, params: dict):
     """Flips alone (no affine, e.g. the `light` preset): `fn.flip` moves pixels without
     resampling, far cheaper than a warp. Same coins and meaning as in `geometry_matrix`."""
     from nvidia.dali import fn
-    h, v = _flip_coins(p, params)
+    h, v = draws["flip_h"], draws["flip_v"]
+    params.update(flip_h=h, flip_v=v)
     return fn.flip(image, horizontal=h, vertical=v), fn.flip(mask, horizontal=h, vertical=v)
 
 
@@ -241,11 +250,12 @@ def resize(image, mask, size: int, to_float: bool = True):
     return image, mask
 
 
-def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, resized: bool = True,
-            unit: float = 1.0):
-    """One random parameter set per sample (see augment.py for the order and formulas).
-    Returns (image, mask, intensity) where `intensity` is None or the per-sample (scale, offset)
-    of brightness and contrast, x -> x*scale + offset, for `normalise` to fold into its one pass.
+def augment(image, mask, p: AugmentParams, size: int, gpu: bool, draws: dict, params: dict,
+            resized: bool = True, unit: float = 1.0):
+    """Apply one sample's host draws (`draws`: the `DRAWS` nodes of `PlanSource`; see
+    augment.py for the order and formulas). Returns (image, mask, intensity) where `intensity`
+    is None or the per-sample (scale, offset) of brightness and contrast, x -> x*scale + offset,
+    for `normalise` to fold into its one pass.
 
     Geometry: one `warp_affine` for image (linear) and mask (nearest) with the same matrix, or
     with flips alone (no affine) `fn.flip`, which needs no resampling. With `resized=False` the
@@ -253,20 +263,21 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, r
     folded into that matrix (one bilinear resample instead of two; no antialiasing is needed
     when not shrinking), larger ones are first resized with antialiasing.
     Gamma and noise run only on the samples whose coin came up (DALI conditionals); the noise is
-    drawn in the units of the final image, so it is divided by the scale that follows it.
-    Intensities are in `unit`s (255 for a uint8 decode, else 1): the warp turns uint8 into float
-    without rescaling, and every intensity constant is scaled instead. `params` receives the
-    per-sample parameters (tests check them against OpenCV and numpy)."""
+    the host's field (`draws.noise_field`) times its std, in the units of the final image, so it
+    is divided by the scale that follows it. Intensities are in `unit`s (255 for a uint8 decode,
+    else 1): the warp turns uint8 into float without rescaling, and every intensity constant is
+    scaled instead. `params` receives the per-sample parameters (tests check them against
+    OpenCV, numpy and the torch loader)."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
 
-    def dev(node):   # per-sample scalars join GPU arithmetic on the GPU
+    def dev(node):   # per-sample host values join GPU arithmetic on the GPU
         return node.gpu() if gpu else node
 
     if not has_affine(p) and p.flip_p:
-        image, mask = flips(image, mask, p, params)   # inputs already resized (no fold)
+        image, mask = flips(image, mask, draws, params)   # inputs already resized (no fold)
     elif has_affine(p):
-        m = geometry_matrix(p, size, params)
+        m = geometry_matrix(p, size, draws, params)
         if not resized:
             hw = image.shape(dtype=types.FLOAT)
             if (hw[0] > size) | (hw[1] > size):   # shrinking needs the antialiased resize
@@ -279,17 +290,17 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, r
         mask = fn.warp_affine(mask, matrix=m, size=[size, size], fill_value=0, inverse_map=False,
                               interp_type=types.INTERP_NN)
     if p.gamma_p and p.gamma:
-        g, on = _uniform(1.0 - p.gamma, 1.0 + p.gamma), _coin(p.gamma_p)
-        params.update(gamma=fn.cast(on, dtype=types.FLOAT) * (g - 1.0) + 1.0)
-        if on:
+        g = draws["gamma"]
+        params.update(gamma=g)
+        if draws["gamma_on"]:
             image = dmath.pow(dmath.clamp(image * (1.0 / unit), 0.0, 1.0), dev(g)) * unit
     intensity = None
     bright = p.brightness_p and p.brightness
     contrast = p.contrast_p and p.contrast
     if bright or contrast:
         # x*b, then (y - mean(y))*c + mean(y) with y = x*b: x*(b*c) + b*mean(x)*(1 - c).
-        b = 1.0 + _gate(p.brightness_p) * _uniform(-p.brightness, p.brightness) if bright else 1.0
-        c = 1.0 + _gate(p.contrast_p) * _uniform(-p.contrast, p.contrast) if contrast else 1.0
+        b = draws["brightness"] if bright else 1.0
+        c = draws["contrast"] if contrast else 1.0
         params.update({k: v for k, v in (("brightness", b), ("contrast", c)) if not isinstance(v, float)})
         scale = b * c
         if contrast:
@@ -300,11 +311,11 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, params: dict, r
         intensity = (scale, offset)
         params.update(intensity_scale=intensity[0], intensity_offset=intensity[1])
     if p.noise_p and p.noise:
-        sigma = _uniform(0.0, p.noise * unit)
+        sigma = draws["noise"] * unit
         if intensity is not None:
             sigma = sigma / intensity[0]
-        if _coin(p.noise_p):
-            image = fn.noise.gaussian(image, stddev=sigma)
+        if draws["noise_on"]:
+            image = image + dev(draws["field"]) * dev(sigma)
     return image, mask, intensity
 
 
@@ -336,19 +347,23 @@ def _to_channels(image, have: int, want: int):
 
 
 def read_encoded(layout: SplitLayout, source, shard_id: int, num_shards: int):
-    """(encoded image, encoded mask, source_info) per sample: from `source` (a `PlanSource`:
-    training, samples by global position) or, without one, DALI's reader over this rank's
-    contiguous shard in file order (evaluation)."""
+    """(encoded image, encoded mask, source_info, draws) per sample: from `source` (a
+    `PlanSource`: training, samples by global position, with their augmentation draws as a
+    {name: node} dict of `DRAWS`) or, without one, DALI's reader over this rank's contiguous
+    shard in file order (evaluation; draws None)."""
     from nvidia.dali import fn, types
     if source is not None:
-        return fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
-                                  dtype=types.UINT8, ndim=1)
+        kinds = [(name, t, n) for name, t, n in DRAWS if name in source.names]
+        outs = fn.external_source(source=source, num_outputs=3 + len(kinds), batch=True, batch_info=True,
+                                  dtype=[types.UINT8] * 3 + [getattr(types, t) for _, t, _ in kinds],
+                                  ndim=[1] * 3 + [n for _, _, n in kinds])
+        return (*outs[:3], {name: node for (name, _, _), node in zip(kinds, outs[3:])})
     encoded, encoded_mask = fn.readers.webdataset(
         paths=[str(p) for p in layout.tars], index_paths=[str(p) for p in layout.indexes],
         ext=[layout.image_ext, "mask.png"], missing_component_behavior="error",
         shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
         random_shuffle=False, name="reader")
-    return encoded, encoded_mask, fn.get_property(encoded, key="source_info")
+    return encoded, encoded_mask, fn.get_property(encoded, key="source_info"), None
 
 
 class SplitMembers:
@@ -373,15 +388,34 @@ class SplitMembers:
 class PlanSource:
     """`fn.external_source` callback: batch `iteration` of this rank's training plan as the
     samples' encoded image and mask members and a DALI-style source_info ('TAR:OFFSET:KEY.EXT'),
-    read by offset from the memory-mapped tars."""
+    read by offset from the memory-mapped tars, then each sample's augmentation draws (`DRAWS`),
+    drawn on the host from its global position (`draws.py`: the torch loader's draws)."""
 
-    def __init__(self, members: SplitMembers, plan: list[list[int]]):
-        self.members, self.plan = members, plan
+    def __init__(self, members: SplitMembers, plan: list[list[tuple[int, int]]], aug: AugmentParams,
+                 seed: int, epoch: int, size: int, channels: int):
+        self.members, self.plan, self.aug = members, plan, aug
+        self.seed, self.epoch, self.size, self.channels = seed, epoch, size, channels
+        self.names = used_draws(aug)   # the outputs after the three members, in `DRAWS` order
+
+    def draws(self, position: int) -> dict:
+        return sample_draws(self.aug, position_seed(self.seed, self.epoch, position), self.size, self.channels)
 
     def __call__(self, info):
         if info.iteration >= len(self.plan):
             raise StopIteration
-        return tuple(map(list, zip(*(self.members.sample(i) for i in self.plan[info.iteration]))))
+        rows = []
+        for pos, i in self.plan[info.iteration]:
+            d = draw_outputs(self.draws(pos), self.size, self.channels) if self.names else {}
+            rows.append((*self.members.sample(i), *(d[k] for k in self.names)))
+        return tuple(map(list, zip(*rows)))
+
+
+def work_channels(layout: SplitLayout, in_channels: int) -> int:
+    """The channels the pipeline resizes and augments in: the source's (alpha dropped), or one
+    when the model takes one or the split is grey."""
+    if layout.raw is not None:
+        return 1 if in_channels == 1 else min(layout.raw.channels, 3)
+    return 1 if in_channels == 1 or layout.grey else 3
 
 
 def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: bool,
@@ -394,8 +428,9 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
     `with_params`. The layout the model wants (NCHW or NHWC) is made by that same copy.
     The samples come from `read_encoded` (`source`: training's plan; None: the reader)."""
     from nvidia.dali import fn, types
-    encoded, encoded_mask, info = read_encoded(layout, source, shard_id, num_shards)
+    encoded, encoded_mask, info, draws = read_encoded(layout, source, shard_id, num_shards)
     decode_on = "mixed" if gpu else "cpu"
+    have = work_channels(layout, in_channels)
     # Work in the source's channels (grey stays one channel through resize and augmentation,
     # 3× less work) and expand to the model's channels only before normalising.
     if layout.raw is not None:
@@ -405,18 +440,16 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
         if layout.raw.ndim == 2:
             image = fn.expand_dims(image, axes=[2])
         image = fn.reshape(fn.cast(image, dtype=types.FLOAT) * (1.0 / layout.raw.scale), layout="HWC")
-        have = layout.raw.channels
-        if have == 4:                      # alpha dropped
-            image, have = fn.slice(image, start=[0], shape=[3], axes=[2]), 3
-        if in_channels == 1 and have == 3:
-            image, have = _to_channels(image, 3, 1), 1
+        if layout.raw.channels == 4:       # alpha dropped
+            image = fn.slice(image, start=[0], shape=[3], axes=[2])
+        if in_channels == 1 and layout.raw.channels != 1:
+            image = _to_channels(image, 3, 1)
         unit = 1.0
     else:
         # GRAY: colour -> BT.601 luma (alpha dropped); RGB: grey replicated, alpha dropped.
         # 8-bit splits decode as uint8 (a quarter of the bytes through decode and warp) and become
         # float in the resize or warp, in units of 255 (`unit`, folded into every intensity
         # constant). Otherwise FLOAT: [0, 1], 16-bit scaled by 65535, like shards.decode_image.
-        have = 1 if in_channels == 1 or layout.grey else 3
         unit = 255.0 if layout.eight_bit else 1.0
         image = fn.decoders.image(encoded, device=decode_on, dtype=types.UINT8 if layout.eight_bit else types.FLOAT,
                                   output_type=types.GRAY if have == 1 else types.RGB)
@@ -430,7 +463,7 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
     params: dict = {}
     intensity = None
     if training and aug.enabled:
-        image, mask, intensity = augment(image, mask, aug, size, gpu, params, resized=not fold, unit=unit)
+        image, mask, intensity = augment(image, mask, aug, size, gpu, draws, params, resized=not fold, unit=unit)
     if have == 1 and in_channels > 1 and len(set(mean)) == 1 and len(set(std)) == 1:
         # Normalise the one channel and leave the repeat to the loader's copy into torch: the
         # same values, without a pass that writes in_channels× the data only to be copied again.
@@ -523,11 +556,12 @@ class DaliLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def plan(self, epoch: int) -> list[list[int]]:
-        """Training: this rank's sample indices (into `layout.keys`) per batch of `epoch`."""
+    def plan(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """Training: this rank's (global position, sample index into `layout.keys`) per batch of
+        `epoch`."""
         s, d = self.spec, self.dist
-        return [[i for _, i in batch] for batch in training_plan(
-            len(self.layout.keys), s.seed, epoch, s.batch_size * d.world_size, s.grad_accum, d.rank, d.world_size)]
+        return training_plan(len(self.layout.keys), s.seed, epoch, s.batch_size * d.world_size, s.grad_accum,
+                             d.rank, d.world_size)
 
     def build_pipeline(self, epoch: int, with_params: bool = False):
         """A fresh pipeline for one epoch; its seeds depend only on (seed, epoch, rank). Returns
@@ -537,7 +571,8 @@ class DaliLoader:
         lo, hi = (0, len(self.layout.keys)) if s.training else self.layout.shard_range(sid, self.dist.world_size)
         if s.training and self._members is None:
             self._members = SplitMembers(self.layout)
-        source = PlanSource(self._members, self.plan(epoch)) if s.training else None
+        source = PlanSource(self._members, self.plan(epoch), s.augment, s.seed, epoch, s.size,
+                            work_channels(self.layout, s.in_channels)) if s.training else None
         dev_id = None
         if self.gpu:
             dev_id = self.dist.device.index if self.dist.device.index is not None else torch.cuda.current_device()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..dist import DistInfo
 from .augment import AugmentParams
 from .batch import Batch, LoaderSpec, source_channels, to_channels
+from .draws import draws, noise_field, position_seed
 from .order import epoch_length, training_plan
 from .shards import label_classes
 from .shards import IndexedShards, ShardError, WorkerFailure, read_manifest, read_sample, shard_paths
@@ -43,22 +44,6 @@ def batches_for(indices: list[int], batch_size: int) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------- the torch loader
-
-def _draws(p: AugmentParams, rng: np.random.Generator) -> dict:
-    """One sample's random parameters, drawn in the documented order (docs/loader.md)."""
-    def coin(prob: float) -> bool:
-        return prob > 0 and rng.random() < prob
-
-    d = {"hflip": coin(p.flip_p), "vflip": coin(p.flip_p), "affine": None}
-    if (p.rotate_deg or p.scale or p.translate) and coin(p.affine_p):
-        d["affine"] = (rng.uniform(-p.rotate_deg, p.rotate_deg), rng.uniform(1 - p.scale, 1 + p.scale),
-                       rng.uniform(-p.translate, p.translate), rng.uniform(-p.translate, p.translate))
-    d["gamma"] = rng.uniform(1 - p.gamma, 1 + p.gamma) if p.gamma and coin(p.gamma_p) else None
-    d["brightness"] = rng.uniform(1 - p.brightness, 1 + p.brightness) if p.brightness and coin(p.brightness_p) else 1.0
-    d["contrast"] = rng.uniform(1 - p.contrast, 1 + p.contrast) if p.contrast and coin(p.contrast_p) else 1.0
-    d["noise"] = rng.uniform(0, p.noise) if p.noise and coin(p.noise_p) else 0.0
-    return d
-
 
 def _geometry_matrix(src_hw: tuple[int, int], size: int, d: dict) -> np.ndarray:
     """The 2×3 OpenCV matrix (source pixel -> output pixel) of resize, flips, then the affine
@@ -105,8 +90,9 @@ def _augment(img: np.ndarray, mask: np.ndarray, size: int, p: AugmentParams, rng
     output) are one `warpAffine` (image bilinear, mask nearest, outside = 0); without it, flips
     move pixels and resample nothing. Returns the image in [0, 1] units and the per-sample
     (scale, offset) of brightness and contrast, which the caller folds into the normalisation
-    as DALI does; gamma and noise are applied here. The random draws differ from DALI's."""
-    d = _draws(p, rng)
+    as DALI does; gamma and noise are applied here. The draws (`draws.py`, from `rng`) are the
+    ones DALI's `PlanSource` makes for the same seed."""
+    d = draws(p, rng)
     if d["affine"] is None:
         img, mask = _resize(img, mask, size)
         axes = [a for a, on in ((1, d["hflip"]), (0, d["vflip"])) if on]
@@ -127,7 +113,8 @@ def _augment(img: np.ndarray, mask: np.ndarray, size: int, p: AugmentParams, rng
     scale, offset = b * c, (b * float(img.mean()) * (1 - c) if c != 1.0 else 0.0)
     if d["noise"]:
         # Drawn in output units after the map: (x*scale + offset) + n = (x + n/scale)*scale + offset.
-        img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(d["noise"] / scale)
+        field = noise_field(rng, size, 1 if img.ndim == 2 else img.shape[2]).reshape(img.shape)
+        img = img + field * np.float32(d["noise"] / scale)
     return img, mask, scale, offset
 
 
@@ -222,7 +209,7 @@ class TorchLoader:
                              d.rank, d.world_size)
         # The augmentation seed follows the global position: the same draws for a sample
         # whatever the world size, worker count or rank that reads it.
-        return [[(i, hash((s.seed, self.epoch, pos)) & 0x7FFFFFFF) for pos, i in batch] for batch in plan]
+        return [[(i, position_seed(s.seed, self.epoch, pos)) for pos, i in batch] for batch in plan]
 
     def __len__(self) -> int:
         if self.spec.training:
