@@ -5,12 +5,14 @@ Every rank gets the same number of batches per epoch (`len(loader)`); in evaluat
 samples that make the ranks even are marked `valid=False` so each real sample counts once.
 
 `Batch.pad` (issue 15, `--geometry letterbox|crop`): which output pixels come from the source
-image. None when every pixel of every sample is real (squash, and any batch without padding):
-consumers then treat every pixel as real, exactly as before. Otherwise a float32 tensor
-[B, 1, H, W] of {0.0, 1.0} on the batch's device, in the batch's memory format (the same shape,
-dtype and layout as `mask`): 1 = a real (source) pixel, 0 = padding added by the geometry (the
-letterbox border, a crop or affine shift past the image edge). Padding pixels are excluded from
-the loss and from the metrics; the image there holds the normalised value of 0, and the mask 0.
+image. None with `--geometry squash` (every pixel counts, exactly as before; the affine's
+corners stay background there, as before): consumers then treat every pixel as real.
+Otherwise (letterbox, crop; training and evaluation batches alike, even when a batch happens to
+have no padding) a float32 tensor [B, 1, H, W] of {0.0, 1.0} on the batch's device, in the
+batch's memory format (the same shape, dtype and layout as `mask`): 1 = a real (source) pixel,
+0 = padding added by the geometry (the letterbox border, a crop window or an affine move past
+the image edge). Padding pixels are excluded from the loss and from the metrics; the image
+there holds the normalised value of 0, and the mask 0.
 """
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ class LoaderSpec:
     memory_format: torch.memory_format  # Precision.memory_format: the batches' layout
     image_dtype: torch.dtype = torch.float32   # what AMP computes in: bf16/fp16 halve the copy
     grad_accum: int = 1      # training epochs are whole optimizer steps (order.py)
+    geometry: str = "squash"   # data/geometry.py: squash | letterbox | crop
+    crop_scale: str = "resize"   # crop: resize (short side to size) | native
+    crop_foreground: float = 0.33   # crop: fraction of training crops centred on a lesion pixel
 
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L") and DALI's GRAY output
