@@ -266,20 +266,21 @@ def test_under_cpu_autocast_returns_fp32():
     torch.testing.assert_close(grads[0], grads[1], rtol=2 ** -6, atol=1e-6)
 
 
-@pytest.mark.parametrize("xdt,tdt", [("bf16", "u8"), ("fp32", "fp32")])
-def test_gpu_flavour_compiles_for_sm90_without_a_gpu(xdt, tdt):
-    """The compiled (non-interpreter) kernels lower all the way to an sm_90 cubin on this CPU box."""
+@pytest.mark.parametrize("xdt,tdt,has_pad", [("bf16", "u8", True), ("fp32", "fp32", False)])
+def test_gpu_flavour_compiles_for_sm90_without_a_gpu(xdt, tdt, has_pad):
+    """The compiled (non-interpreter) kernels lower all the way to an sm_90 cubin on this CPU box
+    (with and without the pad mask)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fwd, bwd = kmod._kernels(interpret=False)
-    common = {"x_ptr": "*" + xdt, "t_ptr": "*" + tdt, "M": "i32", "pos_weight": "fp32",
-              "BLOCK": "constexpr"}
+    common = {"x_ptr": "*" + xdt, "t_ptr": "*" + tdt, "v_ptr": "*fp32", "M": "i32",
+              "pos_weight": "fp32", "HAS_PAD": "constexpr", "BLOCK": "constexpr"}
     sources = [
         ASTSource(fn=fwd, signature={**common, "part_ptr": "*fp32", "P": "i32"},
-                  constexprs={"BLOCK": kmod.FWD_BLOCK}),
+                  constexprs={"BLOCK": kmod.FWD_BLOCK, "HAS_PAD": has_pad}),
         ASTSource(fn=bwd, signature={**common, "coef_ptr": "*fp32", "g_ptr": "*" + xdt},
-                  constexprs={"BLOCK": kmod.BWD_BLOCK}),
+                  constexprs={"BLOCK": kmod.BWD_BLOCK, "HAS_PAD": has_pad}),
     ]
     for src in sources:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -80,7 +80,11 @@ def gather_keys(batch: Batch, dist: DistInfo) -> list[str]:
 
 
 def train_step(engine, batch: Batch) -> torch.Tensor:
-    return engine.train_step(batch.image, batch.mask)
+    # The pad mask (geometry padding, Batch.pad) reaches the loss only when there is one: an
+    # unpadded batch runs the engine's step exactly as before.
+    if batch.pad is None:
+        return engine.train_step(batch.image, batch.mask)
+    return engine.train_step(batch.image, batch.mask, pad=batch.pad)
 
 
 class _FigurePicker:
@@ -126,6 +130,7 @@ def evaluate(engine, loader: Loader, loss_fn: DiceBCELoss | None, threshold: flo
              classes: list[str] | None = None, ignore_index: int | None = None):
     """Dataset-level metrics over every real sample of the split, counted once across ranks.
 
+    Pixels a batch's pad mask marks as padding count in neither the loss nor the metrics.
     "loss" is `loss_fn` over the whole split as one batch (its parts are summed over batches
     and ranks before the ratio, see docs/loss.md), so it does not depend on the world size or
     the batch size; NaN without a loss_fn. With keep > 0, also returns an OverlayBatch of up to
@@ -143,12 +148,14 @@ def evaluate(engine, loader: Loader, loss_fn: DiceBCELoss | None, threshold: flo
     it = loader if log is None else log.progress(loader, len(loader), desc, unit="batch")
     for batch in it:
         logits = engine.eval_logits(batch.image)
-        v = batch.valid
-        parts = None if loss_fn is None else loss_fn.parts(logits[v], batch.mask[v])
+        v, pad = batch.valid, batch.pad      # pad: geometry padding counts in no loss or metric
+        parts = None if loss_fn is None else (
+            loss_fn.parts(logits[v], batch.mask[v]) if pad is None
+            else loss_fn.parts(logits[v], batch.mask[v], pad[v]))
         if classes is None:
-            acc.update(logits, batch.mask, v, threshold, parts)
+            acc.update(logits, batch.mask, v, threshold, parts, pad=pad)
         else:
-            acc.update(logits, batch.mask, v, parts)
+            acc.update(logits, batch.mask, v, parts, pad=pad)
         if picker is not None:
             picker.add(batch.image[v], batch.mask[v], logits[v])
     counts, parts = acc.reduce()

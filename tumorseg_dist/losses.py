@@ -12,6 +12,12 @@ dice_reduction:
 `DiceBCELoss` is the same loss as an object: called on a batch it is `dice_bce_loss` (training);
 its `parts`/`from_parts` give the loss of a whole split as if it were one batch, summed over any
 number of batches and ranks (the validation loss, exact whatever the world size).
+
+pad (issue 15, `Batch.pad`): an optional {0, 1} valid-pixel mask shaped like the binary target
+(N×1×H×W; 1 = real pixel). Padded pixels count in no term: BCE is the mean over the real pixels
+only, and the Dice sums Σp·t, Σp, Σt run over real pixels only (p and t multiplied by the mask,
+as MONAI's MaskedDiceLoss does). A letterboxed image thus has the loss of its unpadded original.
+pad=None is today's arithmetic, unchanged (not a mask of ones: the same operations).
 """
 from __future__ import annotations
 
@@ -26,11 +32,43 @@ BATCH_SMOOTH, BATCH_EPS = 0.0, 1e-7
 IMAGE_SMOOTH = 1e-5
 
 
-def dice_sums(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-image Σp·t, Σp, Σt in fp32 (p = sigmoid(logits))."""
+def pad_mask(pad: torch.Tensor, like: torch.Tensor, what: str = "logits") -> torch.Tensor:
+    """The valid-pixel mask as fp32 N×M (M = pixels per image, flattened as `like` is), checked
+    against `like`: binary logits N×1×spatial, or K-class labels N×spatial (one per pixel)."""
+    if pad.shape[0] != like.shape[0] or pad.numel() != like.numel():
+        raise ValueError(f"pad mask shape {tuple(pad.shape)} does not fit {what} shape "
+                         f"{tuple(like.shape)}: it must be N×1×H×W, 1 = real pixel")
+    if pad.device != like.device:
+        raise ValueError(f"pad mask is on {pad.device} but {what} are on {like.device}")
+    return pad.float().reshape(pad.shape[0], -1)
+
+
+def dice_sums(logits: torch.Tensor, target: torch.Tensor,
+              pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image Σp·t, Σp, Σt in fp32 (p = sigmoid(logits)), over the real pixels with a pad."""
     p = torch.sigmoid(logits.float()).flatten(1)
     t = target.float().flatten(1)
+    if pad is not None:
+        v = pad_mask(pad, logits)
+        p, t = p * v, t * v
     return (p * t).sum(1), p.sum(1), t.sum(1)
+
+
+def masked_bce_sums(x: torch.Tensor, t: torch.Tensor, pad: torch.Tensor | None,
+                    pos_weight: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image fp32 Σ bce over the real pixels, and the number of real pixels (N each)."""
+    pw = None if pos_weight is None else x.new_tensor(pos_weight)
+    x, t = x.float().flatten(1), t.float().flatten(1)
+    bce = F.binary_cross_entropy_with_logits(x, t, pos_weight=pw, reduction="none")
+    if pad is None:
+        return bce.sum(1), x.new_full((x.shape[0],), float(x.shape[1]))
+    v = pad_mask(pad, x)
+    return (bce * v).sum(1), v.sum(1)
+
+
+def masked_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """total / count; 0 when no pixel is real (an all-padding batch has nothing to learn)."""
+    return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), total.new_zeros(()))
 
 
 def image_dice_losses(inter: torch.Tensor, psum: torch.Tensor, tsum: torch.Tensor) -> torch.Tensor:
@@ -51,30 +89,39 @@ def dice_from_sums(inter: torch.Tensor, psum: torch.Tensor, tsum: torch.Tensor,
 
 def reference_dice_bce(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: float = 1.0,
                        dice_weight: float = 1.0, dice_reduction: str = "batch",
-                       pos_weight: float | None = None) -> torch.Tensor:
-    """The spec: fp32 BCE-with-logits mean + soft Dice loss."""
+                       pos_weight: float | None = None, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """The spec: fp32 BCE-with-logits mean + soft Dice loss (over the real pixels with a pad)."""
     x, t = logits.float(), target.float()
     loss = x.new_zeros(())
     if bce_weight:
-        pw = None if pos_weight is None else x.new_tensor(pos_weight)
-        loss = loss + bce_weight * F.binary_cross_entropy_with_logits(x, t, pos_weight=pw)
+        if pad is None:
+            pw = None if pos_weight is None else x.new_tensor(pos_weight)
+            bce = F.binary_cross_entropy_with_logits(x, t, pos_weight=pw)
+        else:
+            bce = masked_mean(*(v.sum() for v in masked_bce_sums(x, t, pad, pos_weight)))
+        loss = loss + bce_weight * bce
     if dice_weight:
-        loss = loss + dice_weight * dice_from_sums(*dice_sums(x, t), dice_reduction)
+        loss = loss + dice_weight * dice_from_sums(*dice_sums(x, t, pad), dice_reduction)
     return loss
 
 
 def fused_dice_bce(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: float = 1.0,
                    dice_weight: float = 1.0, dice_reduction: str = "batch",
-                   pos_weight: float | None = None) -> torch.Tensor:
+                   pos_weight: float | None = None, pad: torch.Tensor | None = None) -> torch.Tensor:
     """Same value and gradient as `reference_dice_bce`, from the fused Triton kernel's per-image
     sums (kernels/dice_bce.py stops at the sums, so it never imports this module)."""
     from .kernels.dice_bce import fused_sums  # imports Triton: only when the kernel is used
     if dice_reduction not in ("batch", "image"):
         raise ValueError(f"dice_reduction must be 'batch' or 'image', got {dice_reduction!r}")
-    inter, psum, tsum, bce = fused_sums(logits, target, pos_weight)
+    if pad is not None:
+        pad_mask(pad, logits)                               # shape and device: a clear error
+    inter, psum, tsum, bce = fused_sums(logits, target, pos_weight, pad)
     loss = inter.new_zeros(())
     if bce_weight:
-        loss = loss + bce_weight * (bce.sum() / logits.numel())
+        if pad is None:
+            loss = loss + bce_weight * (bce.sum() / logits.numel())
+        else:
+            loss = loss + bce_weight * masked_mean(bce.sum(), pad.float().sum())
     if dice_weight:
         loss = loss + dice_weight * dice_from_sums(inter, psum, tsum, dice_reduction)
     return loss
@@ -82,13 +129,14 @@ def fused_dice_bce(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: fl
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: float = 1.0,
                   dice_weight: float = 1.0, dice_reduction: str = "batch",
-                  pos_weight: float | None = None, fused: str = "auto") -> torch.Tensor:
+                  pos_weight: float | None = None, fused: str = "auto",
+                  pad: torch.Tensor | None = None) -> torch.Tensor:
     """Public entry point used by the loop, the benchmark and outside code.
 
     fused: "off" = reference; "on" = Triton kernel (compiled on CUDA tensors; under the Triton
     interpreter when TRITON_INTERPRET=1 is set, else a RuntimeError saying so); "auto" = the
     kernel on CUDA tensors when Triton is importable, the reference elsewhere. Both paths give
-    the same value and gradient (tolerances in docs/loss.md)."""
+    the same value and gradient (tolerances in docs/loss.md). pad: the valid-pixel mask (above)."""
     if fused not in ("auto", "on", "off"):
         raise ValueError(f"fused must be auto, on or off, got {fused!r}")
     if dice_reduction not in ("batch", "image"):
@@ -96,9 +144,9 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: flo
     use_kernel = fused == "on" or (fused == "auto" and logits.is_cuda and _kernel_available())
     if use_kernel:
         return fused_dice_bce(logits, target, bce_weight=bce_weight, dice_weight=dice_weight,
-                              dice_reduction=dice_reduction, pos_weight=pos_weight)
+                              dice_reduction=dice_reduction, pos_weight=pos_weight, pad=pad)
     return reference_dice_bce(logits, target, bce_weight=bce_weight, dice_weight=dice_weight,
-                              dice_reduction=dice_reduction, pos_weight=pos_weight)
+                              dice_reduction=dice_reduction, pos_weight=pos_weight, pad=pad)
 
 
 def _kernel_available() -> bool:
@@ -128,25 +176,32 @@ class DiceBCELoss:
         if self.dice_reduction not in ("batch", "image"):
             raise ValueError(f"dice_reduction must be 'batch' or 'image', got {self.dice_reduction!r}")
 
-    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor,
+                 pad: torch.Tensor | None = None) -> torch.Tensor:
         return dice_bce_loss(logits, target, bce_weight=self.bce_weight, dice_weight=self.dice_weight,
                              dice_reduction=self.dice_reduction, pos_weight=self.pos_weight,
-                             fused=self.fused)
+                             fused=self.fused, pad=pad)
 
-    def parts(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def parts(self, logits: torch.Tensor, target: torch.Tensor,
+              pad: torch.Tensor | None = None) -> torch.Tensor:
         """The batch's additive parts as float64 [N_PARTS]: [Σ BCE, pixels, then for "batch"
         Σp·t, Σp, Σt; for "image" Σ per-image Dice loss, images, 0]. Sums of these over batches
         and ranks give `from_parts` the loss of all those samples as one batch. Per-image sums
         are fp32 like the loss; they are added up in float64, so the partition into batches and
-        ranks changes the result only by float64 rounding."""
+        ranks changes the result only by float64 rounding. With a pad, "pixels" counts the real
+        pixels and every sum runs over them only."""
         x, t = logits.float().flatten(1), target.float().flatten(1)
         out = torch.zeros(self.N_PARTS, dtype=torch.float64, device=x.device)
         if x.shape[0] == 0:
             return out
-        pw = None if self.pos_weight is None else x.new_tensor(self.pos_weight)
-        bce = F.binary_cross_entropy_with_logits(x, t, pos_weight=pw, reduction="none").sum(1)
-        out[0], out[1] = bce.double().sum(), float(x.numel())
-        inter, psum, tsum = dice_sums(x, t)
+        if pad is None:
+            pw = None if self.pos_weight is None else x.new_tensor(self.pos_weight)
+            bce = F.binary_cross_entropy_with_logits(x, t, pos_weight=pw, reduction="none").sum(1)
+            out[0], out[1] = bce.double().sum(), float(x.numel())
+        else:
+            bce, count = masked_bce_sums(x, t, pad, self.pos_weight)
+            out[0], out[1] = bce.double().sum(), count.double().sum()
+        inter, psum, tsum = dice_sums(x, t, pad)
         if self.dice_reduction == "batch":
             out[2:] = torch.stack([inter, psum, tsum], 1).double().sum(0)
         else:
@@ -249,10 +304,11 @@ def multiclass_labels(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def multiclass_sums(logits: torch.Tensor, target: torch.Tensor, *, class_weights=None,
-                    ignore_index: int | None = None):
+                    ignore_index: int | None = None, pad: torch.Tensor | None = None):
     """Per-(image, class) fp32 I, P, T (N×K) and per-image fp32 Σ w_t·ce, Σ w_t (N), over the
     pixels whose label is not ignore_index, p = softmax(logits) over dim 1. Labels outside
-    [0, K) that are not ignore_index are a ValueError on CPU, a device-side assert on CUDA."""
+    [0, K) that are not ignore_index are a ValueError on CPU, a device-side assert on CUDA.
+    pad (N×1×spatial, 1 = real pixel): a padded pixel is an ignored pixel, whatever its label."""
     t = multiclass_labels(logits, target).long()
     n, k = logits.shape[:2]
     x = logits.float().flatten(2)                          # N×K×M
@@ -263,6 +319,10 @@ def multiclass_sums(logits: torch.Tensor, target: torch.Tensor, *, class_weights
         valid &= ~ignored
     else:
         ignored = torch.zeros_like(valid)
+    if pad is not None:
+        real = pad_mask(pad, t, "labels") > 0.5
+        valid &= real
+        ignored |= ~real
     bad = ~valid & ~ignored
     message = f"target labels must be in [0, {k}) or ignore_index={ignore_index}"
     # Under compile an eager check would break the graph in two, and on CUDA it would
@@ -330,40 +390,56 @@ def _multiclass_loss(sums, ce_weight, dice_weight, dice_reduction, class_weights
 def reference_dice_ce(logits: torch.Tensor, target: torch.Tensor, *, ce_weight: float = 1.0,
                       dice_weight: float = 1.0, dice_reduction: str = "batch",
                       class_weights=None, ignore_index: int | None = None,
-                      include_background: bool = False) -> torch.Tensor:
+                      include_background: bool = False, pad: torch.Tensor | None = None) -> torch.Tensor:
     """The K-class spec: fp32 cross-entropy + softmax soft Dice loss (definition above).
     logits N×K×H×W (K ≥ 2), target N×H×W or N×1×H×W integer labels."""
     multiclass_labels(logits, target)                      # shapes first: clearer errors
     _check_multiclass_options(logits.shape[1], dice_reduction, include_background, class_weights)
-    sums = multiclass_sums(logits, target, class_weights=class_weights, ignore_index=ignore_index)
+    sums = multiclass_sums(logits, target, class_weights=class_weights, ignore_index=ignore_index,
+                           pad=pad)
     return _multiclass_loss(sums, ce_weight, dice_weight, dice_reduction, class_weights,
                             include_background)
 
 
 def fused_dice_ce(logits: torch.Tensor, target: torch.Tensor, *, ce_weight: float = 1.0,
                   dice_weight: float = 1.0, dice_reduction: str = "batch", class_weights=None,
-                  ignore_index: int | None = None, include_background: bool = False) -> torch.Tensor:
+                  ignore_index: int | None = None, include_background: bool = False,
+                  pad: torch.Tensor | None = None) -> torch.Tensor:
     """Same value and gradient as `reference_dice_ce`, from the fused Triton kernel's sums
-    (kernels/dice_ce.py)."""
+    (kernels/dice_ce.py). A pad reaches the kernel as ignored labels: the reference's own
+    definition (a padded pixel is an ignored one), so the kernel needs no second mask."""
     from .kernels.dice_ce import fused_multiclass_sums  # imports Triton: only when used
     t = multiclass_labels(logits, target)
     _check_multiclass_options(logits.shape[1], dice_reduction, include_background, class_weights)
+    if pad is not None:
+        t, ignore_index = padding_as_ignored(t, pad, ignore_index)
     sums = fused_multiclass_sums(logits, t, class_weights, ignore_index)
     return _multiclass_loss(sums, ce_weight, dice_weight, dice_reduction, class_weights,
                             include_background)
 
 
+PAD_LABEL = -(2 ** 31) + 1   # the label padded pixels take when no ignore_index is set
+
+
+def padding_as_ignored(labels: torch.Tensor, pad: torch.Tensor, ignore_index: int | None):
+    """(labels with every padded pixel set to the ignored label, that label): ignore_index when
+    set, else PAD_LABEL (outside any class range, so a real label stays checked as before)."""
+    label = PAD_LABEL if ignore_index is None else int(ignore_index)
+    real = (pad_mask(pad, labels, "labels") > 0.5).view(labels.shape)
+    return torch.where(real, labels.long(), label), label
+
+
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *, ce_weight: float = 1.0,
                  dice_weight: float = 1.0, dice_reduction: str = "batch", class_weights=None,
                  ignore_index: int | None = None, include_background: bool = False,
-                 fused: str = "auto") -> torch.Tensor:
+                 fused: str = "auto", pad: torch.Tensor | None = None) -> torch.Tensor:
     """The K-class entry point; `fused` as in `dice_bce_loss` (auto: the kernel on CUDA tensors
-    when Triton is importable, the reference elsewhere)."""
+    when Triton is importable, the reference elsewhere); `pad` as in `dice_bce_loss`."""
     if fused not in ("auto", "on", "off"):
         raise ValueError(f"fused must be auto, on or off, got {fused!r}")
     kw = dict(ce_weight=ce_weight, dice_weight=dice_weight, dice_reduction=dice_reduction,
               class_weights=class_weights, ignore_index=ignore_index,
-              include_background=include_background)
+              include_background=include_background, pad=pad)
     if fused == "on" or (fused == "auto" and logits.is_cuda and _multiclass_kernel_available()):
         return fused_dice_ce(logits, target, **kw)
     return reference_dice_ce(logits, target, **kw)
@@ -416,12 +492,14 @@ class MulticlassDiceCELoss:
                     dice_reduction=self.dice_reduction, class_weights=self.class_weights,
                     ignore_index=self.ignore_index, include_background=self.include_background)
 
-    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor,
+                 pad: torch.Tensor | None = None) -> torch.Tensor:
         if logits.dim() < 3 or logits.shape[1] != self.classes:
             raise ValueError(f"logits {tuple(logits.shape)} must be N×{self.classes}×spatial")
-        return dice_ce_loss(logits, as_labels(target), fused=self.fused, **self._options())
+        return dice_ce_loss(logits, as_labels(target), fused=self.fused, pad=pad, **self._options())
 
-    def parts(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def parts(self, logits: torch.Tensor, target: torch.Tensor,
+              pad: torch.Tensor | None = None) -> torch.Tensor:
         """float64 [n_parts]: [Σ w_t·ce, Σ w_t, images, then for "batch" I_k, P_k, T_k summed
         over the images (3·K); for "image" the sum over images of the per-image Dice term, then
         zeros]. Sums over batches and ranks give `from_parts` the loss of them all as one batch."""
@@ -429,7 +507,8 @@ class MulticlassDiceCELoss:
         if logits.shape[0] == 0:
             return out
         inter, psum, tsum, ce_sum, w_sum = multiclass_sums(
-            logits, as_labels(target), class_weights=self.class_weights, ignore_index=self.ignore_index)
+            logits, as_labels(target), class_weights=self.class_weights, ignore_index=self.ignore_index,
+            pad=pad)
         out[0], out[1], out[2] = ce_sum.double().sum(), w_sum.double().sum(), float(logits.shape[0])
         if self.dice_reduction == "batch":
             out[3:] = torch.cat([inter, psum, tsum], 1).double().sum(0)

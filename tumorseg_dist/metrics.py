@@ -10,6 +10,10 @@ tumour and no prediction has no Dice. It is never 1.0, so it cannot be chosen as
 The per-image scores follow a rule instead: an image whose target and prediction are both empty
 scores Dice = IoU = 1 (MONAI's DiceMetric/MeanIoU with ignore_empty=False); mean_image_dice and
 mean_image_iou average those, and are undefined only for a split with no images.
+
+A pad mask (issue 15, `Batch.pad`: [B, 1, H, W], 1 = real pixel) keeps geometry padding out of
+every count: a padded pixel is neither TP, FP, FN nor TN (K classes: in no confusion-matrix
+cell), so a letterboxed image scores as its unpadded original. pad=None counts every pixel.
 """
 from __future__ import annotations
 
@@ -26,19 +30,36 @@ def ratio(a: float, b: float) -> float:
     return a / b if b > 0 else UNDEFINED
 
 
-def confusion(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Per-image [TP, FP, FN, TN] as float64 [B, 4] (threshold on the probability)."""
-    return mask_confusion(torch.sigmoid(logits.float()) > threshold, target > 0.5)
+def confusion(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5,
+              pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image [TP, FP, FN, TN] as float64 [B, 4] (threshold on the probability), over the
+    real pixels of `pad` when given."""
+    return mask_confusion(torch.sigmoid(logits.float()) > threshold, target > 0.5, pad)
 
 
-def mask_confusion(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def real_pixels(pad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The pad mask as bool [B, M], checked against `like` ([B, ...], one entry per pixel)."""
+    if pad.shape[0] != like.shape[0] or pad.numel() != like.numel():
+        raise ValueError(f"pad mask shape {tuple(pad.shape)} does not fit {tuple(like.shape)}: "
+                         "it must be [B, 1, H, W], 1 = real pixel")
+    return pad.reshape(pad.shape[0], -1) > 0.5
+
+
+def mask_confusion(pred: torch.Tensor, target: torch.Tensor,
+                   pad: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image [TP, FP, FN, TN] as float64 [B, 4] of boolean predictions and targets [B, ...]
-    (evaluate's path: its probabilities are thresholded after the resize to the original size)."""
+    (evaluate's path: its probabilities are thresholded after the resize to the original size);
+    with `pad`, padded pixels count nowhere."""
     pred, t = pred.flatten(1), target.flatten(1)
+    if pad is not None:
+        real = real_pixels(pad, pred)
+        pred, t = pred & real, t & real
+        tn = (~pred & ~t & real).sum(1)
+    else:
+        tn = (~pred & ~t).sum(1)
     tp = (pred & t).sum(1)
     fp = (pred & ~t).sum(1)
     fn = (~pred & t).sum(1)
-    tn = (~pred & ~t).sum(1)
     return torch.stack([tp, fp, fn, tn], 1).double()
 
 
@@ -60,8 +81,10 @@ class MetricAccumulator:
         self.sums = torch.zeros(N_COUNTS + extra, dtype=torch.float64, device=device)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-               threshold: float = 0.5, extra: torch.Tensor | None = None) -> None:
-        counts = confusion(logits, target, threshold)[valid]
+               threshold: float = 0.5, extra: torch.Tensor | None = None,
+               pad: torch.Tensor | None = None) -> None:
+        """One batch; `pad` ([B, 1, H, W], 1 = real pixel) keeps padding out of the counts."""
+        counts = confusion(logits, target, threshold, pad)[valid]
         dice, iou = per_image_scores(counts)
         self.sums[:4] += counts.sum(0)
         self.sums[4] += dice.sum()
@@ -102,13 +125,16 @@ def summarize(s: list[float]) -> dict[str, float]:
 # scoring 1 (the binary rule).
 
 
-def class_confusion(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
+def class_confusion(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None,
+                    pad: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image K×K confusion matrices, float64 [B, K, K] (rows target, columns prediction),
-    of logits [B, K, H, W] and class-id targets [B, 1, H, W] or [B, H, W] (float or integer)."""
-    return label_confusion(logits.argmax(1), target, logits.shape[1], ignore_index)
+    of logits [B, K, H, W] and class-id targets [B, 1, H, W] or [B, H, W] (float or integer),
+    over the real pixels of `pad` when given."""
+    return label_confusion(logits.argmax(1), target, logits.shape[1], ignore_index, pad)
 
 
-def label_confusion(pred: torch.Tensor, target: torch.Tensor, k: int, ignore_index: int | None = None) -> torch.Tensor:
+def label_confusion(pred: torch.Tensor, target: torch.Tensor, k: int, ignore_index: int | None = None,
+                    pad: torch.Tensor | None = None) -> torch.Tensor:
     """`class_confusion` of predicted labels [B, H, W] (evaluate's path: the argmax after the
     probabilities were resized to the original size)."""
     b = pred.shape[0]
@@ -117,6 +143,8 @@ def label_confusion(pred: torch.Tensor, target: torch.Tensor, k: int, ignore_ind
     keep = (t >= 0) & (t < k)
     if ignore_index is not None:
         keep &= t != ignore_index
+    if pad is not None:
+        keep &= real_pixels(pad, t)
     img = torch.arange(b, device=t.device)[:, None].expand_as(t)
     idx = (img * k + t) * k + pred
     return torch.bincount(idx[keep], minlength=b * k * k).view(b, k, k).double()
@@ -149,8 +177,10 @@ class ClassMetricAccumulator:
         self.sums = torch.zeros(classes * classes + 3 + extra, dtype=torch.float64, device=device)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-               extra: torch.Tensor | None = None) -> None:
-        self.add(class_confusion(logits[valid], target[valid], self.ignore_index), extra)
+               extra: torch.Tensor | None = None, pad: torch.Tensor | None = None) -> None:
+        """One batch; `pad` ([B, 1, H, W], 1 = real pixel) keeps padding out of the matrices."""
+        self.add(class_confusion(logits[valid], target[valid], self.ignore_index,
+                                 None if pad is None else pad[valid]), extra)
 
     def add(self, cm: torch.Tensor, extra: torch.Tensor | None = None) -> None:
         """Per-image confusion matrices [B, K, K] (and extra sums) into the totals."""

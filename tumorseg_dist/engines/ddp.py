@@ -52,7 +52,8 @@ class DDPEngine(EngineBase):
     def eval(self) -> None:
         self.model.eval()
 
-    def train_step(self, image: torch.Tensor, mask: torch.Tensor, mark: Mark | None = None) -> torch.Tensor:
+    def train_step(self, image: torch.Tensor, mask: torch.Tensor, mark: Mark | None = None,
+                   pad: torch.Tensor | None = None) -> torch.Tensor:
         """Forward, fp32 loss, backward; every --grad-accum micro-batches: unscale, clip, skip if
         non-finite, optimizer, lr and EMA step. Returns the detached (unscaled) loss.
 
@@ -65,7 +66,7 @@ class DDPEngine(EngineBase):
             with self.autocast():
                 logits = self.net(image)
             mark_phase(mark, "forward")
-            loss = self.loss_fn(logits.float(), mask)
+            loss = self.loss_fn(logits.float(), mask, *(() if pad is None else (pad,)))
             mark_phase(mark, "loss")
             self.scaler.scale(loss / self.accum if self.accum > 1 else loss).backward()
             mark_phase(mark, "backward")

@@ -240,7 +240,8 @@ class DeepSpeedEngine(EngineBase):
                 for b in (module.buffers() if module is not None else ()):
                     torch.distributed.broadcast(b, src=0)
 
-    def train_step(self, image: torch.Tensor, mask: torch.Tensor, mark: Mark | None = None) -> torch.Tensor:
+    def train_step(self, image: torch.Tensor, mask: torch.Tensor, mark: Mark | None = None,
+                   pad: torch.Tensor | None = None) -> torch.Tensor:
         """One micro-batch: forward, fp32 loss, DeepSpeed backward (scaled by 1/accum) and step
         (an optimizer step at accumulation boundaries). Returns the detached loss.
 
@@ -248,7 +249,7 @@ class DeepSpeedEngine(EngineBase):
         reduction happens inside backward, so "all_reduce" is marked right after it."""
         logits = self.ds(self._input(image))
         mark_phase(mark, "forward")
-        loss = self.loss_fn(logits.float(), mask)
+        loss = self.loss_fn(logits.float(), mask, *(() if pad is None else (pad,)))
         mark_phase(mark, "loss")
         self.ds.backward(loss)
         mark_phase(mark, "backward")

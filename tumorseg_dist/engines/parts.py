@@ -19,7 +19,7 @@ from ..config import Config, monitor_mode
 from ..dist import DistInfo
 from ..precision import Precision
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]   # (logits, mask) or, with a pad mask, (logits, mask, pad)
 # `train_step(..., mark=f)` calls f(phase) as each phase of the step ends (benchmarks time them).
 Mark = Callable[[str], None]
 PHASES = ("forward", "loss", "backward", "all_reduce", "optimizer")

@@ -27,10 +27,12 @@ class Engine(Protocol):
         """Evaluation mode; every rank evaluates the same weights and buffers."""
 
     def train_step(self, image: torch.Tensor, mask: torch.Tensor,
-                   mark: Callable[[str], None] | None = None) -> torch.Tensor:
+                   mark: Callable[[str], None] | None = None,
+                   pad: torch.Tensor | None = None) -> torch.Tensor:
         """One micro-batch: forward, fp32 loss, backward; an optimizer step every --grad-accum
-        micro-batches. Returns the detached loss without a host sync. With `mark`, the timed
-        step of the benchmarks: mark(phase) as each of parts.PHASES ends (no other change to
+        micro-batches. `pad` (Batch.pad, 1 = real pixel): padded pixels count in no loss term;
+        None calls the loss as loss_fn(logits, mask), as before. Returns the detached loss
+        without a host sync. With `mark`, the timed step of the benchmarks: mark(phase) as each of parts.PHASES ends (no other change to
         the step, except that DDP runs its all-reduce after backward rather than during it)."""
 
     def eval_logits(self, image: torch.Tensor) -> torch.Tensor:

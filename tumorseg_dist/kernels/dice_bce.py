@@ -21,6 +21,11 @@ re-reads x and t, recomputes p and writes
 
 in the logits' dtype, in one pass. The only full-size tensor allocated is that gradient.
 
+Pad mask (issue 15): with HAS_PAD, a third input v ({0, 1}, 1 = real pixel, the layout of the
+logits) multiplies every term, forward (Σ p·t·v, Σ p·v, Σ t·v, Σ bce·v) and backward (dL/dx·v),
+so padded pixels contribute nothing. HAS_PAD is a compile-time constant: without a pad the
+kernels are the same instructions as before.
+
 Memory formats: a per-image sum does not depend on pixel order, so any layout in which each
 image is one dense block of C·H·W elements (NCHW-contiguous or channels_last) is indexed as
 `base + n·M + i`. The target is brought to the logits' strides so element i pairs up, and the
@@ -52,7 +57,8 @@ NUM_WARPS = 8
 _sum_combine = tl.standard._sum_combine
 
 
-def _dice_bce_fwd(x_ptr, t_ptr, part_ptr, M, P, pos_weight, BLOCK: tl.constexpr):
+def _dice_bce_fwd(x_ptr, t_ptr, v_ptr, part_ptr, M, P, pos_weight, HAS_PAD: tl.constexpr,
+                  BLOCK: tl.constexpr):
     n = tl.program_id(0)
     c = tl.program_id(1)
     base = n.to(tl.int64) * M
@@ -73,6 +79,11 @@ def _dice_bce_fwd(x_ptr, t_ptr, part_ptr, M, P, pos_weight, BLOCK: tl.constexpr)
         log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
         softplus_neg = log1p_e + tl.maximum(-x, 0.0)
         bce = (1.0 - t) * x + (1.0 + (pos_weight - 1.0) * t) * softplus_neg
+        if HAS_PAD:
+            v = tl.load(v_ptr + base + idx, mask=mask, other=0).to(tl.float32)
+            p = p * v
+            t = t * v
+            bce = bce * v
         acc_pt += tl.where(mask, p * t, 0.0)
         acc_p += tl.where(mask, p, 0.0)
         acc_t += tl.where(mask, t, 0.0)
@@ -84,7 +95,8 @@ def _dice_bce_fwd(x_ptr, t_ptr, part_ptr, M, P, pos_weight, BLOCK: tl.constexpr)
     tl.store(out + 3, tl.reduce(acc_bce, 0, _sum_combine))
 
 
-def _dice_bce_bwd(x_ptr, t_ptr, coef_ptr, g_ptr, M, pos_weight, BLOCK: tl.constexpr):
+def _dice_bce_bwd(x_ptr, t_ptr, v_ptr, coef_ptr, g_ptr, M, pos_weight, HAS_PAD: tl.constexpr,
+                  BLOCK: tl.constexpr):
     n = tl.program_id(0)
     c = tl.program_id(1)
     base = n.to(tl.int64) * M
@@ -100,6 +112,8 @@ def _dice_bce_bwd(x_ptr, t_ptr, coef_ptr, g_ptr, M, pos_weight, BLOCK: tl.conste
     p = tl.where(x >= 0, inv, e * inv)
     q = tl.where(x >= 0, e * inv, inv)               # 1 - p without cancellation
     grad = p * q * (g_pt * t + g_p) + g_bce * ((1.0 - t) - (1.0 + (pos_weight - 1.0) * t) * q)
+    if HAS_PAD:
+        grad = grad * tl.load(v_ptr + base + idx, mask=mask, other=0).to(tl.float32)
     tl.store(g_ptr + base + idx, grad.to(g_ptr.dtype.element_ty), mask=mask)
 
 
@@ -133,22 +147,35 @@ def _prepare(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     x = _dense_per_image(logits.detach())
-    t = target.detach()
+    return x, _like_logits(target, x)
+
+
+def _like_logits(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A target or pad mask in a dtype the kernels read, with the logits' strides."""
+    t = t.detach()
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
     elif t.dtype not in (torch.uint8, torch.float32, torch.float16, torch.bfloat16):
         t = t.float()
     if t.stride() != x.stride():                    # pair element i of x with element i of t
         t = torch.empty_strided(x.shape, x.stride(), dtype=t.dtype, device=t.device).copy_(t)
-    return x, t
+    return t
 
 
 class _FusedDiceBCESums(torch.autograd.Function):
-    """(logits, target, pos_weight) -> per-image fp32 Σp·t, Σp, Σt, Σbce; gradient to logits."""
+    """(logits, target, pos_weight, pad) -> per-image fp32 Σp·t, Σp, Σt, Σbce (over the pixels
+    the pad marks real, every pixel without one); gradient to logits."""
 
     @staticmethod
-    def forward(ctx, logits, target, pos_weight):
+    def forward(ctx, logits, target, pos_weight, pad):
         x, t = _prepare(logits, target)
+        if pad is not None:
+            if pad.shape != logits.shape or pad.device != logits.device:
+                raise ValueError(f"pad mask {tuple(pad.shape)} on {pad.device} must have the logits' "
+                                 f"shape {tuple(logits.shape)} and device {logits.device}")
+            v = _like_logits(pad, x)
+        else:
+            v = t                                   # an unread placeholder pointer
         interpret = check_runnable(x)
         fwd, _ = _kernels(interpret)
         n = x.shape[0]
@@ -156,9 +183,11 @@ class _FusedDiceBCESums(torch.autograd.Function):
         tiles = triton.cdiv(m, FWD_BLOCK)
         p = programs_per_image(tiles, n, interpret, x.device)
         partials = torch.empty((n, p, 4), dtype=torch.float32, device=x.device)
-        fwd[(n, p)](x, t, partials, m, p, float(pos_weight), BLOCK=FWD_BLOCK, num_warps=NUM_WARPS)
+        fwd[(n, p)](x, t, v, partials, m, p, float(pos_weight), HAS_PAD=pad is not None,
+                    BLOCK=FWD_BLOCK, num_warps=NUM_WARPS)
         sums = partials.sum(1)
-        ctx.save_for_backward(x, t)
+        ctx.save_for_backward(x, t, v)
+        ctx.has_pad = pad is not None
         ctx.pos_weight = float(pos_weight)
         ctx.interpret = interpret
         ctx.logits_shape = logits.shape
@@ -169,18 +198,21 @@ class _FusedDiceBCESums(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_inter, g_psum, _g_tsum, g_bce):
-        x, t = ctx.saved_tensors
+        x, t, v = ctx.saved_tensors
         _, bwd = _kernels(ctx.interpret)
         n = x.shape[0]
         m = x.numel() // n
         coef = torch.stack([g_inter, g_psum, g_bce], 1).float().contiguous()
         grad = torch.empty_like(x)                  # same dtype and strides as the logits
-        bwd[(n, triton.cdiv(m, BWD_BLOCK))](x, t, coef, grad, m, ctx.pos_weight,
-                                             BLOCK=BWD_BLOCK, num_warps=NUM_WARPS)
-        return grad, None, None
+        bwd[(n, triton.cdiv(m, BWD_BLOCK))](x, t, v, coef, grad, m, ctx.pos_weight,
+                                             HAS_PAD=ctx.has_pad, BLOCK=BWD_BLOCK,
+                                             num_warps=NUM_WARPS)
+        return grad, None, None, None
 
 
-def fused_sums(logits: torch.Tensor, target: torch.Tensor, pos_weight: float | None = None):
-    """Per-image fp32 (Σp·t, Σp, Σt, Σbce) from one read of logits and targets."""
-    return _FusedDiceBCESums.apply(logits, target, 1.0 if pos_weight is None else pos_weight)
+def fused_sums(logits: torch.Tensor, target: torch.Tensor, pos_weight: float | None = None,
+               pad: torch.Tensor | None = None):
+    """Per-image fp32 (Σp·t, Σp, Σt, Σbce) from one read of logits and targets (and the pad
+    mask, 1 = real pixel, when given: padded pixels count in no sum and get no gradient)."""
+    return _FusedDiceBCESums.apply(logits, target, 1.0 if pos_weight is None else pos_weight, pad)
 
