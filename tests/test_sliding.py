@@ -250,6 +250,52 @@ def test_a_huge_image_allocates_the_accumulator_and_weights_and_little_more():
     assert grown < maps + (48 << 20), f"peak grew by {grown / 2**20:.0f} MiB"
 
 
+@pytest.mark.slow   # ~20 s of CPU, over a minute on a loaded 2-core box
+def test_a_10000_square_image_predicts_in_a_few_tiles_and_two_maps_of_memory():
+    """Issue 15: a 10000×10000 image through `Predictor.predict_image(inference="sliding")`
+    (tiles of 512, 26 × 26 of them, 4 per batch, a 3×3 convolution) in a fresh process. Peak
+    resident memory may grow by the accumulator and weight sum (2 × 10⁸ float32, 763 MiB), the
+    boolean mask returned (95 MiB) and 64 MiB for a few batches of tiles and their copies; the
+    model never sees more than one batch, and its largest activation is one batch of tiles.
+    Holding every tile (676 × 1 MiB per channel) or one more full-size float map (381 MiB)
+    would not fit."""
+    code = textwrap.dedent("""
+        import resource, sys
+        import numpy as np, torch
+        sys.path.insert(0, "tests")
+        from test_sliding import conv_model, predictor
+        torch.set_num_threads(1)
+        model = conv_model(1, 3)
+        seen = {"batch": 0, "numel": 0}
+        def hook(module, inputs, output):
+            seen["batch"] = max(seen["batch"], inputs[0].shape[0])
+            seen["numel"] = max(seen["numel"], output.numel(), inputs[0].numel())
+        for m in model.modules():
+            m.register_forward_hook(hook)
+        pred = predictor(model, size=512)
+        pred.predict_image(np.zeros((700, 700), np.float32), inference="sliding", batch_size=4)
+        n = 10000
+        image = np.zeros((n, n), np.float32)
+        image[::7] = 0.8                                  # touched: resident before the count
+        seen["batch"] = seen["numel"] = 0
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        mask = pred.predict_image(image, inference="sliding", overlap=0.25, batch_size=4)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert mask.shape == (n, n) and mask.dtype == np.bool_
+        print(seen["batch"], seen["numel"], (after - before) * 1024)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                         "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    batch, numel, grown = (int(v) for v in p.stdout.split()[-3:])
+    assert batch == 4
+    assert numel <= 4 * 512 * 512                         # one batch of one-channel tiles
+    n = 10000
+    allowed = 2 * n * n * 4 + n * n + (64 << 20)
+    assert grown < allowed, f"peak grew by {grown / 2**20:.0f} MiB (allowed {allowed / 2**20:.0f})"
+
+
 # ---------------------------------------------------------------- the commands
 
 @pytest.fixture(scope="module")
