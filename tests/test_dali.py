@@ -298,11 +298,11 @@ def test_torch_augment_has_the_same_parameters():
     rng = np.random.default_rng
     img, mask = np.random.default_rng(0).random((32, 32), dtype=np.float32), np.zeros((32, 32), np.float32)
     mask[8:20, 10:24] = 1
-    out, m, _, _ = _augment(img, mask, 48, PRESETS["strong"], rng(0))
+    out, m, _, _, _ = _augment(img, mask, 48, PRESETS["strong"], rng(0))
     assert out.shape == m.shape == (48, 48) and set(np.unique(m).tolist()) <= {0.0, 1.0}
     # Brightness then contrast about the image mean: one map x*scale + offset that keeps mean*b.
     bc = AugmentParams(brightness_p=1, brightness=0.3, contrast_p=1, contrast=0.3)
-    out, _, scale, offset = _augment(img, mask, 32, bc, rng(1))
+    out, _, _, scale, offset = _augment(img, mask, 32, bc, rng(1))
     assert np.array_equal(out, img)                         # folded into the normalisation
     mu = float(img.mean())
     b = (offset + scale * mu) / mu                          # mean(x*scale + offset) = b*mean(x)
@@ -310,7 +310,7 @@ def test_torch_augment_has_the_same_parameters():
     assert 0.7 <= b <= 1.3 and 0.7 <= c <= 1.3 and c != pytest.approx(1.0)
     np.testing.assert_allclose(img * scale + offset, (img * b - b * mu) * c + b * mu, atol=1e-6)
     # Gamma first, on [0, 1]: x ** g.
-    out, _, scale, offset = _augment(img, mask, 32, AugmentParams(gamma_p=1, gamma=0.3), rng(2))
+    out, _, _, scale, offset = _augment(img, mask, 32, AugmentParams(gamma_p=1, gamma=0.3), rng(2))
     gi = float(np.log(out[0, 0]) / np.log(img[0, 0]))
     assert 0.7 <= gi <= 1.3 and np.allclose(out, img ** gi, atol=1e-5) and (scale, offset) == (1.0, 0.0)
 
@@ -384,7 +384,7 @@ def test_dali_recorded_params_are_the_host_draws_of_the_position(shards):
     keys = loader.layout.keys
     for i, (pos, idx) in enumerate(loader.plan(2)[0]):
         assert bytes(np.asarray(info.at(i))).decode().endswith(f":{keys[idx]}.image.png")
-        d = sample_draws(aug, position_seed(5, 2, pos), 64, 1)
+        d = sample_draws(aug, np.random.default_rng(position_seed(5, 2, pos)), 64, 1)
         assert (bool(np.asarray(fh.at(i))), bool(np.asarray(fv.at(i)))) == (d["hflip"], d["vflip"])
         assert float(np.asarray(b.at(i))) == pytest.approx(d["brightness"], rel=1e-6)
         assert float(np.asarray(c.at(i))) == pytest.approx(d["contrast"], rel=1e-6)

@@ -47,6 +47,17 @@ class DataConfig:
     operators without CUDA). `torch`: indexed shard reader + torch DataLoader workers."""
     size: int = 640
     """Training/eval side length in pixels; images are resized in the loader."""
+    geometry: Literal["squash", "letterbox", "crop"] = "squash"
+    """How an image becomes size × size (docs/loader.md "Geometry"): `squash` resizes it (aspect
+    ratio lost); `letterbox` resizes the long side and pads, aspect ratio kept; `crop` trains on
+    size × size windows (see --crop-scale, --crop-foreground; evaluated as letterbox). Padding
+    is excluded from the loss and metrics."""
+    crop_scale: Literal["resize", "native"] = "resize"
+    """--geometry crop: `resize` scales the short side to --size first; `native` keeps the
+    source's pixels (no resampling) and crops them."""
+    crop_foreground: float = 0.33
+    """--geometry crop: fraction of training crops centred on a random lesion pixel (the rest
+    uniform over the image), as nnU-Net oversamples the foreground."""
     in_channels: int = 3
     """Channels the model sees; grey images are repeated to this many."""
     num_workers: int = 2
@@ -466,6 +477,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--max-steps must be >= 1, got {t.max_steps}")
     if cfg.data.size < 32 or cfg.data.size % 32:
         raise ConfigError(f"--size must be a multiple of 32 (encoders downsample 5 times), got {cfg.data.size}")
+    if not 0.0 <= cfg.data.crop_foreground <= 1.0:
+        raise ConfigError(f"--crop-foreground is a fraction of the crops and must be in [0, 1], "
+                          f"got {cfg.data.crop_foreground}")
     if cfg.data.in_channels not in (1, 3):
         raise ConfigError(f"--in-channels must be 1 or 3, got {cfg.data.in_channels}")
     e = cfg.engine

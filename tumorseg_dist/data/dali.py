@@ -46,8 +46,9 @@ from ..dist import DistInfo
 from .augment import AugmentParams
 from .batch import LUMA, Batch, LoaderSpec
 from .draws import position_seed, sample_draws
+from .geometry import place
 from .order import epoch_length, training_plan
-from .shards import label_classes, read_index
+from .shards import decode_mask, label_classes, read_index
 from .shards import IMAGE_EXT, ShardError, read_manifest, shard_paths, split_shards
 
 PREFETCH = 2            # batches DALI prepares ahead
@@ -174,11 +175,18 @@ def inspect_split(shard_dir: Path, split: str) -> SplitLayout:
 DRAWS = (("flip_h", "INT32", 0), ("flip_v", "INT32", 0), ("angle", "FLOAT", 0), ("zoom", "FLOAT", 0),
          ("shift", "FLOAT", 1), ("gamma", "FLOAT", 0), ("gamma_on", "BOOL", 0),
          ("brightness", "FLOAT", 0), ("contrast", "FLOAT", 0), ("noise", "FLOAT", 0),
-         ("noise_on", "BOOL", 0), ("field", "FLOAT", 3))
+         ("noise_on", "BOOL", 0), ("field", "FLOAT", 3),
+         ("shrink", "BOOL", 0), ("shrink_hw", "FLOAT", 1), ("matrix", "FLOAT", 2))
+# shrink, shrink_hw, matrix: --geometry letterbox|crop, `geometry.place` worked out on the host
+# (flips and affine inside the matrix, half-pixel centres); replace flip_h .. shift there.
+GEOMETRY_DRAWS = ("shrink", "shrink_hw", "matrix")
 
 
-def used_draws(p: AugmentParams) -> tuple[str, ...]:
-    """The `DRAWS` names the graph applies for `p` (only those are emitted)."""
+def used_draws(p: AugmentParams, geometry: str = "squash") -> tuple[str, ...]:
+    """The `DRAWS` names the graph applies for `p` and `geometry` (only those are emitted)."""
+    if geometry != "squash":
+        rest = used_draws(p) if p.enabled else ()
+        return tuple(n for n in rest if n not in ("flip_h", "flip_v", "angle", "zoom", "shift")) + GEOMETRY_DRAWS
     if not p.enabled:
         return ()
     on = {"flip_h": p.flip_p > 0, "flip_v": p.flip_p > 0, "angle": has_affine(p), "zoom": has_affine(p),
@@ -186,15 +194,21 @@ def used_draws(p: AugmentParams) -> tuple[str, ...]:
           "brightness": p.brightness_p > 0 and p.brightness > 0, "contrast": p.contrast_p > 0 and p.contrast > 0,
           "noise": p.noise_p > 0 and p.noise > 0}
     on.update(gamma_on=on["gamma"], noise_on=on["noise"], field=on["noise"])
-    return tuple(name for name, _, _ in DRAWS if on[name])
+    return tuple(name for name, _, _ in DRAWS if on.get(name))
 
 
-def draw_outputs(d: dict, size: int, channels: int) -> dict[str, np.ndarray]:
-    """One sample's `draws.sample_draws` as the arrays of `DRAWS`. The DALI angle is the drawn
-    one negated: DALI rotates clockwise on screen, OpenCV counter-clockwise."""
+def draw_outputs(d: dict, size: int, channels: int, placed=None) -> dict[str, np.ndarray]:
+    """One sample's `draws.sample_draws` as the arrays of `DRAWS` (`placed`: `geometry.place`'s
+    (shrink, matrix), or None for squash). The DALI angle is the drawn one negated: DALI rotates
+    clockwise on screen, OpenCV counter-clockwise."""
     angle, zoom, tx, ty = d["affine"] or (0.0, 1.0, 0.0, 0.0)
     f32, on = np.float32, d["field"] is not None
-    return {"flip_h": np.int32(d["hflip"]), "flip_v": np.int32(d["vflip"]), "angle": f32(-angle),
+    geo = {}
+    if placed is not None:
+        shrink, m = placed
+        geo = {"shrink": np.bool_(shrink is not None), "shrink_hw": np.array(shrink or (1, 1), f32),
+               "matrix": np.ascontiguousarray(m[:2], f32)}
+    return geo | {"flip_h": np.int32(d["hflip"]), "flip_v": np.int32(d["vflip"]), "angle": f32(-angle),
             "zoom": f32(zoom), "shift": np.array([tx * size, ty * size], f32),
             "gamma": f32(1.0 if d["gamma"] is None else d["gamma"]), "gamma_on": np.bool_(d["gamma"] is not None),
             "brightness": f32(d["brightness"]), "contrast": f32(d["contrast"]), "noise": f32(d["noise"]),
@@ -244,14 +258,43 @@ def resize(image, mask, size: int, to_float: bool = True):
     returned as float (or in the input's type with `to_float=False`); mask: nearest neighbour at
     pixel centres (= torch "nearest-exact"), so it stays exactly binary."""
     from nvidia.dali import fn, types
-    image = fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True,
+    size = [size, size] if isinstance(size, int) else size   # or a per-sample (h, w) node
+    image = fn.resize(image, size=size, interp_type=types.INTERP_LINEAR, antialias=True,
                       dtype=types.FLOAT if to_float else None)
-    mask = fn.resize(mask, size=[size, size], interp_type=types.INTERP_NN)
+    mask = fn.resize(mask, size=size, interp_type=types.INTERP_NN)
     return image, mask
 
 
+def place_nodes(image, mask, size: int, draws: dict | None, params: dict):
+    """--geometry letterbox|crop: (image float, mask, pad) on the size × size output, the pad a
+    warped ones-image (1 = source pixel). Training (`draws`): the host's `geometry.place` (the
+    antialiased shrink where a side shrinks, then one warp whose matrix holds the placement,
+    flips and affine). Evaluation (None): letterbox, the same numbers in graph arithmetic from
+    the decoded shape: resize to the scaled size, then a whole-pixel shift (no resampling)."""
+    from nvidia.dali import fn, types
+    import nvidia.dali.math as dmath
+    if draws is not None:
+        if draws["shrink"]:
+            image, mask = resize(image, mask, draws["shrink_hw"], to_float=False)   # both branches: one dtype
+        m = draws["matrix"]
+        params.update(geometry=m)
+    else:
+        hw = image.shape(dtype=types.FLOAT)
+        s = size / dmath.max(hw[0], hw[1])
+        ly, lx = dmath.floor(hw[0] * s + 0.5), dmath.floor(hw[1] * s + 0.5)
+        image, mask = resize(image, mask, fn.stack(ly, lx))
+        m = fn.transforms.translation(offset=fn.stack(-dmath.floor((lx - size) * 0.5 + 0.5),
+                                                      -dmath.floor((ly - size) * 0.5 + 0.5)))
+    ones = fn.cast(mask >= 0, dtype=types.UINT8)
+
+    def warp(x, interp, dtype=None):
+        return fn.warp_affine(x, matrix=m, size=[size, size], fill_value=0, inverse_map=False,
+                              interp_type=interp, dtype=dtype)
+    return warp(image, types.INTERP_LINEAR, types.FLOAT), warp(mask, types.INTERP_NN), warp(ones, types.INTERP_NN)
+
+
 def augment(image, mask, p: AugmentParams, size: int, gpu: bool, draws: dict, params: dict,
-            resized: bool = True, unit: float = 1.0):
+            resized: bool = True, unit: float = 1.0, placed: bool = False):
     """Apply one sample's host draws (`draws`: the `DRAWS` nodes of `PlanSource`; see
     augment.py for the order and formulas). Returns (image, mask, intensity) where `intensity`
     is None or the per-sample (scale, offset) of brightness and contrast, x -> x*scale + offset,
@@ -267,14 +310,17 @@ def augment(image, mask, p: AugmentParams, size: int, gpu: bool, draws: dict, pa
     is divided by the scale that follows it. Intensities are in `unit`s (255 for a uint8 decode,
     else 1): the warp turns uint8 into float without rescaling, and every intensity constant is
     scaled instead. `params` receives the per-sample parameters (tests check them against
-    OpenCV, numpy and the torch loader)."""
+    OpenCV, numpy and the torch loader). `placed`: letterbox or crop, whose flips and affine
+    `place_nodes` already applied (intensities only here)."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
 
     def dev(node):   # per-sample host values join GPU arithmetic on the GPU
         return node.gpu() if gpu else node
 
-    if not has_affine(p) and p.flip_p:
+    if placed:
+        pass
+    elif not has_affine(p) and p.flip_p:
         image, mask = flips(image, mask, draws, params)   # inputs already resized (no fold)
     elif has_affine(p):
         m = geometry_matrix(p, size, draws, params)
@@ -392,22 +438,43 @@ class PlanSource:
     drawn on the host from its global position (`draws.py`: the torch loader's draws)."""
 
     def __init__(self, members: SplitMembers, plan: list[list[tuple[int, int]]], aug: AugmentParams,
-                 seed: int, epoch: int, size: int, channels: int):
+                 seed: int, epoch: int, size: int, channels: int, geometry: str = "squash",
+                 crop_scale: str = "resize", crop_foreground: float = 0.0):
         self.members, self.plan, self.aug = members, plan, aug
         self.seed, self.epoch, self.size, self.channels = seed, epoch, size, channels
-        self.names = used_draws(aug)   # the outputs after the three members, in `DRAWS` order
+        self.geometry, self.crop_scale, self.crop_foreground = geometry, crop_scale, crop_foreground
+        self.names = used_draws(aug, geometry)   # the outputs after the three members, in `DRAWS` order
 
-    def draws(self, position: int) -> dict:
-        return sample_draws(self.aug, position_seed(self.seed, self.epoch, position), self.size, self.channels)
+    def draws(self, position: int, mask: np.ndarray) -> dict:
+        """The position's `draws.sample_draws`; `mask` (the encoded mask.png) is decoded only
+        for a foreground-centred crop."""
+        rng = np.random.default_rng(position_seed(self.seed, self.epoch, position))
+        fg = self.crop_foreground if self.geometry == "crop" else None
+        return sample_draws(self.aug, rng, self.size, self.channels, fg, lambda: decode_mask(mask.tobytes()))
 
     def __call__(self, info):
         if info.iteration >= len(self.plan):
             raise StopIteration
         rows = []
         for pos, i in self.plan[info.iteration]:
-            d = draw_outputs(self.draws(pos), self.size, self.channels) if self.names else {}
-            rows.append((*self.members.sample(i), *(d[k] for k in self.names)))
+            image, mask, where = self.members.sample(i)
+            d = {}
+            if self.names:
+                d = self.draws(pos, mask)
+                placed = None
+                if self.geometry != "squash":
+                    placed = place(*png_size(mask, where), self.size, self.geometry, self.crop_scale, d)
+                d = draw_outputs(d, self.size, self.channels, placed)
+            rows.append((image, mask, where, *(d[k] for k in self.names)))
         return tuple(map(list, zip(*rows)))
+
+
+def png_size(data: np.ndarray, where: np.ndarray) -> tuple[int, int]:
+    """(height, width) from a PNG's IHDR (bytes 16..24), without decoding it."""
+    head = bytes(data[:24])
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ShardError(f"{bytes(where).decode()}: the mask is not a PNG; re-run pack with --overwrite")
+    return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
 
 
 def work_channels(layout: SplitLayout, in_channels: int) -> int:
@@ -420,7 +487,7 @@ def work_channels(layout: SplitLayout, in_channels: int) -> int:
 
 def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: bool,
                  aug: AugmentParams, mean, std, shard_id: int, num_shards: int, gpu: bool,
-                 source=None, with_params: bool = False):
+                 source=None, with_params: bool = False, geometry: str = "squash"):
     """The graph (build it with `pipeline_def(enable_conditionals=True)`). Outputs: image float
     H×W×C normalised, with C = in_channels, or 1 for a grey split when the model's channels are
     that one channel repeated (`DaliLoader` repeats it while copying into torch); mask bool
@@ -457,13 +524,18 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
     # Resize (see `resize`). When augmenting with the affine, the resize is folded into the warp.
     # On a GPU that reads the per-sample shape on the CPU (metadata, no copy), and the contrast
     # mean is copied to the CPU: both need DALI's dynamic executor (`exec_dynamic=True`).
-    fold = training and aug.enabled and has_affine(aug)
-    if not fold:
-        image, mask = resize(image, mask, size)
+    placed = geometry != "squash"
+    fold = training and aug.enabled and has_affine(aug) and not placed
     params: dict = {}
+    pad = None
+    if placed:
+        image, mask, pad = place_nodes(image, mask, size, draws if training else None, params)
+    elif not fold:
+        image, mask = resize(image, mask, size)
     intensity = None
     if training and aug.enabled:
-        image, mask, intensity = augment(image, mask, aug, size, gpu, draws, params, resized=not fold, unit=unit)
+        image, mask, intensity = augment(image, mask, aug, size, gpu, draws, params, resized=not fold, unit=unit,
+                                         placed=placed)
     if have == 1 and in_channels > 1 and len(set(mean)) == 1 and len(set(std)) == 1:
         # Normalise the one channel and leave the repeat to the loader's copy into torch: the
         # same values, without a pass that writes in_channels× the data only to be copied again.
@@ -473,7 +545,7 @@ def seg_pipeline(layout: SplitLayout, *, size: int, in_channels: int, training: 
     # bool (binary) or the class ids (label masks, moved by nearest neighbour only); the copy
     # into torch makes either float
     mask = mask if layout.labels else mask > 0
-    outs = [image, mask, info]
+    outs = [image, mask, info] + ([pad > 0] if placed else [])
     if with_params:
         outs += [params[k] for k in sorted(params)]
     return tuple(outs)
@@ -572,7 +644,8 @@ class DaliLoader:
         if s.training and self._members is None:
             self._members = SplitMembers(self.layout)
         source = PlanSource(self._members, self.plan(epoch), s.augment, s.seed, epoch, s.size,
-                            work_channels(self.layout, s.in_channels)) if s.training else None
+                            work_channels(self.layout, s.in_channels), s.geometry, s.crop_scale,
+                            s.crop_foreground) if s.training else None
         dev_id = None
         if self.gpu:
             dev_id = self.dist.device.index if self.dist.device.index is not None else torch.cuda.current_device()
@@ -580,7 +653,7 @@ class DaliLoader:
         pipe = make(self.layout, size=s.size, in_channels=s.in_channels, training=s.training,
                     aug=s.augment, mean=s.mean, std=s.std, shard_id=sid,
                     num_shards=self.dist.world_size, gpu=self.gpu, source=source,
-                    with_params=with_params,
+                    with_params=with_params, geometry=s.geometry,
                     batch_size=s.batch_size, num_threads=max(1, s.num_workers), device_id=dev_id,
                     seed=_seed(s.seed, epoch, self.dist.rank, 1), prefetch_queue_depth=PREFETCH,
                     exec_dynamic=True)
@@ -615,7 +688,7 @@ class DaliLoader:
         try:
             for b in range(self.batches_per_epoch):
                 try:
-                    image, mask, info = pipe.run()[:3]
+                    image, mask, info, *rest = pipe.run()
                 except RuntimeError as e:
                     raise ShardError(f"DALI failed reading {s.shard_dir} split {s.split!r} (shard {lo}..{hi} "
                                      f"of {len(self.layout.keys)} samples): {e}\nIf a shard is damaged, re-run "
@@ -634,12 +707,14 @@ class DaliLoader:
                     keys = [k if ok else "" for k, ok in zip(keys, valid)]
                 img = self._to_torch(image, s.in_channels, s.image_dtype)
                 msk = self._to_torch(mask, 1, torch.float32)
+                pad = None if s.geometry == "squash" else self._to_torch(rest[0], 1, torch.float32)
                 if not s.training:
                     # Same batch shapes as the torch loader: the last one holds per_rank - b*B.
                     take = min(len(keys), per_rank - b * s.batch_size)
                     img, msk, keys, valid = img[:take], msk[:take], keys[:take], valid[:take]
+                    pad = None if pad is None else pad[:take]
                 yield Batch(image=img, mask=msk,
-                            valid=torch.tensor(valid, device=self.dist.device), keys=keys)
+                            valid=torch.tensor(valid, device=self.dist.device), keys=keys, pad=pad)
         finally:
             self._pipe = None
             del pipe

@@ -46,10 +46,30 @@ def noise_field(rng: np.random.Generator, size: int, channels: int) -> np.ndarra
     return rng.standard_normal((size, size, channels), dtype=np.float32)
 
 
-def sample_draws(p: AugmentParams, seed: int, size: int, channels: int) -> dict:
-    """`draws` from `seed` (a `position_seed`), with the noise field under "field" (None when
-    off): what the torch loader's `_augment` draws from `np.random.default_rng(seed)`."""
-    rng = np.random.default_rng(seed)
+def crop_draws(rng: np.random.Generator, foreground: float, mask) -> dict:
+    """A crop window's draws (`geometry.place`): u, the window's position as a fraction of the
+    valid range per axis (y, x), and, with probability `foreground`, centre: a random lesion
+    pixel's centre as a fraction of the source's side (y, x). `mask()` gives the source mask
+    (H × W, lesion > 0), read only for those samples; one without lesion keeps the uniform u."""
+    u = (rng.random(), rng.random())
+    centre = None
+    if foreground > 0 and rng.random() < foreground:
+        m = mask()
+        ys, xs = np.nonzero(m)
+        if len(ys):
+            j = int(rng.integers(len(ys)))
+            centre = ((ys[j] + 0.5) / m.shape[0], (xs[j] + 0.5) / m.shape[1])
+    return {"u": u, "centre": centre}
+
+
+def sample_draws(p: AugmentParams, rng: np.random.Generator, size: int, channels: int,
+                 crop_foreground: float | None = None, mask=None) -> dict:
+    """Everything one training sample draws, in this order: `draws`, the noise field (under
+    "field", None when off), and with `crop_foreground` given (`--geometry crop`) the window
+    (under "crop"; `mask` as in `crop_draws`). Both loaders call it with
+    `np.random.default_rng(position_seed(...))`."""
     d = draws(p, rng)
     d["field"] = noise_field(rng, size, channels) if d["noise"] else None
+    if crop_foreground is not None:
+        d["crop"] = crop_draws(rng, crop_foreground, mask)
     return d

@@ -50,7 +50,8 @@ def build_loader(cfg, shard_dir: Path, split: str, dist: DistInfo, training: boo
         mean=mean, std=std, augment=resolve(cfg.augment) if training else PRESETS["none"],
         seed=cfg.train.seed, num_workers=cfg.data.num_workers if workers is None else workers,
         memory_format=precision.memory_format, image_dtype=precision.image_dtype,
-        grad_accum=cfg.engine.grad_accum)
+        grad_accum=cfg.engine.grad_accum, geometry=cfg.data.geometry, crop_scale=cfg.data.crop_scale,
+        crop_foreground=cfg.data.crop_foreground)
     if cfg.data.loader == "dali":
         from .dali import DaliLoader
         return DaliLoader(spec, dist)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from ..dist import DistInfo
 from .augment import AugmentParams
 from .batch import Batch, LoaderSpec, source_channels, to_channels
-from .draws import draws, noise_field, position_seed
+from .draws import position_seed, sample_draws
+from .geometry import augment_matrix, place, placement, to_opencv
 from .order import epoch_length, training_plan
 from .shards import label_classes
 from .shards import IndexedShards, ShardError, WorkerFailure, read_manifest, read_sample, shard_paths
@@ -48,41 +49,46 @@ def batches_for(indices: list[int], batch_size: int) -> list[list[int]]:
 def _geometry_matrix(src_hw: tuple[int, int], size: int, d: dict) -> np.ndarray:
     """The 2×3 OpenCV matrix (source pixel -> output pixel) of resize, flips, then the affine
     (rotation and zoom about the centre, then the shift), composed as DALI composes them, so the
-    image is resampled once. Pixel centres sit at integer coordinates, as in OpenCV."""
-    h, w = src_hw
-    sx, sy = size / w, size / h
-    m = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1.0]])
-    flip = np.eye(3)
-    if d["hflip"]:
-        flip[0, 0], flip[0, 2] = -1.0, size - 1.0
-    if d["vflip"]:
-        flip[1, 1], flip[1, 2] = -1.0, size - 1.0
-    angle, scale, tx, ty = d["affine"]
-    c = (size - 1) / 2
-    aff = np.vstack([cv2.getRotationMatrix2D((c, c), angle, scale), [0, 0, 1.0]])
-    aff[0, 2] += tx * size
-    aff[1, 2] += ty * size
-    return (aff @ flip @ m)[:2]
+    image is resampled once (`geometry.augment_matrix`, moved to OpenCV's integer centres)."""
+    return to_opencv(augment_matrix(size, d) @ placement(src_hw, (size, size), (0, 0)))
 
 
-def _resize(img: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image: bilinear, antialiased when shrinking (torch's filter, DALI's rule); mask: nearest
-    at pixel centres (torch's nearest-exact = DALI's INTERP_NN), so it stays exactly binary."""
+def _resize(img: np.ndarray, mask: np.ndarray, size) -> tuple[np.ndarray, np.ndarray]:
+    """To size × size (or `size` = (h, w)). Image: bilinear, antialiased when shrinking (torch's
+    filter, DALI's rule); mask: nearest at pixel centres (torch's nearest-exact = DALI's
+    INTERP_NN), so it stays exactly binary."""
     h, w = mask.shape
-    if (h, w) == (size, size):
+    th, tw = (size, size) if isinstance(size, int) else size
+    if (h, w) == (th, tw):
         return img, mask
-    if h <= size and w <= size:   # no antialiasing needed: OpenCV's bilinear is the same filter
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    if h <= th and w <= tw:   # no antialiasing needed: OpenCV's bilinear is the same filter
+        img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_LINEAR)
     else:
         t = torch.from_numpy(img if img.ndim == 3 else img[:, :, None]).permute(2, 0, 1)[None]
-        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        t = F.interpolate(t, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
         img = t[0].permute(1, 2, 0).numpy()
         img = img[:, :, 0] if img.shape[2] == 1 else np.ascontiguousarray(img)
-    m = F.interpolate(torch.from_numpy(mask)[None, None], size=(size, size), mode="nearest-exact")
+    m = F.interpolate(torch.from_numpy(mask)[None, None], size=(th, tw), mode="nearest-exact")
     return img, m[0, 0].numpy()
 
 
-def _augment(img: np.ndarray, mask: np.ndarray, size: int, p: AugmentParams, rng: np.random.Generator):
+def _place(img: np.ndarray, mask: np.ndarray, size: int, geometry: str, crop_scale: str, d: dict | None):
+    """--geometry letterbox|crop (`geometry.place`): shrink with antialiasing where a side gets
+    smaller, then one `warpAffine` of the placement (+ the draws' flips and affine) for image
+    (bilinear), mask and pad mask (nearest; a ones-image warped: 1 = source pixel, 0 = padding)."""
+    shrink, m = place(*mask.shape, size, geometry, crop_scale, d)
+    if shrink is not None:
+        img, mask = _resize(img, mask, shrink)
+    m = to_opencv(m)
+
+    def warp(a: np.ndarray, interp: int) -> np.ndarray:
+        return cv2.warpAffine(a, m, (size, size), flags=interp, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return (warp(img, cv2.INTER_LINEAR), warp(mask, cv2.INTER_NEAREST),
+            warp(np.ones(mask.shape, np.float32), cv2.INTER_NEAREST))
+
+
+def _augment(img: np.ndarray, mask: np.ndarray, size: int, p: AugmentParams, rng: np.random.Generator,
+             geometry: str = "squash", crop_scale: str = "resize", crop_foreground: float = 0.0):
     """Resize and augment one sample (H×W or H×W×C float32 in [0, 1], H×W mask) to size×size.
 
     The DALI pipeline's kinds, ranges, probabilities and order (docs/loader.md), done in OpenCV:
@@ -90,10 +96,16 @@ def _augment(img: np.ndarray, mask: np.ndarray, size: int, p: AugmentParams, rng
     output) are one `warpAffine` (image bilinear, mask nearest, outside = 0); without it, flips
     move pixels and resample nothing. Returns the image in [0, 1] units and the per-sample
     (scale, offset) of brightness and contrast, which the caller folds into the normalisation
-    as DALI does; gamma and noise are applied here. The draws (`draws.py`, from `rng`) are the
-    ones DALI's `PlanSource` makes for the same seed."""
-    d = draws(p, rng)
-    if d["affine"] is None:
+    as DALI does; gamma and noise are applied here, and the pad mask (None for squash; see
+    `_place` for letterbox and crop). The draws (`draws.sample_draws`, from `rng`) are the ones
+    DALI's `PlanSource` makes for the same seed.
+    Returns (image, mask, pad, scale, offset)."""
+    d = sample_draws(p, rng, size, 1 if img.ndim == 2 else img.shape[2],
+                     crop_foreground if geometry == "crop" else None, lambda: mask)
+    pad = None
+    if geometry != "squash":
+        img, mask, pad = _place(img, mask, size, geometry, crop_scale, d)
+    elif d["affine"] is None:
         img, mask = _resize(img, mask, size)
         axes = [a for a, on in ((1, d["hflip"]), (0, d["vflip"])) if on]
         if axes:
@@ -113,9 +125,8 @@ def _augment(img: np.ndarray, mask: np.ndarray, size: int, p: AugmentParams, rng
     scale, offset = b * c, (b * float(img.mean()) * (1 - c) if c != 1.0 else 0.0)
     if d["noise"]:
         # Drawn in output units after the map: (x*scale + offset) + n = (x + n/scale)*scale + offset.
-        field = noise_field(rng, size, 1 if img.ndim == 2 else img.shape[2]).reshape(img.shape)
-        img = img + field * np.float32(d["noise"] / scale)
-    return img, mask, scale, offset
+        img = img + d["field"].reshape(img.shape) * np.float32(d["noise"] / scale)
+    return img, mask, pad, scale, offset
 
 
 class _Collate:
@@ -136,18 +147,25 @@ class _Collate:
         spec, size, n = self.spec, self.spec.size, len(items)
         img = _batch_tensor((n, spec.in_channels, size, size), spec.image_dtype, spec.memory_format)
         masks = _batch_tensor((n, 1, size, size), torch.float32, spec.memory_format)
+        geometry = spec.geometry
+        pads = None if geometry == "squash" else _batch_tensor((n, 1, size, size), torch.float32, spec.memory_format)
         mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
         valid, keys = [], []
-        augment = spec.training and spec.augment.enabled
+        # A crop's window is a draw even without augmentation; evaluation crops as letterbox.
+        augment = spec.training and (spec.augment.enabled or geometry == "crop")
         for j, (idx, seed) in enumerate(items):
             real = idx >= 0
             s = read_sample(self.ds, idx if real else 0)
             t = source_channels(torch.from_numpy(s.image).permute(2, 0, 1), spec.in_channels)
             x = t.permute(1, 2, 0).numpy()
             x = x[:, :, 0] if x.shape[2] == 1 else np.ascontiguousarray(x)
+            pad = None
             if augment:
-                x, m, scale, offset = _augment(x, s.mask, size, spec.augment, np.random.default_rng(seed))
+                x, m, pad, scale, offset = _augment(x, s.mask, size, spec.augment, np.random.default_rng(seed),
+                                                    geometry, spec.crop_scale, spec.crop_foreground)
+            elif geometry != "squash":
+                (x, m, pad), scale, offset = _place(x, s.mask, size, "letterbox", spec.crop_scale, None), 1.0, 0.0
             else:
                 (x, m), scale, offset = _resize(x, s.mask, size), 1.0, 0.0
             t = torch.from_numpy(x)
@@ -162,9 +180,11 @@ class _Collate:
                 z = torch.addcmul(q, to_channels(t, spec.in_channels), k)
             img[j].copy_(z.expand(spec.in_channels, -1, -1) if z.shape[0] == 1 else z)
             masks[j, 0] = torch.from_numpy(m)
+            if pads is not None:
+                pads[j, 0] = torch.from_numpy(pad)
             valid.append(real)
             keys.append(s.key if real else "")
-        return img, masks, torch.tensor(valid), keys
+        return img, masks, torch.tensor(valid), keys, pads
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, fmt: torch.memory_format) -> torch.Tensor:
@@ -232,8 +252,9 @@ class TorchLoader:
         for out in dl:
             if isinstance(out, WorkerFailure):
                 out.reraise()
-            img, mask, valid, keys = out
+            img, mask, valid, keys, pad = out
             img = img.to(dev, dtype=self.spec.image_dtype, non_blocking=True)
             yield Batch(image=img.contiguous(memory_format=fmt),
                         mask=mask.to(dev, non_blocking=True).contiguous(memory_format=fmt),
-                        valid=valid.to(dev, non_blocking=True), keys=keys)
+                        valid=valid.to(dev, non_blocking=True), keys=keys,
+                        pad=None if pad is None else pad.to(dev, non_blocking=True).contiguous(memory_format=fmt))
