@@ -60,8 +60,6 @@ def plot_cases(rows: list[dict], samples: EvalSamples, model: Predictor, path: P
 
 # ---------------------------------------------------------------- main
 
-
-
 def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
@@ -97,7 +95,6 @@ def checkpoint_field(args: EvaluateArgs) -> str | list[str]:
 
 def _finite(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
-
 
 
 def run(args: EvaluateArgs) -> int:
