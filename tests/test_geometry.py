@@ -152,3 +152,17 @@ def test_crops_keep_image_mask_and_pad_in_sync(tmp_path, loader):
                 assert dice((x > 0.45).numpy() & (pad[0] > 0).numpy(), m[0].numpy()) >= 0.95, (fg, k)
         lesion[fg] = sum(float(m.sum()) > 0 for _, m, _ in got.values())
     assert lesion[1.0] == 24 and lesion[0.0] < 24
+
+
+@pytest.mark.parametrize("loader", [DaliLoader, TorchLoader])
+def test_crops_follow_the_position_not_the_world_size(shards, loader):
+    """The window is a draw of the global position: two ranks (batch 6 each) and one rank
+    (batch 12) crop every sample the same way."""
+    s = spec(shards, "crop", aug="standard", batch=12)
+    one = samples(loader(s, DIST))
+    two = {}
+    for r in range(2):
+        two.update(samples(loader(replace(s, batch_size=6), DistInfo(r, r, 2, CPU))))
+    assert one.keys() == two.keys() and len(one) == 12
+    for k in one:
+        assert all(torch.equal(a, b) for a, b in zip(one[k], two[k])), k
