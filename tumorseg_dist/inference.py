@@ -13,7 +13,12 @@ Flip test-time augmentation averages the *probabilities* of the identity, horizo
 and both-axes flips (each un-flipped before averaging).
 
 Two ways to get an image's probability map (`Predictor.probability_map`, `--inference`):
-`whole` resizes the image to the training size, as training saw it, and the map back;
+`whole` resizes the image to the training size as the training loader's evaluation did, and
+the map back: a squash checkpoint (the default, and every checkpoint before issue 15) squashes
+to size × size; a `--geometry letterbox` checkpoint, and a `crop` one (its loader evaluates as
+letterbox), is fed the letterboxed image (`letterbox_box`: data/geometry.py's placement, the
+aspect kept, centred, the border raw 0 as the loader's warp leaves it, then normalised) and its
+map is cropped to the image's box and resized back (`to_original_size(..., geometry)`);
 `sliding` (`sliding_window_probs`) keeps the image at its own resolution and runs the model on
 tiles of the training size, stitched with Gaussian weights (docs/inference.md, "Sliding window").
 """
@@ -32,6 +37,7 @@ from . import checkpoint
 from .checkpoint import CheckpointError
 from .config import Arch, ModelConfig
 from .data.batch import to_channels
+from .data.geometry import origin, scaled_size
 from .models import ModelError, build_model, model_name
 from .onnx_predictor import WEIGHT_FLOOR, SIGMA_SCALE, resolve_threshold, tile_starts  # noqa: F401 (re-exported)
 from .onnx_predictor import gaussian_weights as _gaussian_weights, pad_to_tile
@@ -49,10 +55,11 @@ class Preprocess:
     size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    geometry: str = "squash"   # whole-image geometry: squash | letterbox (`whole_geometry`)
 
     def __call__(self, image: np.ndarray, size: int | None = None) -> torch.Tensor:
         """H×W or H×W×C float image in [0, 1] -> normalised [C, size, size] float32 tensor."""
-        return preprocess(image, self.in_channels, size or self.size, self.mean, self.std)
+        return preprocess(image, self.in_channels, size or self.size, self.mean, self.std, self.geometry)
 
 
 @dataclass
@@ -91,8 +98,17 @@ class Predictor:
         return [m.source for m in self.models]
 
     @property
+    def geometry(self) -> str:
+        """How `whole` feeds the model (`whole_geometry` of the checkpoint's data.geometry)."""
+        return whole_geometry(self.config)
+
+    @property
     def pre(self) -> Preprocess:
-        return Preprocess(self.in_channels, self.size, self.mean, self.std)
+        return Preprocess(self.in_channels, self.size, self.mean, self.std, self.geometry)
+
+    def to_original(self, probs: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """`to_original_size` of this model's whole-image probabilities (its geometry undone)."""
+        return to_original_size(probs, height, width, self.geometry)
 
     def preprocess(self, image: np.ndarray, size: int | None = None) -> torch.Tensor:
         """H×W or H×W×C float image in [0, 1] -> normalised [C, size, size] float32 tensor."""
@@ -118,9 +134,10 @@ class Predictor:
         label map (resized back, then the argmax)."""
         t = self.threshold if threshold is None else threshold
         probs = self.probabilities(torch.stack(tensors), tta)
+        g = self.geometry
         if probs.shape[1] > 1:
-            return [to_original_labels(p, h, w) for p, (h, w) in zip(probs, shapes)]
-        return [(to_original_size(p, h, w) > t).numpy() for p, (h, w) in zip(probs, shapes)]
+            return [to_original_labels(p, h, w, g) for p, (h, w) in zip(probs, shapes)]
+        return [(to_original_size(p, h, w, g) > t).numpy() for p, (h, w) in zip(probs, shapes)]
 
     def sliding_probabilities(self, image: np.ndarray, tta: bool = False, overlap: float = 0.5,
                               batch_size: int = 8) -> torch.Tensor:
@@ -142,7 +159,7 @@ class Predictor:
             return self.sliding_probabilities(image, tta, overlap, batch_size)
         if inference != "whole":
             raise ValueError(f"--inference must be one of {', '.join(INFERENCE_MODES)}, got {inference!r}")
-        return to_original_size(self.probabilities(self.preprocess(image)[None], tta)[0], *image.shape[:2])
+        return self.to_original(self.probabilities(self.preprocess(image)[None], tta)[0], *image.shape[:2])
 
     def predict_image(self, image: np.ndarray, tta: bool = False, threshold: float | None = None,
                       inference: str = "whole", overlap: float = 0.5, batch_size: int = 8) -> np.ndarray:
@@ -181,11 +198,40 @@ def _normalise(t: torch.Tensor, mean, std) -> torch.Tensor:
     return (t - m) / s
 
 
-def preprocess(image: np.ndarray, in_channels: int, size: int, mean, std) -> torch.Tensor:
-    """The torch loader's evaluation transform (its collate), for one image."""
+def whole_geometry(config: dict) -> str:
+    """The geometry `whole` inference feeds a checkpoint's model: its config's data.geometry
+    (absent before issue 15: squash), with crop as letterbox (the crop loader's evaluation)."""
+    g = str((config.get("data") or {}).get("geometry") or "squash")
+    if g not in ("squash", "letterbox", "crop"):
+        raise CheckpointError(f"the checkpoint's data.geometry {g!r} is unknown to this version "
+                              "(known: squash, letterbox, crop); upgrade the package")
+    return "squash" if g == "squash" else "letterbox"
+
+
+def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(top, left, ly, lx): where an image of height × width lands in its size × size letterbox,
+    the numbers of the loaders' `geometry.place` (long side to size, rounded half up, centred)."""
+    ly, lx = scaled_size(height, width, size, "letterbox")
+    return -origin(ly, size), -origin(lx, size), ly, lx
+
+
+def preprocess(image: np.ndarray, in_channels: int, size: int, mean, std,
+               geometry: str = "squash") -> torch.Tensor:
+    """The torch loader's evaluation transform (its collate), for one image: squashed to
+    size × size, or letterboxed (resized to `letterbox_box`'s ly × lx, antialiased as the loader
+    shrinks, on a border of raw 0), then normalised."""
     t = to_channels(_chw(_hwc(image)), in_channels)
-    t = F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False,
-                      antialias=True)[0]
+    if geometry == "squash":
+        t = F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)[0]
+    elif geometry == "letterbox":
+        top, left, ly, lx = letterbox_box(*t.shape[-2:], size)
+        r = F.interpolate(t[None], size=(ly, lx), mode="bilinear", align_corners=False,
+                          antialias=True)[0]
+        t = t.new_zeros((t.shape[0], size, size))
+        t[:, top:top + ly, left:left + lx] = r
+    else:
+        raise ValueError(f"geometry must be squash or letterbox for whole-image inference, got {geometry!r}")
     return _normalise(t, mean, std)
 
 
@@ -223,21 +269,34 @@ def flip_tta_probs(model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor
     return acc / len(FLIPS)
 
 
-def to_original_labels(probs: torch.Tensor, height: int, width: int) -> np.ndarray:
+def _unletterbox(p: torch.Tensor, height: int, width: int, geometry: str) -> torch.Tensor:
+    """[..., S, S] -> the image's box of its letterbox (identity for squash, and for a map
+    already at the image's size: the sliding window's)."""
+    if geometry == "squash" or tuple(p.shape[-2:]) == (height, width):
+        return p
+    top, left, ly, lx = letterbox_box(height, width, p.shape[-1])
+    return p[..., top:top + ly, left:left + lx]
+
+
+def to_original_labels(probs: torch.Tensor, height: int, width: int,
+                       geometry: str = "squash") -> np.ndarray:
     """[K, S, S] class probabilities -> the [H, W] uint8 label map at the original size: the
     probabilities resized (bilinear, as `to_original_size`), then the argmax."""
-    p = probs.float().cpu()[None]
+    p = _unletterbox(probs.float().cpu()[None], height, width, geometry)
     if tuple(p.shape[-2:]) != (height, width):
         p = F.interpolate(p, size=(height, width), mode="bilinear", align_corners=False)
     return p[0].argmax(0).to(torch.uint8).numpy()
 
 
-def to_original_size(probs: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def to_original_size(probs: torch.Tensor, height: int, width: int,
+                     geometry: str = "squash") -> torch.Tensor:
     """[1, S, S] or [B, 1, S, S] probabilities -> [H, W] (bilinear), on the CPU; K-class
-    [K, S, S] or [B, K, S, S] -> [K, H, W] (the first image's)."""
+    [K, S, S] or [B, K, S, S] -> [K, H, W] (the first image's). A letterbox model's map is first
+    cropped to the image's box (`letterbox_box`), the padding dropped."""
     p = probs.float().cpu()
     while p.dim() < 4:
         p = p[None]
+    p = _unletterbox(p, height, width, geometry)
     if tuple(p.shape[-2:]) != (height, width):
         p = F.interpolate(p, size=(height, width), mode="bilinear", align_corners=False)
     return p[0, 0] if p.shape[1] == 1 else p[0]
@@ -332,6 +391,10 @@ def describe(ckpt: dict, path: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: its config lacks {', '.join(missing)}, needed to rebuild the "
                               f"model; the checkpoint is from an incompatible version")
+    try:
+        whole_geometry(cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     arch = model["arch"]
     if arch not in KNOWN_ARCHS:
         raise CheckpointError(f"{path}: architecture {arch!r} is unknown to this tumorseg_dist version "
@@ -422,10 +485,11 @@ def load_ensemble(paths, device: str | torch.device = "cpu", threshold: float | 
     classes = output_channels(first)
     for m in models[1:]:
         for what, a, b in (("input size", first.size, m.size), ("input channels", first.in_channels, m.in_channels),
-                           ("output classes", classes, output_channels(m))):
+                           ("output classes", classes, output_channels(m)),
+                           ("whole-image geometry", first.geometry, m.geometry)):
             if a != b:
                 raise CheckpointError(f"{m.source} cannot join an ensemble with {first.source}: {what} {b} vs {a}; "
-                                      f"ensemble checkpoints trained with the same --size, --in-channels and classes")
+                                      f"ensemble checkpoints trained with the same --size, --in-channels, classes and --geometry")
         if threshold is None and m.threshold != first.threshold:
             raise CheckpointError(f"{m.source} was trained with threshold {m.threshold}, {first.source} with "
                                   f"{first.threshold}: pass --threshold T for the ensemble")

@@ -155,11 +155,13 @@ def model_size_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return (F.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0] > 0.5).numpy()
 
 
-def score(prob: torch.Tensor, mask: np.ndarray, threshold: float, resolution: str, size: int):
+def score(prob: torch.Tensor, mask: np.ndarray, threshold: float, resolution: str, size: int,
+          geometry: str = "squash"):
     """One image: (prediction, target) at the chosen resolution and its float64 [TP, FP, FN, TN],
-    counted by the metrics module as training counts them."""
+    counted by the metrics module as training counts them (geometry: the predictor's whole-image
+    geometry, undone by to_original_size)."""
     if resolution == "original":
-        pred = to_original_size(prob, *mask.shape) > threshold
+        pred = to_original_size(prob, *mask.shape, geometry) > threshold
         target = torch.from_numpy(mask)
     else:
         pred = prob.float().cpu()[0] > threshold
@@ -167,12 +169,13 @@ def score(prob: torch.Tensor, mask: np.ndarray, threshold: float, resolution: st
     return pred.numpy(), target.numpy(), mask_confusion(pred[None], target[None])[0]
 
 
-def class_score(prob: torch.Tensor, mask: np.ndarray, resolution: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+def class_score(prob: torch.Tensor, mask: np.ndarray, resolution: str, size: int,
+                geometry: str = "squash") -> tuple[np.ndarray, np.ndarray]:
     """One image's (predicted labels, target labels) at the chosen resolution: the argmax of the
     K probabilities resized to the original size, or at the model size against the mask resized
     as the loader resizes it (nearest)."""
     if resolution == "original":
-        return to_original_labels(prob, *mask.shape), mask
+        return to_original_labels(prob, *mask.shape, geometry), mask
     m = torch.from_numpy(mask.astype(np.float32))[None, None]
     target = F.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0].to(torch.uint8).numpy()
     return prob.float().cpu().argmax(0).to(torch.uint8).numpy(), target
@@ -245,7 +248,7 @@ def _score_binary(model: Predictor, pairs, n: int, d, threshold: float, resoluti
     rows: list[dict] = []
     counts = []
     for s, prob in pairs:
-        pred, target, c = score(prob, s["mask"], threshold, resolution, model.size)
+        pred, target, c = score(prob, s["mask"], threshold, resolution, model.size, model.geometry)
         counts.append(c)
         row = {"key": s["key"], "source": s["meta"].get("source", ""), "group": s["meta"].get("group") or "",
                "target_area": int(target.sum()), "prediction_area": int(pred.sum()), "_index": s["index"]}
@@ -281,7 +284,7 @@ def _score_classes(model: Predictor, pairs, n: int, d, resolution: str, surface:
     acc = ClassMetricAccumulator(d.device, k, ignore_index=ignore)
     rows: list[dict] = []
     for s, prob in pairs:
-        pred, target = class_score(prob, s["mask"], resolution, model.size)
+        pred, target = class_score(prob, s["mask"], resolution, model.size, model.geometry)
         cm = label_confusion(torch.from_numpy(pred)[None], torch.from_numpy(target)[None], k, ignore)
         acc.add(cm)
         dice, _ = image_class_scores(cm)

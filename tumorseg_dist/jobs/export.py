@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.batch import to_channels
 from ..data.shards import IndexedShards, read_sample
@@ -108,7 +107,13 @@ def full_proto(model: Predictor, size: int, opset: int, pixels: str, example: to
     output pixel; onnxruntime's own antialiased Resize differs from torch's by up to 0.03) ->
     (x - mean) / std -> the network -> sigmoid (K = 1) or softmax over the K channels -> bilinear
     resize back to height × width (Resize, half-pixel, as to_original_size). On an S×S input
-    both resizes are the identity, so the graph is also the sliding window's tile-step."""
+    both resizes are the identity, so the graph is also the sliding window's tile-step.
+
+    A letterbox (or crop) checkpoint's graph letterboxes as `inference.preprocess` does: the
+    resize goes to ly × lx (`letterbox_box`, its float64 arithmetic in the graph: Ly =
+    floor(H · (S / max(H, W)) + 0.5)), the result is padded with raw 0 to S × S at (top, left),
+    and the probabilities are cropped back to that box before the resize to height × width.
+    On an S×S input this is the identity too."""
     import onnx
     from onnx import TensorProto as T, helper as h, numpy_helper as nph
     net = network_proto(model, size, False, opset, example)
@@ -135,12 +140,34 @@ def full_proto(model: Predictor, size: int, opset: int, pixels: str, example: to
     x = node("MatMul", [x, node("Gather", [const("channels", channel_table(model.in_channels)), c], "mix")], "channels_out")
     x = node("Transpose", [x], "chw", perm=[2, 0, 1])                             # [C, H, W]
 
+    letterbox = model.geometry == "letterbox"
+    if letterbox:   # (top, left, ly, lx) of letterbox_box, as int64 [2] pairs
+        hw_d = node("Cast", [hw], "hw_d", to=T.DOUBLE)
+        ratio = node("Div", [const("S_d", np.float64(size)), node("ReduceMax", [hw_d], "long", keepdims=1)], "ratio")
+        box = node("Max", [node("Floor", [node("Add", [node("Mul", [hw_d, ratio], "scaled"),
+                                                       const("half_d", np.float64(0.5))], "scaled_h")], "floor"),
+                           const("one_d", np.float64(1.0))], "box_d")                # [ly, lx]
+        offset = node("Neg", [node("Floor", [node("Add", [node("Div", [node("Sub", [box, const("S_d2", np.float64(size))], "spare"),
+                                                                         const("two_d", np.float64(2.0))], "spare_h"),
+                                                          const("half_d2", np.float64(0.5))], "origin_h")], "origin")], "offset_d")
+        box_i = node("Cast", [box], "box", to=T.INT64)                              # [ly, lx]
+        top_left = node("Cast", [offset], "top_left", to=T.INT64)                   # [top, left]
+        out_len = node("Cast", [box], "box_f", to=T.FLOAT)
+
     def resize_weights(axis: int, tag: str) -> str:
-        """[S, n] antialiased bilinear weights from an axis of n input pixels to S."""
+        """[S, n] antialiased bilinear weights from an axis of n input pixels to S (letterbox:
+        [L, n] to the box's side L)."""
         n = node("Cast", [node("Gather", [shape, const(f"axis{tag}", i64(axis))], f"n{tag}")], f"nf{tag}", to=T.FLOAT)
-        scale = node("Div", [n, const(f"S{tag}", f32(size))], f"scale{tag}")
+        if letterbox:
+            length = node("Gather", [out_len, const(f"box_axis{tag}", i64(axis))], f"L{tag}")
+            scale = node("Div", [n, length], f"scale{tag}")
+            i = node("Unsqueeze", [node("Range", [const(f"i0{tag}", f32(0.5)), node("Add", [length, const(f"i1{tag}", f32(0.5))], f"iend{tag}"),
+                                                  const(f"istep{tag}", f32(1.0))], f"irange{tag}"), const(f"iax{tag}", i64([1]))], f"i{tag}")
+        else:
+            scale = node("Div", [n, const(f"S{tag}", f32(size))], f"scale{tag}")
+            i = const(f"i{tag}", f32(np.arange(size) + 0.5)[:, None])
         inv = node("Reciprocal", [node("Max", [scale, const(f"one{tag}", f32(1.0))], f"support{tag}")], f"inv{tag}")
-        centre = node("Mul", [scale, const(f"i{tag}", f32(np.arange(size) + 0.5)[:, None])], f"centre{tag}")
+        centre = node("Mul", [scale, i], f"centre{tag}")
         j = node("Range", [const(f"half{tag}", f32(0.5)), node("Add", [n, const(f"half2{tag}", f32(0.5))], f"end{tag}"),
                            const(f"step{tag}", f32(1.0))], f"j{tag}")
         d = node("Mul", [node("Sub", [j, centre], f"dist{tag}"), inv], f"d{tag}")
@@ -149,6 +176,10 @@ def full_proto(model: Predictor, size: int, opset: int, pixels: str, example: to
 
     x = node("MatMul", [resize_weights(0, "h"), x], "resize_h")                     # [C, S, W]
     x = node("MatMul", [x, node("Transpose", [resize_weights(1, "w")], "wT", perm=[1, 0])], "resized")  # [C, S, S]
+    if letterbox:   # [C, ly, lx] -> [C, S, S]: raw 0 around the box, as the loader's warp leaves it
+        after = node("Sub", [node("Sub", [const("SS", i64([size, size])), box_i], "rest"), top_left], "after")
+        pads = node("Concat", [const("z0", i64([0])), top_left, const("z1", i64([0])), after], "lb_pads", axis=0)
+        x = node("Pad", [x, pads], "letterboxed")
     std = f32(model.std).reshape(-1, 1, 1)
     x = node("Div", [node("Sub", [x, const("mean", f32(model.mean).reshape(-1, 1, 1))], "centred"), const("std", std)], "normalised")
     x = node("Unsqueeze", [x, const("ax0", i64([0]))], "batch")                   # [1, C, S, S]
@@ -160,13 +191,20 @@ def full_proto(model: Predictor, size: int, opset: int, pixels: str, example: to
     act = (h.make_node("Sigmoid", ["logits"], ["post/probs"], name="post/sigmoid") if out_channels == 1
            else h.make_node("Softmax", ["logits"], ["post/probs"], name="post/softmax", axis=1))
     sizes = h.make_node("Concat", ["post/nk", hw], ["post/sizes"], name="post/sizes", axis=0)
-    back = h.make_node("Resize", ["post/probs", "", "", "post/sizes"], ["post/resized"], name="post/resize",
+    probs, post = "post/probs", []
+    if letterbox:   # the box of the letterbox only, then back to height × width
+        post.append(h.make_node("Add", [top_left, box_i], ["post/box_end"], name="post/box_end"))
+        post.append(h.make_node("Slice", ["post/probs", top_left, "post/box_end", "post/hw_axes"],
+                                ["post/box"], name="post/unletterbox"))
+        inits.append(nph.from_array(i64([2, 3]), "post/hw_axes"))
+        probs = "post/box"
+    back = h.make_node("Resize", [probs, "", "", "post/sizes"], ["post/resized"], name="post/resize",
                        mode="linear", coordinate_transformation_mode="pytorch_half_pixel")
     squeeze = h.make_node("Squeeze", ["post/resized", "pre/ax0"], ["probabilities"], name="post/squeeze")
     inits.append(nph.from_array(i64([1, out_channels]), "post/nk"))
     elem = T.UINT8 if pixels == "uint8" else T.UINT16
     graph = h.make_graph(
-        nodes + net_nodes + [act, sizes, back, squeeze], "tumorseg_dist_full",
+        nodes + net_nodes + [act, sizes, *post, back, squeeze], "tumorseg_dist_full",
         [h.make_tensor_value_info("image", elem, ["height", "width", "channels"])],
         [h.make_tensor_value_info("probabilities", T.FLOAT, [out_channels, "height", "width"])],
         initializer=inits + list(net.graph.initializer))
@@ -177,6 +215,7 @@ def full_proto(model: Predictor, size: int, opset: int, pixels: str, example: to
         **common_props(model, size, opset), "tumorseg_dist.graph": "full",
         "tumorseg_dist.format": str(GRAPH_FORMAT), "tumorseg_dist.pixels": pixels,
         "tumorseg_dist.out_channels": str(out_channels),
+        "tumorseg_dist.geometry": model.geometry,   # whole-image geometry, done in the graph
         "tumorseg_dist.output": ("probabilities [1, H, W]: sigmoid of the logit; mask = > threshold"
                                  if out_channels == 1 else
                                  f"probabilities [{out_channels}, H, W]: softmax over the classes; "
@@ -229,7 +268,7 @@ def torch_probabilities(model: Predictor, image: np.ndarray, inference: str) -> 
             p = model.probability_map(image, inference=inference).numpy()
             return p.reshape(-1, *p.shape[-2:])   # [H, W] (binary) or [K, H, W]
         probs = torch.softmax(model.model(model.preprocess(image)[None]).float(), 1)
-        return F.interpolate(probs, size=image.shape[:2], mode="bilinear", align_corners=False)[0].numpy()
+        return model.to_original(probs, *image.shape[:2]).numpy()
 
 
 def full_checks(image: np.ndarray, size: int) -> list[tuple[str, np.ndarray, str]]:
