@@ -289,8 +289,10 @@ def test_loop_evaluate_of_letterboxed_batches_is_the_original(k):
         return [Batch(image=torch.zeros(2, 1, *ts.shape[-2:]), mask=ts[i:i + 2], valid=valid,
                       keys=["a", "b"], pad=None if pads is None else pads[i:i + 2]) for i in (0, 2)]
 
-    orig = evaluate(_Replay([x[:2], x[2:]]), batches(x, t, None), loss_fn, 0.5, **opts)
-    boxed = evaluate(_Replay([xp[:2], xp[2:]]), batches(xp, tp, pad), loss_fn, 0.5, **opts)
+    orig, shown = evaluate(_Replay([x[:2], x[2:]]), batches(x, t, None), loss_fn, 0.5, keep=4, **opts)
+    boxed, shown_boxed = evaluate(_Replay([xp[:2], xp[2:]]), batches(xp, tp, pad), loss_fn, 0.5,
+                                  keep=4, **opts)
+    assert shown_boxed.dice == shown.dice                  # the overlay figure's per-image Dice
     for key, value in orig.items():
         if key == "loss":
             assert boxed[key] == pytest.approx(value, rel=1e-6)

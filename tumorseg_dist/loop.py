@@ -97,16 +97,17 @@ class _FigurePicker:
         self.empty: list[tuple] = []
         self.without_lesion = 0
 
-    def add(self, image: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> None:
+    def add(self, image: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor,
+            pad: torch.Tensor | None = None) -> None:
         has = mask.flatten(1).amax(1) > 0.5
         self.without_lesion += int((~has).sum())
         if len(self.lesion) >= self.n:
             return
         if self.classes is None:
-            dice, _ = per_image_scores(confusion(logits, mask, self.threshold))
+            dice, _ = per_image_scores(confusion(logits, mask, self.threshold, pad))
             probs = torch.sigmoid(logits.float())
         else:   # K classes: the mean Dice over the foreground classes, softmax probabilities
-            dice = image_class_scores(class_confusion(logits, mask))[0].mean(1)
+            dice = image_class_scores(class_confusion(logits, mask, pad=pad))[0].mean(1)
             probs = torch.softmax(logits.float(), 1)
         for i in range(image.shape[0]):
             pool = self.lesion if has[i] else self.empty
@@ -157,7 +158,7 @@ def evaluate(engine, loader: Loader, loss_fn: DiceBCELoss | None, threshold: flo
         else:
             acc.update(logits, batch.mask, v, parts, pad=pad)
         if picker is not None:
-            picker.add(batch.image[v], batch.mask[v], logits[v])
+            picker.add(batch.image[v], batch.mask[v], logits[v], None if pad is None else pad[v])
     counts, parts = acc.reduce()
     if classes is None:
         metrics = summarize(counts)
