@@ -298,3 +298,34 @@ def test_loop_evaluate_of_letterboxed_batches_is_the_original(k):
             assert boxed[key] == pytest.approx(value, rel=1e-6)
         else:
             assert boxed[key] == value, key
+
+
+def test_the_engine_step_gets_the_pad_through_loop_train_step():
+    """loop.train_step hands Batch.pad to the DDP engine's loss: the step's loss is the masked
+    loss of the model's logits (computed on a copy first), not the unmasked one."""
+    import copy
+
+    from inference_testing import tiny_config
+    from tumorseg_dist.dist import DistInfo
+    from tumorseg_dist.engines import build_engine
+    from tumorseg_dist.loop import train_step
+    from tumorseg_dist.models import build_model
+
+    cfg = tiny_config(size=32)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1)
+    before = copy.deepcopy(model).train()
+    loss_fn = DiceBCELoss(fused="off")
+    engine = build_engine(cfg, model, DistInfo(0, 0, 1, torch.device("cpu")), loss_fn, 1)
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(2, 1, 32, 32, generator=g)
+    mask = (torch.rand(2, 1, 32, 32, generator=g) > 0.7).float()
+    pad = torch.zeros(2, 1, 32, 32)
+    pad[:, :, 4:28] = 1
+    mask *= pad
+    with torch.no_grad():
+        logits = before(image).float()
+    loss = train_step(engine, Batch(image=image, mask=mask, valid=torch.ones(2, dtype=torch.bool),
+                                    keys=["a", "b"], pad=pad))
+    assert loss.item() == pytest.approx(loss_fn(logits, mask, pad).item(), rel=1e-5)
+    assert loss.item() != pytest.approx(loss_fn(logits, mask).item(), rel=1e-3)
