@@ -148,3 +148,21 @@ def test_evaluate_scoring_undoes_the_letterbox():
     k_prob = torch.stack([1 - prob[0], prob[0]])
     labels, _ = class_score(k_prob, mask.astype(np.uint8), "original", 64, "letterbox")
     assert (labels == 1).all()
+
+
+def test_model_resolution_counts_only_the_letterbox_box():
+    """`--resolution model` compares where training's metrics compare: for a letterbox model only
+    the image's box in the letterbox (Batch.pad's real pixels), against the mask resized to that
+    box. Counting the border would add its pixels as false positives (map 1 there) here."""
+    from tumorseg_dist.scoring import class_score, score
+    h, w = 50, 120
+    top, left, ly, lx = letterbox_box(h, w, 64)
+    prob = torch.ones(1, 64, 64)   # tumour everywhere, border included
+    mask = np.ones((h, w), bool)
+    pred, target, counts = score(prob, mask, 0.5, "model", 64, "letterbox")
+    assert pred.shape == target.shape == (ly, lx) and counts.tolist() == [ly * lx, 0, 0, 0]
+    _, _, squashed = score(prob, mask, 0.5, "model", 64)
+    assert squashed.tolist() == [64 * 64, 0, 0, 0]   # squash: the whole square is the image
+    k_prob = torch.stack([1 - prob[0], prob[0]])
+    labels, k_target = class_score(k_prob, mask.astype(np.uint8), "model", 64, "letterbox")
+    assert labels.shape == k_target.shape == (ly, lx) and (labels == 1).all() and (k_target == 1).all()

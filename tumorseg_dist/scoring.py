@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import dist as distmod
 from .data.shards import IndexedShards, ShardError, WorkerFailure, read_sample, shard_paths
 from .data.torch_loader import rank_indices
-from .inference import Predictor, to_original_labels, to_original_size
+from .inference import Predictor, letterbox_box, to_original_labels, to_original_size
 from .metrics import (ClassMetricAccumulator, confusion_matrix, image_class_scores, label_confusion,
                       mask_confusion, per_image_scores, summarize, summarize_classes)
 
@@ -149,10 +149,21 @@ def _collate(batch: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------- one image
 
-def model_size_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """The loader's mask resize (nearest-exact) to the training size."""
+def _nearest(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     m = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return (F.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0] > 0.5).numpy()
+    return F.interpolate(m, size=hw, mode="nearest-exact")[0, 0].numpy()
+
+
+def model_size_pair(prob: torch.Tensor, mask: np.ndarray, size: int, geometry: str):
+    """(probabilities [..., h, w], target [h, w]) at the model size, over the pixels training
+    counts: the whole square for squash; for a letterbox (or crop) model only the image's box in
+    the letterbox (the padding is excluded, as Batch.pad excludes it), the mask resized
+    nearest-exact to that box."""
+    p = prob.float().cpu()
+    if geometry == "squash":
+        return p, _nearest(mask, (size, size))
+    top, left, ly, lx = letterbox_box(*mask.shape, size)
+    return p[..., top:top + ly, left:left + lx], _nearest(mask, (ly, lx))
 
 
 def score(prob: torch.Tensor, mask: np.ndarray, threshold: float, resolution: str, size: int,
@@ -164,8 +175,8 @@ def score(prob: torch.Tensor, mask: np.ndarray, threshold: float, resolution: st
         pred = to_original_size(prob, *mask.shape, geometry) > threshold
         target = torch.from_numpy(mask)
     else:
-        pred = prob.float().cpu()[0] > threshold
-        target = torch.from_numpy(model_size_mask(mask, size))
+        p, t = model_size_pair(prob, mask, size, geometry)
+        pred, target = p[0] > threshold, torch.from_numpy(t > 0.5)
     return pred.numpy(), target.numpy(), mask_confusion(pred[None], target[None])[0]
 
 
@@ -173,12 +184,11 @@ def class_score(prob: torch.Tensor, mask: np.ndarray, resolution: str, size: int
                 geometry: str = "squash") -> tuple[np.ndarray, np.ndarray]:
     """One image's (predicted labels, target labels) at the chosen resolution: the argmax of the
     K probabilities resized to the original size, or at the model size against the mask resized
-    as the loader resizes it (nearest)."""
+    as the loader resizes it (nearest; a letterbox model: inside the image's box)."""
     if resolution == "original":
         return to_original_labels(prob, *mask.shape, geometry), mask
-    m = torch.from_numpy(mask.astype(np.float32))[None, None]
-    target = F.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0].to(torch.uint8).numpy()
-    return prob.float().cpu().argmax(0).to(torch.uint8).numpy(), target
+    p, t = model_size_pair(prob, mask, size, geometry)
+    return p.argmax(0).to(torch.uint8).numpy(), t.astype(np.uint8)
 
 
 # ---------------------------------------------------------------- a split
