@@ -6,7 +6,7 @@
 #
 # Output: $OUT (the device tool's result folder) if set, else benchmarks/results/gpu-DATE/.
 #   env.txt           nvidia-smi, python/torch/CUDA versions, what was installed or missing
-#   pytest.txt        the GPU tests (tests/test_throughput.py + test_dali.py -k gpu; tests/test_kernel.py, tests/test_losses.py)
+#   pytest.txt        the GPU tests (tests/test_throughput.py + test_dali.py + test_pad_mask.py -k gpu; tests/test_kernel.py, tests/test_losses.py)
 #   model.jsonl       model stage 640: fp32 NCHW, fp32 NHWC, bf16 NCHW, bf16 NHWC (alternated, 2 rounds)
 #   sweep.jsonl       model stage 640 bf16 NHWC, --sweep batch_size=8,16,32,64,128 (OOM = the limit)
 #   all.jsonl         data + model + train + breakdown, --loader dali,torch,naive, 640, bf16 NHWC
@@ -68,9 +68,9 @@ fi
 
 # 1. GPU tests: the GPU checks of the throughput and DALI suites (fused kernel vs reference,
 # bf16/channels-last model stage with MFU, DALI mixed decode, the DALI GPU pipeline against the
-# CPU one, nccl with >= 2 GPUs), then the whole kernel and loss suites, which on a GPU also
+# CPU one, the compiled kernels with a pad mask, nccl with >= 2 GPUs), then the whole kernel and loss suites, which on a GPU also
 # exercise the compiled Triton kernel. Two runs: `-k gpu` would deselect most of the second.
-"$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_throughput.py tests/test_dali.py -k gpu \
+"$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_throughput.py tests/test_dali.py tests/test_pad_mask.py -k gpu \
   2>&1 | tee "$RES/pytest.txt" | tail -5
 TEST_RC=${PIPESTATUS[0]}
 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_kernel.py tests/test_losses.py \

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.losses import MaskedDiceLoss
 
 from tumorseg_dist.data.batch import Batch
 from tumorseg_dist.loop import evaluate
@@ -114,6 +113,7 @@ def test_pad_of_the_wrong_shape_is_refused():
 def test_image_dice_matches_monai_masked_dice_loss():
     _, _, xp, tp, pad = binary_case(n=4, seed=3)
     ours = loss_and_grad(reference_dice_bce, xp, tp, bce_weight=0.0, dice_reduction="image", pad=pad)
+    from monai.losses import MaskedDiceLoss   # here: the GPU check's machine may lack MONAI
     monai = MaskedDiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
     theirs = loss_and_grad(lambda xx: monai(xx, tp, mask=pad), xp)
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-7)
@@ -158,6 +158,7 @@ def test_k_class_letterbox_has_the_loss_and_gradient_of_the_original(reduction, 
 def test_k_class_image_dice_matches_monai_masked_dice_loss():
     _, _, xp, tp, pad = class_case(seed=5)
     ours = reference_dice_ce(xp, tp, ce_weight=0.0, dice_reduction="image", pad=pad)
+    from monai.losses import MaskedDiceLoss
     monai = MaskedDiceLoss(softmax=True, to_onehot_y=True, include_background=False)
     assert ours.item() == pytest.approx(monai(xp, tp[:, None], mask=pad).item(), rel=1e-5)
 
@@ -329,3 +330,33 @@ def test_the_engine_step_gets_the_pad_through_loop_train_step():
                                     keys=["a", "b"], pad=pad))
     assert loss.item() == pytest.approx(loss_fn(logits, mask, pad).item(), rel=1e-5)
     assert loss.item() != pytest.approx(loss_fn(logits, mask).item(), rel=1e-3)
+
+
+# ---------------------------------------------------------------- the compiled kernels on a GPU
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_gpu_binary_kernel_with_a_pad_matches_reference(dtype):
+    """The compiled (not interpreted) binary kernel with a pad mask, channels-last, on CUDA."""
+    dt = DTYPES[dtype]
+    _, _, xp, tp, pad = binary_case(seed=10, dtype=dt)
+    xp, tp, pad = (v.cuda().to(memory_format=torch.channels_last) for v in (xp, tp, pad))
+    lk, gk = loss_and_grad(fused_dice_bce, xp, tp, pad=pad)
+    lr, gr = loss_and_grad(reference_dice_bce, xp, tp, pad=pad)
+    torch.testing.assert_close(lk, lr, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gk, gr, rtol=GRAD_TOL[dt][0], atol=GRAD_TOL[dt][1])
+    assert border_only(gk).abs().max() == 0
+
+
+@gpu
+def test_gpu_k_class_kernel_with_a_pad_matches_reference():
+    _, _, xp, tp, pad = class_case(seed=11, ignore=255)
+    xp, tp, pad = xp.cuda(), tp.cuda(), pad.cuda()
+    lk, gk = loss_and_grad(fused_dice_ce, xp, tp, ignore_index=255, pad=pad)
+    lr, gr = loss_and_grad(reference_dice_ce, xp, tp, ignore_index=255, pad=pad)
+    torch.testing.assert_close(lk, lr, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gk, gr, rtol=1e-4, atol=1e-8)
+    assert border_only(gk).abs().max() == 0
