@@ -101,11 +101,19 @@ def test_usr1_saves_requeues_and_the_requeued_job_resumes(cluster, shards, tmp_p
         pytest.fail(f"the trainer exited 75 but the job was not requeued:\n{log}")
     assert codes == {"75"}, log
     assert "stop requested: saved" in log and "requeueing job" in log, log
-    # A requeued job waits for a begin time ~2 min ahead; let it start now.
+    # The requeue is seen (Restarts 1) while the first instance may still be completing (its
+    # processes ending, under load for seconds); moving its start time then can race that
+    # cleanup. Wait until the job is queued again, then let it start now: a requeued job waits
+    # for a begin time ~2 min ahead.
+    try:
+        cluster.wait(job, timeout=120, until=lambda i: i["JobState"] == "PENDING")
+    except SlurmError as e:
+        pytest.fail(f"the requeued job was not queued again: {cluster.job(job)}\n{e}\n{log}")
     cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
     info = cluster.wait(job, timeout=400)
     log = job_log(tmp_path, job)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+        f"{log}\njob after the requeue: {info}\n{cluster.logs()}"
     assert info["Restarts"] == "1"
     assert f"job {job} attempt 1" in log
     assert f"resumed from {run}/checkpoints/last.pt" in log, log

@@ -41,6 +41,7 @@ from .data.geometry import origin, scaled_size
 from .models import ModelError, build_model, model_name
 from .onnx_predictor import WEIGHT_FLOOR, SIGMA_SCALE, resolve_threshold, tile_starts  # noqa: F401 (re-exported)
 from .onnx_predictor import gaussian_weights as _gaussian_weights, pad_to_tile
+from .onnx_predictor import at_tile_scale, map_back, tile_scale
 from .options import Inference, check_overlap
 
 KNOWN_ARCHS = Arch.__args__  # the Literal's choices
@@ -103,6 +104,19 @@ class Predictor:
         return whole_geometry(self.config)
 
     @property
+    def tile_scale(self) -> str:
+        """The scale `sliding` cuts this model's tiles at (onnx_predictor.tile_scale): the image
+        with its short side resized to the size for a `crop --crop-scale resize` checkpoint
+        (the scale it trained at), else the image's own resolution."""
+        data = self.config.get("data") or {}
+        crop_scale = str(data.get("crop_scale") or "resize")
+        if crop_scale not in ("resize", "native"):
+            raise CheckpointError(f"the checkpoint's data.crop_scale {crop_scale!r} is unknown to this "
+                                  "version (known: resize, native); upgrade the package")
+        whole_geometry(self.config)   # a geometry this version knows, else CheckpointError
+        return tile_scale(str(data.get("geometry") or "squash"), crop_scale)
+
+    @property
     def pre(self) -> Preprocess:
         return Preprocess(self.in_channels, self.size, self.mean, self.std, self.geometry)
 
@@ -142,13 +156,17 @@ class Predictor:
     def sliding_probabilities(self, image: np.ndarray, tta: bool = False, overlap: float = 0.5,
                               batch_size: int = 8) -> torch.Tensor:
         """One [0, 1] image at its own resolution -> [H, W] probabilities (float32, CPU), from
-        tiles of the training size (`sliding_window_probs`). An ensemble: the mean of its models'
-        maps (one tile layout and weighting, so the same as averaging tile by tile)."""
+        tiles of the training size (`sliding_window_probs`) cut at the model's `tile_scale` (a
+        `crop --crop-scale resize` model: the image resized to its training scale first, the
+        map resized back). An ensemble: the mean of its models' maps."""
         acc = None
-        for m in self.models:
-            p = sliding_window_probs(m.model, image, in_channels=m.in_channels, size=m.size, mean=m.mean,
-                                     std=m.std, overlap=overlap, batch_size=batch_size, tta=tta,
-                                     device=self.device)
+        h, w = image.shape[:2]
+        for m in self.models:   # each at its own tile scale, its map brought back to H × W
+            p = sliding_window_probs(m.model, at_tile_scale(image, m.size, m.tile_scale),
+                                     in_channels=m.in_channels, size=m.size, mean=m.mean, std=m.std,
+                                     overlap=overlap, batch_size=batch_size, tta=tta, device=self.device)
+            if tuple(p.shape[-2:]) != (h, w):
+                p = torch.from_numpy(map_back(p.numpy(), h, w))
             acc = p if acc is None else acc.add_(p)
         return acc if not self.members else acc / len(self.models)
 

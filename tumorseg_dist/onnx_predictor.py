@@ -85,6 +85,76 @@ def pad_to_tile(arr: np.ndarray, size: int) -> tuple[np.ndarray, int, int]:
     return arr, top, left
 
 
+# ---------------------------------------------------------------- the tile scale (shared with inference.py)
+
+# The scale the sliding window cuts its tiles at: the scale the model trained at. A
+# `--geometry crop --crop-scale resize` model saw images whose short side was resized to the
+# size, so its tiles come from the image at that scale ("short-side") and the stitched map is
+# resized back; every other model is tiled at the image's own resolution ("native": a crop
+# model at native scale trained there; squash and letterbox models trained on whole images,
+# and sliding them is the user's choice of native detail).
+TILE_SCALES = ("native", "short-side")
+
+
+def tile_scale(geometry: str, crop_scale: str) -> str:
+    """The tile scale of a model trained with this data.geometry and data.crop_scale."""
+    return "short-side" if geometry == "crop" and crop_scale == "resize" else "native"
+
+
+def tiled_shape(height: int, width: int, size: int, scale: str) -> tuple[int, int]:
+    """(H, W) of the image the tiles are cut from: data/geometry.scaled_size's crop placement
+    (short side to size, rounded half up) for "short-side", the image's own for "native"."""
+    if scale == "native":
+        return height, width
+    if scale != "short-side":
+        raise ValueError(f"tile scale must be one of {', '.join(TILE_SCALES)}, got {scale!r}")
+    r = size / min(height, width)
+    return max(1, math.floor(height * r + 0.5)), max(1, math.floor(width * r + 0.5))
+
+
+def resize_weights(n: int, m: int) -> np.ndarray:
+    """[m, n] float32 weights of an antialiased bilinear resize of an axis from n to m pixels,
+    as F.interpolate(mode="bilinear", antialias=True) computes them (the triangle filter,
+    stretched by the scale when shrinking, normalised per output pixel; enlarging, plain
+    half-pixel bilinear with the edge clamped). The full graph builds the same in ONNX ops."""
+    scale = n / m
+    centre = scale * (np.arange(m, dtype=np.float64) + 0.5)
+    d = (np.arange(n, dtype=np.float64)[None] + 0.5 - centre[:, None]) / max(scale, 1.0)
+    w = np.maximum(0.0, 1.0 - np.abs(d))
+    return (w / w.sum(1, keepdims=True)).astype(np.float32)
+
+
+def resize_hw(a: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[H, W, ...] float32 -> [height, width, ...] by `resize_weights` on both axes."""
+    if a.shape[:2] == (height, width):
+        return a
+    a = np.tensordot(resize_weights(a.shape[0], height), a, axes=(1, 0))
+    return np.moveaxis(np.tensordot(resize_weights(a.shape[1], width), a, axes=(1, 1)), 0, 1)
+
+
+def at_tile_scale(image: np.ndarray, size: int, scale: str) -> np.ndarray:
+    """A [0, 1] H×W or H×W×C image at its tile scale (`tiled_shape`; the image itself at
+    "native"): resized by `resize_hw`, then put back on its pixel grid."""
+    h, w = image.shape[:2]
+    th, tw = tiled_shape(h, w, size, scale)
+    if (th, tw) == (h, w):
+        return image
+    arr = np.asarray(image, dtype=np.float32)
+    grid = 255.0 if np.abs(arr * 255.0 - np.rint(arr * 255.0)).max(initial=0.0) <= 1e-3 else 65535.0
+    out = np.clip(resize_hw(arr, th, tw), 0.0, 1.0)
+    return (np.rint(out * np.float32(grid)) / np.float32(grid)).astype(np.float32)
+
+
+def map_back(probs: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[..., h, w] probabilities stitched at the tile scale -> [..., height, width] (`resize_hw`,
+    antialiased where they shrink)."""
+    if probs.shape[-2:] == (height, width):
+        return probs
+    lead = probs.ndim - 2
+    hw_first = np.moveaxis(probs, (-2, -1), (0, 1))
+    return np.ascontiguousarray(np.moveaxis(resize_hw(hw_first, height, width), (0, 1), (lead, lead + 1)))
+
+
 def resolve_threshold(flag: float | None, model: Any) -> float:
     """--threshold if given, else the one the model was trained and validated with."""
     t = model.threshold if flag is None else flag
@@ -111,6 +181,7 @@ class OnnxPredictor:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: tuple[str, ...] = ()   # by class id; () for a file exported before they were kept
+    tile_scale: str = "native"          # TILE_SCALES; "native" for a file exported before it was kept
 
     pre = None             # the graph preprocesses: callers hand it the image itself
 
@@ -171,7 +242,10 @@ class OnnxPredictor:
         """One [0, 1] image -> [K, H, W] float32 probabilities at its own size."""
         raw = self.pixels_of(image, source)
         if inference == "sliding":
-            return self.sliding(raw, tta, overlap)
+            if self.tile_scale == "native":
+                return self.sliding(raw, tta, overlap)
+            scaled = self.pixels_of(at_tile_scale(image, self.size, self.tile_scale), source)
+            return map_back(self.sliding(scaled, tta, overlap), *raw.shape[:2])
         if inference != "whole":
             raise ValueError(f"--inference must be one of whole, sliding, got {inference!r}")
         return self.flipped_mean(raw, tta)
@@ -256,7 +330,16 @@ def load_onnx(path: Path | str, threads: int = 0, device: str = "cpu") -> OnnxPr
         out_channels=int(_meta(props, "out_channels", path)), size=int(_meta(props, "size", path)),
         pixels=pixels, threshold=float(_meta(props, "threshold", path)),
         mean=tuple(json.loads(_meta(props, "mean", path))), std=tuple(json.loads(_meta(props, "std", path))),
-        class_names=_class_names(props, path))
+        class_names=_class_names(props, path), tile_scale=_tile_scale(props, path))
+
+
+def _tile_scale(props: dict[str, str], path: Path) -> str:
+    scale = props.get("tumorseg_dist.tile_scale", "native")
+    if scale not in TILE_SCALES:
+        raise OnnxModelError(f"{path}: its tumorseg_dist.tile_scale metadata {scale!r} is not one of "
+                             f"{', '.join(TILE_SCALES)}; the file was edited or written by a newer "
+                             f"tumorseg_dist: re-export it or upgrade the package")
+    return scale
 
 
 def _class_names(props: dict[str, str], path: Path) -> tuple[str, ...]:

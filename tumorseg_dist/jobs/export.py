@@ -216,6 +216,7 @@ def full_proto(model: Predictor, size: int, opset: int, pixels: str, example: to
         "tumorseg_dist.format": str(GRAPH_FORMAT), "tumorseg_dist.pixels": pixels,
         "tumorseg_dist.out_channels": str(out_channels),
         "tumorseg_dist.geometry": model.geometry,   # whole-image geometry, done in the graph
+        "tumorseg_dist.tile_scale": model.tile_scale,   # the sliding window's, done by the predictor
         "tumorseg_dist.output": ("probabilities [1, H, W]: sigmoid of the logit; mask = > threshold"
                                  if out_channels == 1 else
                                  f"probabilities [{out_channels}, H, W]: softmax over the classes; "
