@@ -10,7 +10,8 @@
 #   scripts/geometry_check.sh busi         # only the named subset(s)
 #
 # Environment: PY (default .venv/bin/python), DATA (default ../shared/data), WORK (default a
-# new /tmp/geometry_check.XXXX), EPOCHS (overrides every subset's epochs), SIZE (default 128),
+# new /tmp/geometry_check.XXXX), EPOCHS (overrides every subset's epochs), GEOMETRIES (overrides
+# every subset's list, e.g. "crop"), SIZE (default 128),
 # SEED (default 0).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -38,6 +39,7 @@ echo "| --- | --- | --- | --- | --- | --- | --- | --- |" >> "$results"
 for row in "${SUBSETS[@]}"; do
   IFS='|' read -r src recipe packopts epochs geometries <<< "$row"
   epochs=${EPOCHS:-$epochs}
+  geometries=${GEOMETRIES:-$geometries}
   if [ ${#ONLY[@]} -gt 0 ] && [[ ! " ${ONLY[*]} " == *" $src "* ]]; then continue; fi
   shards="$WORK/shards/$src"
   # shellcheck disable=SC2086  # packopts is a list of words

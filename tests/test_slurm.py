@@ -101,15 +101,15 @@ def test_usr1_saves_requeues_and_the_requeued_job_resumes(cluster, shards, tmp_p
         pytest.fail(f"the trainer exited 75 but the job was not requeued:\n{log}")
     assert codes == {"75"}, log
     assert "stop requested: saved" in log and "requeueing job" in log, log
-    # The requeue is seen (Restarts 1) while the first instance may still be completing (its
-    # processes ending, under load for seconds); moving its start time then can race that
-    # cleanup. Wait until the job is queued again, then let it start now: a requeued job waits
-    # for a begin time ~2 min ahead.
+    # A requeued job waits for a begin time ~2 min ahead, so that slurmd has let go of the first
+    # instance: its credential is revoked at the kill, and a new one issued in the same second
+    # is refused ("Killing non-startable batch job: Job credential revoked", seen on a loaded
+    # box). Once the job is queued again, start it a few seconds from now instead of in 2 min.
     try:
         cluster.wait(job, timeout=120, until=lambda i: i["JobState"] == "PENDING")
     except SlurmError as e:
         pytest.fail(f"the requeued job was not queued again: {cluster.job(job)}\n{e}\n{log}")
-    cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+    cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now+5"], check=False)
     info = cluster.wait(job, timeout=400)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
