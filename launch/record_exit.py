@@ -11,6 +11,7 @@ exits. The module runs in this very process (runpy), so signals reach its handle
 """
 from __future__ import annotations
 
+import atexit
 import os
 import runpy
 import sys
@@ -31,20 +32,28 @@ def main() -> None:
     module = sys.argv[1]
     sys.argv = [module, *sys.argv[2:]]
     sys.path[0] = os.getcwd()  # what `python -m` puts first, instead of this script's folder
-    status = 1
+    status = {"code": 1}   # an uncaught exception: Python exits 1
+
+    def record() -> None:
+        # An atexit handler, not a `finally`: a tumorseg_dist command ends its process with
+        # cli.exit_with (os._exit after the atexit handlers), which no `finally` here outlives.
+        out = os.environ.get("EXIT_CODE_DIR")
+        if not out:
+            return
+        cli = sys.modules.get("tumorseg_dist.cli")
+        code = status["code"] if cli is None or cli.exit_status is None else cli.exit_status
+        Path(out).mkdir(parents=True, exist_ok=True)
+        tmp = Path(out) / f".rank{os.environ.get('RANK', '0')}.{os.getpid()}"
+        tmp.write_text(f"{code}\n")
+        tmp.replace(Path(out) / f"rank{os.environ.get('RANK', '0')}")
+
+    atexit.register(record)
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
-        status = 0
+        status["code"] = 0
     except SystemExit as e:
-        status = _status(e.code)
+        status["code"] = _status(e.code)
         raise
-    finally:
-        out = os.environ.get("EXIT_CODE_DIR")
-        if out:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            tmp = Path(out) / f".rank{os.environ.get('RANK', '0')}.{os.getpid()}"
-            tmp.write_text(f"{status}\n")
-            tmp.replace(Path(out) / f"rank{os.environ.get('RANK', '0')}")
 
 
 if __name__ == "__main__":

@@ -203,3 +203,39 @@ def test_bench_runs_a_benchmark_and_names_the_choices():
     assert "--repeat" in p.stdout
     p = run_cli([PY, "-m", "tumorseg_dist.bench", "resume", "--help"], cwd=REPO)
     assert "--repeats" in p.stdout
+
+
+def test_a_finished_command_exits_with_its_code_after_threads_atexit_and_flushed_output(tmp_path):
+    """cli.exit_with skips only the interpreter's teardown: a non-daemon thread's last write, an
+    atexit handler's file and buffered (unflushed) stdout and stderr all arrive, with the code;
+    an executor nobody shut down does not hold the exit (threading's exit hooks stop it)."""
+    script = tmp_path / "cmd.py"
+    script.write_text(f"""
+import atexit, sys, threading, time
+from pathlib import Path
+from tumorseg_dist.cli import exit_with
+out = Path({str(tmp_path)!r})
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+def late():
+    time.sleep(0.3)
+    (out / "thread").write_text("joined")
+threading.Thread(target=late).start()
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(2)   # never shut down, as torch.compile's compile pool
+pool.submit(time.sleep, 0.1)
+sys.stdout.write("no newline, still buffered")
+sys.stderr.write("err too")
+exit_with(3)
+""")
+    p = subprocess.run([PY, str(script)], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert p.returncode == 3
+    assert (p.stdout, p.stderr) == ("no newline, still buffered", "err too")
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").read_text() == "joined"
+
+
+@pytest.mark.parametrize("module", ["train", "pack", "evaluate", "predict", "export", "__main__"])
+def test_every_command_module_ends_its_process_through_exit_with(module):
+    src = (REPO / "tumorseg_dist" / f"{module}.py").read_text()
+    main_block = src.split('if __name__ == "__main__":', 1)[1]
+    assert "exit_with(main(" in main_block

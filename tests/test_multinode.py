@@ -50,8 +50,10 @@ def test_record_exit_passes_and_records_the_workers_status(tmp_path):
     (tmp_path / "stopper.py").write_text("import sys\nprint('saved')\nsys.exit(75)\n")
     (tmp_path / "crasher.py").write_text("raise RuntimeError('boom')\n")
     (tmp_path / "fine.py").write_text("print('ok')\n")
+    # how every tumorseg_dist command ends (os._exit after the atexit handlers)
+    (tmp_path / "fast.py").write_text("from tumorseg_dist.cli import exit_with\nexit_with(75)\n")
     codes = tmp_path / "codes"
-    for module, rank, want in (("stopper", "3", 75), ("crasher", "1", 1), ("fine", "0", 0)):
+    for module, rank, want in (("stopper", "3", 75), ("crasher", "1", 1), ("fine", "0", 0), ("fast", "2", 75)):
         res = subprocess.run([python_bin(), str(LAUNCH / "record_exit.py"), module],
                              cwd=tmp_path, capture_output=True, text=True,
                              env={**os.environ, "EXIT_CODE_DIR": str(codes), "RANK": rank})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .cli import exit_with
 from .commands import COMMANDS, usage
 
 
@@ -21,4 +22,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

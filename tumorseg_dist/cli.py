@@ -120,3 +120,29 @@ def guarded(prog: str, fn: Callable[..., int], *args) -> int:
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+
+
+# The status a process ending through `exit_with` ends with; None until then.
+exit_status: int | None = None
+
+
+def exit_with(code: int | None) -> NoReturn:
+    """End a command's process with `code` once its work is done, without the interpreter's
+    teardown: freeing torch's, smp's and DALI's modules object by object takes 1-3 s per process
+    (paid again by every rank of every run), and a finished command has nothing left to free.
+    What a normal exit does that matters still happens here, in CPython's order: threading's
+    own exit hooks (which stop executors' worker threads: inductor's compile pool) and the join of
+    every non-daemon thread (`threading._shutdown`, what the interpreter calls first), then the
+    atexit handlers (wandb, multiprocessing's children, torch), then the standard streams. Only for `python -m tumorseg_dist.CMD`, whose process this is;
+    `main()` called from Python returns as usual. `exit_status` holds the code while the atexit
+    handlers run (launch/record_exit.py records it from there)."""
+    import atexit
+    import threading
+    global exit_status
+    exit_status = 0 if code is None else code if isinstance(code, int) else 1
+    threading._shutdown()   # a bare join of the threads would wait forever on an executor's workers
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):   # a closed or broken pipe: nothing left to say
+            stream.flush()
+    os._exit(exit_status)

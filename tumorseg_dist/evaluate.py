@@ -31,8 +31,6 @@ the counts are summed, so every sample is counted exactly once.
 """
 from __future__ import annotations
 
-import sys
-
 from . import cli, threads
 from .options import EvaluateArgs
 
@@ -51,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main())

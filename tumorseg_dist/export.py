@@ -12,8 +12,6 @@ difference is printed and must be below --atol. The file only appears at --onnx 
 
 from __future__ import annotations
 
-import sys
-
 from . import cli
 from .options import ExportArgs
 
@@ -28,4 +26,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main())

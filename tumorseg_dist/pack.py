@@ -116,4 +116,5 @@ def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
 if __name__ == "__main__":
     # The process ends here: a signal from now on finds the result decided and its message
     # printed, so it is recorded rather than allowed to interrupt or kill the exit.
-    sys.exit(main(restore_signals=False))
+    from .cli import exit_with
+    exit_with(main(restore_signals=False))

@@ -22,8 +22,6 @@ and the exit status is then 1 (0 when every input was written).
 
 from __future__ import annotations
 
-import sys
-
 from . import cli, threads
 from .options import PredictArgs
 
@@ -42,4 +40,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main())

@@ -5,10 +5,8 @@ With no --data it packs the built-in synthetic set once and trains on it.
 """
 from __future__ import annotations
 
-import sys
-
 from . import threads
-from .cli import guarded
+from .cli import exit_with, guarded
 from .config import parse
 
 
@@ -24,4 +22,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
