@@ -3,12 +3,15 @@ clipping, EMA, the non-finite step guard, checkpoint round trips and the DeepSpe
 translation/merging."""
 import inspect
 import json
+import os
+import subprocess
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import PY, REPO
 from tumorseg_dist.config import Config, ConfigError
 from tumorseg_dist.dist import DistInfo
 from tumorseg_dist.engines import DDPEngine, NonFiniteLossError, build_engine, build_engine_for_benchmark
@@ -358,3 +361,30 @@ def test_deepspeed_single_process_with_channels_last_inputs(monkeypatch):
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+def test_deepspeed_on_cpu_builds_no_cpp_extension(tmp_path):
+    """No C++ compile at run time: DeepSpeed's shared-memory all-reduce op (inference only) is
+    not JIT-built, and a ZeRO step still reduces through gloo."""
+    ext = tmp_path / "torch_extensions"
+    code = """
+import torch
+from tumorseg_dist.config import Config
+from tumorseg_dist.dist import DistInfo
+from tumorseg_dist.engines import build_engine_for_benchmark
+cfg = Config()
+cfg.engine.engine, cfg.engine.zero_stage = "deepspeed", 2
+cfg.model.arch, cfg.data.in_channels, cfg.train.batch_size = "unet-classic", 1, 2
+cfg.train.channels_last = False
+eng = build_engine_for_benchmark(cfg, DistInfo(0, 0, 1, torch.device("cpu")), total_steps=2)
+eng.train()
+x, y = torch.randn(2, 1, 32, 32), (torch.rand(2, 1, 32, 32) > 0.8).float()
+print("loss", float(eng.train_step(x, y)))
+"""
+    p = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                            "TORCH_EXTENSIONS_DIR": str(ext)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "loss" in p.stdout
+    assert "shm_comm_op built" not in p.stdout + p.stderr
+    assert not ext.exists() or not any(ext.rglob("*.so")), sorted(ext.rglob("*"))

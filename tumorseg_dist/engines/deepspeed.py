@@ -32,6 +32,7 @@ tag resumes on another world size: its partitions are re-cut in memory (`_load_o
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import shutil
@@ -160,6 +161,13 @@ def init_deepspeed(dist: DistInfo):
     group; a single process gets a one-rank group (DeepSpeed always needs one)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if dist.device.type == "cuda" else "cpu")
     import deepspeed
+    ds_comm = importlib.import_module("deepspeed.comm.torch")   # `import ... as` finds the torch package
+    if dist.device.type == "cpu" and hasattr(ds_comm, "build_shm_op"):
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build at run
+        # time: a compiler on every node, a minute of one core, the other ranks waiting on its
+        # lock) that only its inference all-reduce uses. Training reduces through the gloo
+        # group, and DeepSpeed falls back to it when the op is absent.
+        ds_comm.build_shm_op = lambda: None
     if not torch.distributed.is_initialized():
         os.environ.setdefault("RANK", str(dist.rank))
         os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))
