@@ -13,10 +13,12 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 PY = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
-# Small, fast settings every end-to-end test starts from (CPU, 64 px, resnet18, no weights).
+# Small, fast settings every end-to-end test starts from (CPU, 64 px, resnet18, no weights; no
+# end-of-run test evaluation: a test about it appends TEST_EVAL, the last flag wins).
 TINY = ["--device", "cpu", "--size", "64", "--in-channels", "1", "--encoder", "resnet18",
         "--encoder-weights", "none", "--num-workers", "0", "--amp", "off", "--no-channels-last",
-        "--log-every", "2", "--lr", "3e-3", "--augment", "light"]
+        "--log-every", "2", "--lr", "3e-3", "--augment", "light", "--no-test-eval"]
+TEST_EVAL = ["--test-eval"]
 
 
 @pytest.fixture(scope="session")

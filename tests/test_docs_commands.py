@@ -13,6 +13,7 @@ The convention (docs/design.md, "Docs that run"):
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -31,6 +32,9 @@ NOT_RUN = re.compile(r"^\s*<!--\s*not run:(.*?)-->\s*$")
 
 # Enough to prove the command works end to end on 2 CPU cores: one epoch of two micro-batches.
 TRAIN_FLAGS = "--epochs 1 --max-steps 2 --batch-size 4 --encoder-weights none --num-workers 1 --device cpu"
+# `make run` keeps its end-of-run test evaluation (what a newcomer sees); the other training
+# commands skip it (tests/test_test_eval.py holds it), 3-4 s each.
+NO_TEST = "--no-test-eval"
 SMALL = "--size 64"
 BENCH_FLAGS = {
     "benchmarks/throughput.py": "--device cpu --size 64 --batch-size 4 --steps 2 --warmup 1 "
@@ -89,7 +93,7 @@ def scaled(cmd: str) -> str:
     if TRAINS.search(cmd):
         # The built-in synthetic run keeps its size: its run name (docs/inference.md) says it.
         data_given = "--data" in cmd or re.search(r"--config recipes/(?!synthetic)", cmd)
-        return f"{cmd} {TRAIN_FLAGS}" + (f" {SMALL}" if data_given else "")
+        return f"{cmd} {TRAIN_FLAGS} {NO_TEST}" + (f" {SMALL}" if data_given else "")
     if "-m tumorseg_dist.pack" in cmd and "--format synthetic" in cmd:
         # Phantoms are drawn, not read: a few dozen small ones pack the same way (30 s -> 3 s).
         return f"{cmd} --samples 40 --size 64"
@@ -103,15 +107,46 @@ def scaled(cmd: str) -> str:
     return cmd
 
 
+# The same pack of the same real dataset appears on several pages (COCO's takes ~40 s): the first
+# page to run it keeps its output in $PACK_CACHE (one folder for the session's workers), a later
+# page copies it. Packing is deterministic, so the copy is what the command would write; a
+# command whose output already exists (a page re-running its own pack) still runs.
+CACHED_PACK = r"""
+cached_pack() {
+    local key=$1 out=$2; shift 2
+    if [ -n "${PACK_CACHE:-}" ] && [ ! -e "$out" ] && [ -f "$PACK_CACHE/$key/manifest.json" ]; then
+        mkdir -p "$(dirname "$out")" && cp -a "$PACK_CACHE/$key" "$out"
+        echo "docs test: $out is the same command's output from another page" >&2
+        return
+    fi
+    eval "$1"
+    if [ -n "${PACK_CACHE:-}" ] && [ -f "$out/manifest.json" ] && [ ! -e "$PACK_CACHE/$key" ]; then
+        local tmp="$PACK_CACHE/.tmp-$key-$$"
+        cp -a "$out" "$tmp" && mv -T "$tmp" "$PACK_CACHE/$key" 2>/dev/null || rm -rf "$tmp"
+    fi
+}
+"""
+PACK_OUT = re.compile(r"-m tumorseg_dist\.pack (\.\./shared/data/\S+).* --out (\S+)")
+
+
+def page_line(cmd: str) -> str:
+    """The script line of one doc command: scaled, and a pack of the shared data through the cache."""
+    line, m = scaled(cmd), PACK_OUT.search(cmd)
+    if m is None or "$" in cmd:
+        return line
+    key = hashlib.sha256(line.encode()).hexdigest()[:16]
+    return f"cached_pack {key} {shell_quote(m.group(2))} {shell_quote(line)}"
+
+
 def page_script(page: str) -> tuple[str, int]:
-    lines, n = ["set -euo pipefail"], 0
+    lines, n = ["set -euo pipefail", CACHED_PACK], 0
     for b in blocks((REPO / page).read_text(), page):
         if b.lang not in COMMAND_LANGS or b.not_run:
             continue
         for cmd in commands(b):
             n += 1
             lines.append(f"echo {shell_quote(f'>>> {page}:{b.line}: {cmd}')} >&2")
-            lines.append(scaled(cmd))
+            lines.append(page_line(cmd))
     return "\n".join(lines) + "\n", n
 
 
@@ -152,8 +187,30 @@ def test_the_extractor_finds_commands_skips_marked_blocks_and_scales_training():
                                "python -m tumorseg_dist.train --data shards/x --epochs 30"]
     assert commands(bs[3]) == ["python -m tumorseg_dist.evaluate --checkpoint c.pt"]
     train = scaled(commands(bs[0])[1])
-    assert train.endswith(f"--epochs 30 {TRAIN_FLAGS} {SMALL}")
-    assert scaled("python -m tumorseg_dist.train") == f"python -m tumorseg_dist.train {TRAIN_FLAGS}"
+    assert train.endswith(f"--epochs 30 {TRAIN_FLAGS} {NO_TEST} {SMALL}")
+    assert scaled("python -m tumorseg_dist.train") == f"python -m tumorseg_dist.train {TRAIN_FLAGS} {NO_TEST}"
+    assert page_line("python -m tumorseg_dist.pack ../shared/data/busi --out shards/busi").startswith(
+        "cached_pack ")
+    assert page_line("python -m tumorseg_dist.pack phantoms/liver --out shards/x") == \
+        "python -m tumorseg_dist.pack phantoms/liver --out shards/x"   # a page's own input: always run
+
+
+def test_a_pack_seen_on_another_page_is_copied_and_a_repeat_on_the_same_page_runs(tmp_path):
+    fake = "mkdir -p shards/x && echo {} > shards/x/manifest.json && echo ran"
+    script = CACHED_PACK + f"cached_pack k1 shards/x {shell_quote(fake)}\n"
+    env = {**os.environ, "PACK_CACHE": str(tmp_path / "cache")}
+    (tmp_path / "cache").mkdir()
+    outs = []
+    for page in ("a", "b", "b"):
+        (tmp_path / page).mkdir(exist_ok=True)
+        p = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], cwd=tmp_path / page, env=env,
+                           capture_output=True, text=True, check=True)
+        outs.append(p.stdout + p.stderr)
+        assert (tmp_path / page / "shards" / "x" / "manifest.json").read_text().strip() == "{}"
+    assert "ran" in outs[0]                                     # first page: packed, kept
+    assert "ran" not in outs[1] and "from another page" in outs[1]   # another page: copied
+    assert "ran" in outs[2]                                     # its output exists: the command runs
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["k1"]   # no temp left
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -178,14 +235,16 @@ def test_the_docs_have_commands_that_run():
 @pytest.mark.slow
 @pytest.mark.timeout(1600)
 @pytest.mark.parametrize("page", [p for p in PAGES if page_script(p)[1]])
-def test_page_commands_run(page, tmp_path):
+def test_page_commands_run(page, tmp_path, tmp_path_factory):
     script, _ = page_script(page)
+    pack_cache = tmp_path_factory.getbasetemp().parent / "docs-pack-cache"   # shared by the workers
+    pack_cache.mkdir(exist_ok=True)
     main = working_copy(tmp_path)
     env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(main), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "TRITON_INTERPRET": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
            "TUMORSEG_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_CACHE": str(tmp_path / "hf"),
-           "MPLBACKEND": "Agg"}
+           "MPLBACKEND": "Agg", "PACK_CACHE": str(pack_cache)}
     p = subprocess.run(["bash", "-c", script], cwd=main, env=env, capture_output=True,
                        text=True, timeout=1500)
     if p.returncode != 0:

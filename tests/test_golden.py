@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, REPO, TINY, TORCHRUN, run_cli
+from conftest import PY, REPO, TEST_EVAL, TINY, TORCHRUN, run_cli
 
 GOLDEN = REPO / "tests" / "golden"
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
@@ -32,7 +32,7 @@ def has_avx2() -> bool:
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not has_avx2(), reason="the golden values are AVX2 kernels' (x86-64 with AVX2 only)")]
-COMMON = [*TINY, "--epochs", "2", "--batch-size", "8", "--log-every", "1", "--seed", "5"]
+COMMON = [*TINY, *TEST_EVAL, "--epochs", "2", "--batch-size", "8", "--log-every", "1", "--seed", "5"]
 RUNS = {
     "ddp-1proc": [PY, "-m", "tumorseg_dist.train"],
     "ddp-2ranks": [TORCHRUN, "--nproc-per-node", "2", "--standalone", "-m",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PY, TINY, run_cli
+from conftest import PY, TEST_EVAL, TINY, run_cli
 from multiclass_testing import coco_phantoms, pack
 from tumorseg_dist import checkpoint
 from tumorseg_dist.config import Config, ConfigError, check_classes, parse
@@ -32,7 +32,7 @@ def run3(ph3, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "k3"
     run_cli([PY, "-m", "tumorseg_dist.train", *TINY, "--data", str(ph3), "--out", str(out), "--epochs", "1",
              "--batch-size", "4", "--loader", "torch", "--monitor", "val_dice/mass", "--class-weights", "0.5",
-             "1", "2", "--resume", "never"], cwd=ph3.parent)
+             "1", "2", "--resume", "never", *TEST_EVAL], cwd=ph3.parent)
     return out
 
 

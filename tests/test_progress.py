@@ -163,11 +163,11 @@ def test_run_names_say_what_ran():
 
 @pytest.mark.slow  # a real training run on a pseudo-terminal: ~30 s on a busy 2-core box
 def test_training_on_a_terminal_shows_epoch_and_validation_bars_and_whole_step_lines(tmp_path, synthetic_shards):
-    from conftest import TINY
+    from conftest import TEST_EVAL, TINY
     run = tmp_path / "run"
     rc, out = run_on_a_terminal([PY, "-m", "tumorseg_dist.train", *TINY, "--data", str(synthetic_shards),
                                  "--out", str(run), "--epochs", "1", "--batch-size", "4",
-                                 "--log-every", "1", "--loader", "torch"], tmp_path)
+                                 "--log-every", "1", "--loader", "torch", *TEST_EVAL], tmp_path)
     assert rc == 0, out[-3000:]
     assert re.search(r"epoch 1/1:\s+\d+%\|", out) and re.search(r"val:\s+\d+%\|", out), out[-3000:]
     assert re.search(r"test:\s+\d+%\|", out), out[-3000:]

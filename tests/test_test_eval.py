@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, TINY, TORCHRUN, run_cli
+from conftest import PY, TEST_EVAL, TINY, TORCHRUN, run_cli
 from multiclass_testing import coco_phantoms, pack
 from tumorseg_dist import evaluate
 
@@ -28,7 +28,7 @@ def shards80(tmp_path_factory) -> Path:
 
 def train(cmd: list, data: Path, run: Path, *extra) -> dict:
     run_cli([*cmd, "-m", "tumorseg_dist.train", *TINY, "--data", str(data), "--out", str(run),
-             "--batch-size", "4", "--resume", "never", *extra], cwd=run.parent, env=DS_ENV)
+             "--batch-size", "4", "--resume", "never", *TEST_EVAL, *extra], cwd=run.parent, env=DS_ENV)
     return json.loads((run / "test_metrics.json").read_text())
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import PY, TINY, TORCHRUN, run_cli
+from conftest import PY, TEST_EVAL, TINY, TORCHRUN, run_cli
 from tumorseg_dist.data.shards import read_manifest
 
 
@@ -19,7 +19,7 @@ def records(run):
 def test_single_process_writes_the_run_directory(tmp_path, synthetic_shards, extra):
     run = tmp_path / "run"
     p = run_cli([PY, "-m", "tumorseg_dist.train", *TINY, "--data", str(synthetic_shards),
-                 "--out", str(run), "--epochs", "2", "--batch-size", "4", *extra], cwd=tmp_path)
+                 "--out", str(run), "--epochs", "2", "--batch-size", "4", *extra, *TEST_EVAL], cwd=tmp_path)
     for name in ("config.toml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt",
                  "test_metrics.json", "curves.png", "overlays.png"):
         assert (run / name).is_file(), name
@@ -80,7 +80,7 @@ def test_two_ranks_disjoint_samples_and_exact_eval(tmp_path, synthetic_shards):
     run = tmp_path / "run"
     run_cli([TORCHRUN, "--nproc_per_node=2", "--standalone", "-m", "tumorseg_dist.train",
              *TINY, "--data", str(synthetic_shards), "--out", str(run), "--epochs", "3",
-             "--batch-size", "4"], cwd=tmp_path)
+             "--batch-size", "4", *TEST_EVAL], cwd=tmp_path)
     recs = records(run)
     assert [r["epoch"] for r in recs] == [1, 2, 3]
     assert all(r["val_samples"] == m["val"]["samples"] for r in recs)
@@ -140,6 +140,10 @@ def test_compile_trains_like_eager_on_both_engines(tmp_path, synthetic_shards):
                     env={"DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"})
         out[name] = records(run)[-1]
         assert ("torch.compile: on" in p.stdout or "torch.compile on" in p.stdout) == (name != "eager"), p.stdout
+        # TINY's --no-test-eval: no test pass, no test_metrics.json, and the log says how to score it
+        assert not (run / "test_metrics.json").exists() and not (run / "overlays.png").exists()
+        assert f"--no-test-eval: the test split was not scored (evaluate --checkpoint {run}/checkpoints/best.pt" \
+            in p.stdout, p.stdout[-2000:]
         from tumorseg_dist.checkpoint import load
         from tumorseg_dist.checkpoint import weights_of
         assert not any("_orig_mod" in k for k in weights_of(load(run / "checkpoints/best.pt")))

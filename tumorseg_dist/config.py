@@ -216,6 +216,10 @@ class TrainConfig:
     deterministic: bool = False
     """torch.use_deterministic_algorithms (and CUBLAS_WORKSPACE_CONFIG on CUDA): the same
     losses run after run, and across world sizes up to float reduction order (docs/cluster.md)."""
+    test_eval: bool = True
+    """At the end, score the test split with best.pt as `evaluate --checkpoint RUN/checkpoints/best.pt`
+    does (test_metrics.json, overlays.png). --no-test-eval skips it: a sweep, or a large test
+    split scored later with evaluate."""
     record_keys: bool = False
     """Debug: each steps.jsonl line also lists the sample keys of its global micro-batch (rank
     0's slice first; one gather per logged step). With --log-every 1 that is every step."""
@@ -288,7 +292,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "data.num_workers", "train.epochs", "train.max_steps", "train.patience", "train.min_delta",
     "train.device", "train.channels_last", "train.compile", "train.log_every",
     "engine.max_bad_steps", "engine.wandb", "engine.wandb_project", "run.out", "run.name",
-    "data.verify_shards", "train.record_keys",
+    "data.verify_shards", "train.record_keys", "train.test_eval",
 })
 # How to resume, not what is resumed: never compared.
 RESUME_MECHANICS = frozenset({"train.resume", "train.weights_only"})

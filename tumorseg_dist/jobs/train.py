@@ -138,6 +138,22 @@ def evaluate_test_split(cfg: Config, engine, data_dir: Path, dist, loss_fn, log:
         log.info(f"test dice per class: {', '.join(per_class)}")
 
 
+def test_split(cfg: Config, engine, data_dir: Path, dist, loss_fn, log: RunLog, state, reason: str,
+               run_dir: Path, workers: int) -> None:
+    """The end-of-run test evaluation with best.pt's weights (last.pt's when no epoch improved)."""
+    best = run_dir / "checkpoints" / "best.pt"
+    distmod.barrier()  # before looking: rank 0 may still be writing best.pt
+    source = run_dir / "checkpoints" / "last.pt"   # the weights in the engine, on disk
+    if best.is_file():
+        engine.load_weights(checkpoint.load(best, dist.device))  # and its EMA weights, if any
+        source = best
+    if read_manifest(data_dir)["splits"]["test"]["samples"] == 0:
+        log.info(f"{data_dir} has an empty test split: no test_metrics.json (re-pack with a larger "
+                 f"test fraction in --split to get one) -> {run_dir}")
+    else:
+        evaluate_test_split(cfg, engine, data_dir, dist, loss_fn, log, state, reason, run_dir, workers, source)
+
+
 def run(cfg: Config, preset: str | None) -> int:
     dist = distmod.init(cfg.train.device)
     cfg.train.device = dist.device.type
@@ -211,18 +227,11 @@ def run(cfg: Config, preset: str | None) -> int:
         distmod.cleanup()
         return distmod.REQUEUE_EXIT_CODE
 
-    best = run_dir / "checkpoints" / "best.pt"
-    distmod.barrier()  # before looking: rank 0 may still be writing best.pt
-    source = run_dir / "checkpoints" / "last.pt"   # the weights in the engine, on disk
-    if best.is_file():
-        engine.load_weights(checkpoint.load(best, dist.device))  # and its EMA weights, if any
-        source = best
-    if read_manifest(data_dir)["splits"]["test"]["samples"] == 0:
-        log.info(f"{data_dir} has an empty test split: no test_metrics.json (re-pack with a larger "
-                 f"test fraction in --split to get one) -> {run_dir}")
+    if cfg.train.test_eval:
+        test_split(cfg, engine, data_dir, dist, loss_fn, log, state, reason, run_dir, budget.workers)
     else:
-        evaluate_test_split(cfg, engine, data_dir, dist, loss_fn, log, state, reason, run_dir,
-                            budget.workers, source)
+        log.info(f"--no-test-eval: the test split was not scored (evaluate --checkpoint "
+                 f"{run_dir / 'checkpoints' / 'best.pt'} scores it) -> {run_dir}")
     distmod.cleanup()
     log.close()
     return 0
