@@ -263,3 +263,24 @@ def test_tiff_channels_and_stacks_follow_the_one_reader_rule(tmp_path, capsys):
     for name, shape, _, expect in TIFF_BAD:
         assert skipped[f"{name}.tif"].startswith(expect) and str(shape) in skipped[f"{name}.tif"]
     assert skipped["mask-stack_mask.tif"].startswith("is a stack of 2 images")
+
+
+def test_a_several_frame_png_image_or_mask_is_skipped_as_a_stack(tmp_path):
+    """The reader's stack rule reaches pack for every format, not only TIFF."""
+    from test_predict import frames_png
+    root = tmp_path / "pngs"
+    root.mkdir()
+    plain = np.zeros((24, 30), np.uint8)
+    Image.fromarray(plain).save(root / "ok.png")
+    Image.fromarray(plain).save(root / "ok_mask.png")
+    frames_png(root / "anim.png", 3)
+    Image.fromarray(plain).save(root / "anim_mask.png")
+    Image.fromarray(plain).save(root / "animmask.png")
+    frames_png(root / "animmask_mask.png", 2)
+    out = tmp_path / "out"
+    run_pack(root, "--out", out, "--format", "suffix", "--on-error", "skip", "--split", "1,0,0")
+    manifest, samples = read_out(out)
+    assert {meta(s)["source"] for s in samples.values()} == {"ok.png"}
+    skipped = {s["source"]: s["reason"] for s in manifest["skipped"]}
+    assert skipped["anim.png"].startswith("is a stack of 3 frames (PNG"), skipped
+    assert skipped["animmask_mask.png"].startswith("is a stack of 2 frames (PNG"), skipped

@@ -207,6 +207,37 @@ def test_one_reader_rule_for_tiffs(tmp_path, name, shape, kwargs, expect):
         assert msg.startswith(f"{name}.tif: {expect}") and str(shape) in msg and "supported:" in msg
 
 
+def frames_png(path: Path, n: int, fmt: str = "PNG") -> None:
+    """An animated PNG (or, fmt="GIF", a GIF named .png) of n different frames."""
+    rng = np.random.default_rng(n)
+    frames = [Image.fromarray(rng.integers(0, 255, (24, 30), dtype=np.uint8)) for _ in range(n)]
+    frames[0].save(path, fmt, save_all=True, append_images=frames[1:])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
+def test_a_file_of_several_frames_is_a_stack_in_any_format(tmp_path, fmt):
+    """The TIFF rule for every format: several frames are a stack, refused by name and count;
+    one frame of the same format reads as usual."""
+    frames_png(tmp_path / "anim.png", 3, fmt)
+    with pytest.raises(imageio.ImageFileError) as e:
+        imageio.read_array(tmp_path / "anim.png", "anim.png")
+    assert str(e.value).startswith(f"anim.png: is a stack of 3 frames ({fmt}, each 30x24)"), str(e.value)
+    frames_png(tmp_path / "one.png", 1, fmt)
+    assert imageio.read_array(tmp_path / "one.png", "one.png").shape[:2] == (24, 30)   # a GIF: palette -> RGB
+
+
+def test_a_multi_picture_jpeg_is_its_first_picture(tmp_path):
+    """MPO (a JPEG carrying previews or a depth map of the same photo) is one image: the first."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8))
+    photo.save(tmp_path / "p.jpg", "MPO", save_all=True, append_images=[photo.resize((20, 16))])
+    with Image.open(tmp_path / "p.jpg") as im:
+        assert (im.format, im.n_frames) == ("MPO", 2)
+        first = np.asarray(im.convert("RGB"))
+    got = imageio.read_array(tmp_path / "p.jpg", "p.jpg")
+    assert got.shape == (32, 40, 3) and np.array_equal(got, first)
+
+
 def test_predict_writes_image_sized_masks_for_tiffs_and_refuses_stacks(tmp_path, ckpt):
     want = tiff_folder(tmp_path / "in")
     out = tmp_path / "out"

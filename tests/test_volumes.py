@@ -778,3 +778,19 @@ def test_a_case_without_tumour_gives_no_lesion_slice(tmp_path, capsys):
     m = read_manifest(tmp_path / "out")
     assert m["volumes"]["cases"]["case_001"]["kept"] == 0 and m["volumes"]["cases"]["case_001"]["slices"] == 12
     assert {s["meta"]["case"] for s in read_all(tmp_path / "out").values()} == {"case_000", "case_002"}
+
+
+def test_a_volume_linked_from_outside_input_is_refused_unless_followed(tmp_path, capsys):
+    """Links out of INPUT are refused by the volume importers as by the 2D ones."""
+    root = nnunet_set(tmp_path / "ds")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    img = root / "imagesTr" / "case_000_0000.nii.gz"
+    img.rename(outside / img.name)
+    img.symlink_to(outside / img.name)
+    assert run(root, "--out", tmp_path / "refused", "--split", "0.5,0.25,0.25") == 2
+    err = capsys.readouterr().err
+    assert "imagesTr/case_000_0000.nii.gz: leads through a link to" in err and "--follow-links" in err
+    assert not (tmp_path / "refused").exists()
+    assert run(root, "--out", tmp_path / "followed", "--split", "0.5,0.25,0.25", "--follow-links") == 0
+    assert json.loads((tmp_path / "followed" / "manifest.json").read_text())["splits"]["train"]["samples"] > 0

@@ -10,7 +10,10 @@ planes or a 3-slice stack only by its tags): one page (a multi-page file is a st
 refused, whatever its shape), whose samples per pixel are 1 (grey), 3 marked RGB (or YCbCr), 4
 marked RGB + alpha, or 2 marked grey + alpha, stored interleaved (H, W, C) or planar (C, H, W);
 planar samples are moved to channels-last. Anything else (5 channels, 4 unmarked planes, CMYK)
-is refused with the file, its shape and what is supported.
+is refused with the file, its shape and what is supported. The same holds for every other
+format: a file of several frames (an animated PNG, a multi-frame GIF saved as .png) is a stack
+and refused. A multi-picture JPEG (MPO: the photo plus previews or a depth map of the same
+scene) is the one exception: its first picture is the image.
 """
 from __future__ import annotations
 
@@ -61,6 +64,11 @@ def read_array(path: Path, source: str, *, as_mask: bool = False) -> np.ndarray:
             arr = imagecodecs.png_decode(data)
         else:
             with Image.open(io.BytesIO(data)) as im:
+                frames = getattr(im, "n_frames", 1)
+                if frames > 1 and im.format != "MPO":
+                    raise ImageFileError(source, f"is a stack of {frames} frames ({im.format}, each "
+                                                 f"{im.width}x{im.height}), not one 2D image: one picture per file is read",
+                                         "save each frame as its own file")
                 im.load()
                 arr = _pil_to_array(im, as_mask)
     except ImageFileError:

@@ -127,7 +127,7 @@ class PackConfig:
     progress: bool = True
     """Show a progress bar."""
     follow_links: bool = False
-    """folders/suffix/lidc: read files that links inside INPUT lead to outside it (otherwise
+    """Every layout but COCO: read files that links inside INPUT lead to outside it (otherwise
     such a pair is bad input, refused like any other)."""
     samples: int = 400
     """synthetic: number of phantoms."""
