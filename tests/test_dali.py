@@ -519,7 +519,8 @@ def test_missing_or_truncated_shard_or_index_is_a_clear_error(tmp_path):
     with pytest.raises(ShardError, match=r"val-000000\.tar is truncated.*re-run pack"):
         DaliLoader(spec_for(d), dist)
     tar.unlink()
-    with pytest.raises(ShardError, match=r"val-000000\.tar is listed in manifest.json but missing"):
+    with pytest.raises(ShardError, match=r"val-000000\.tar is listed in manifest.json but missing: copy "
+                                         r"the dataset again.*python -m tumorseg_dist\.pack .* --overwrite"):
         DaliLoader(spec_for(d), dist)
     with pytest.raises(ShardError, match="fewer than the 4 ranks"):
         DaliLoader(spec_for(d, "test"), DistInfo(0, 0, 4, CPU))

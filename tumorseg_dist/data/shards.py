@@ -591,7 +591,8 @@ def shard_paths(shard_dir: Path, split: str, manifest: dict | None = None) -> li
     for sh in split_shards(manifest, split, shard_dir):
         p = Path(shard_dir) / sh["name"]
         if not p.is_file():
-            raise ShardError(f"{p} is listed in {MANIFEST} but missing; re-run pack with --overwrite")
+            raise ShardError(f"{p} is listed in {MANIFEST} but missing: copy the dataset again if it was "
+                             f"copied, or rebuild it: {repack_command(Path(shard_dir), manifest)}")
         paths.append(p)
     return paths
 
