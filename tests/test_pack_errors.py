@@ -574,7 +574,7 @@ def test_write_fault_with_workers_is_one_message(tmp_path, fault):
                            timeout=300, preexec_fn=preexec)
         assert p.returncode == 2, p.stderr
         assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
-        want = "disk full while writing" if fault == "disk_full" else "File too large"
+        want = "disk full while writing" if fault == "disk_full" else "file size limit reached (EFBIG) while writing"
         assert p.stderr.startswith("pack: error: ") and want in p.stderr, p.stderr
         assert sorted(os.listdir(parent)) == []
     finally:

@@ -15,21 +15,20 @@ Trust (docs/engine.md, "Checkpoint safety"):
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import pickle
 import random
 import re
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
 
+from .outputs import FULL_DISK, free_space, full_disk, temp_name
+
 FORMAT_VERSION = 1
-TEMP_GLOB = ".*.tmp-*"  # atomic_save's temp files: `.last.pt.tmp-<pid>`
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+TEMP_GLOB = ".*.tmp-*"  # atomic_save's temp files (outputs.temp_name): `.last.pt.tmp-<pid>`
 _TORCH_LOAD = torch.load  # the real one, also while refuse_code() has replaced torch.load
 
 
@@ -49,34 +48,18 @@ def tensor_bytes(obj: Any) -> int:
     return sum(t.numel() * t.element_size() for _, t in named_tensors(obj))
 
 
-def _full_disk(exc: BaseException) -> OSError | None:
-    """The ENOSPC/EDQUOT/EFBIG behind `exc`. torch.save hides it: it raises 'enforce fail at
-    inline_container.cc' with the file object's OSError as the context."""
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def write_error(exc: BaseException, path: Path, needed: int, previous: Path | None = None) -> CheckpointError:
     """The one-line error for a failed write of `path` (`needed` bytes); `previous` is the
     checkpoint that the failed save would have replaced (default `path` itself)."""
     previous = Path(path if previous is None else previous)
     previous = (f"the previous checkpoint {previous} is intact" if previous.is_file()
                 else f"no previous {previous.name} existed")
-    full = _full_disk(exc)
+    full = full_disk(exc)
     if full is None:
         return CheckpointError(f"could not write checkpoint {path} ({type(exc).__name__}: {exc}); "
                                f"{previous}, no temp file was left")
-    what = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
-            errno.EFBIG: "file size limit reached (EFBIG)"}[full.errno]
-    try:
-        free = f", {_mb(shutil.disk_usage(path.parent).free)} free"
-    except OSError:
-        free = ""
-    return CheckpointError(f"{what} writing checkpoint {path}: it needs about {_mb(needed)}{free} on "
+    return CheckpointError(f"{FULL_DISK[full.errno]} writing checkpoint {path}: it needs about "
+                           f"{_mb(needed)}{free_space(path.parent)} on "
                            f"{path.parent}; {previous}, no temp file was left. Free space (or point "
                            f"--out at a larger filesystem) and resume with --resume auto")
 
@@ -86,7 +69,7 @@ def atomic_save(obj: Any, path: Path, **save_kwargs) -> None:
     removed and `path` is untouched; a full disk raises a CheckpointError saying so."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f, **save_kwargs)

@@ -8,7 +8,10 @@ flag names), and a bad flag, a bad value or a bad combination is one line
 Bad input (a missing file, a wrong flag value, an unreadable checkpoint) is not a crash, so
 no traceback; set TUMORSEG_DEBUG=1 to get it anyway when reporting a bug.
 
-This module imports nothing from the package, so config.py (train's layered parse) can use it.
+A write that does not fit (disk full, quota, file-size limit) that no command caught is one line
+too, naming the file (outputs.py: the commands' own writes say also what was kept).
+
+This module imports only `outputs` from the package, so config.py (train's layered parse) can use it.
 """
 from __future__ import annotations
 
@@ -17,9 +20,12 @@ import io
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Annotated, Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
 import tyro
+
+from .outputs import full_disk, write_error
 
 T = TypeVar("T")
 
@@ -119,6 +125,14 @@ def guarded(prog: str, fn: Callable[..., int], *args) -> int:
         if os.environ.get("TUMORSEG_DEBUG"):
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        full = full_disk(e)
+        if full is None or os.environ.get("TUMORSEG_DEBUG"):
+            raise
+        what = write_error(full, Path(full.filename) if full.filename else None,
+                           "the files written before it are complete")
+        print(f"{prog}: error: {what}", file=sys.stderr)
         return 2
 
 

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Optional
 import tomli_w
 import tyro
 
-from . import cli
+from . import cli, outputs
 
 VerifyMode = Literal["full", "quick", "off"]  # data/verify.py
 Arch = Literal["unet", "unetplusplus", "deeplabv3", "deeplabv3plus", "fpn", "unet-classic"]
@@ -403,12 +403,8 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 
 def save_toml(cfg: Config, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("# resolved configuration of this run; reuse with --config\n"
-                   + tomli_w.dumps(to_dict(cfg)))
-    tmp.replace(path)
+    outputs.write_text(Path(path), "# resolved configuration of this run; reuse with --config\n"
+                       + tomli_w.dumps(to_dict(cfg)))
 
 
 def cuda_available() -> bool:

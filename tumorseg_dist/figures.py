@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import outputs
+
 RED, GREEN = (255, 40, 40), (40, 255, 40)
 
 
@@ -69,8 +71,7 @@ def save_grid(rows: list[list[tuple[np.ndarray, str]]], path: Path, title: str,
                     ax.set_title(caption, fontsize=fontsize)
     fig.suptitle(title, fontsize=fontsize + 1)
     fig.tight_layout(rect=(0, 0, 1, 0.97), h_pad=2.0)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_atomic(fig, Path(path))
 
 
 def wrap_name(name: str, width: int = 28) -> str:
@@ -173,8 +174,7 @@ def plot_curves(records: list[dict], path: Path, best_epoch: int | None = None,
     fig.tight_layout()
     fig.canvas.draw()
     xticks = [float(t) for t in a.get_xticks() if ep[0] - 0.5 <= t <= ep[-1] + 0.5]
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_atomic(fig, Path(path))
     return Curves(ep, xticks, best, lr)
 
 
@@ -213,9 +213,10 @@ def label_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45,
 
 
 def save_label_overlay(image: np.ndarray, labels: np.ndarray, names: list[str], path: Path,
-                       title: str = "") -> list[str]:
+                       title: str = "", kept: str = "nothing was written") -> list[str]:
     """The K-class overlay with a legend (one entry per foreground class: its colour, name and
-    share of the image) as one PNG, written atomically. Returns the legend entries."""
+    share of the image) as one PNG, written atomically (`kept`: outputs.atomic's). Returns the
+    legend entries."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -230,7 +231,7 @@ def save_label_overlay(image: np.ndarray, labels: np.ndarray, names: list[str], 
     handles = [Patch(color=np.array(class_colour(c)) / 255, label=e) for c, e in enumerate(entries, 1)]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    _save_atomic(fig, Path(path))
+    _save_atomic(fig, Path(path), kept)
     return entries
 
 
@@ -260,10 +261,10 @@ def plot_confusion(matrix: list[list[int]], names: list[str], path: Path, title:
     return share
 
 
-def _save_atomic(fig, path: Path) -> None:
+def _save_atomic(fig, path: Path, kept: str = "nothing was written") -> None:
     import matplotlib.pyplot as plt
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with outputs.atomic(path, kept) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from . import outputs
 
 LOGGER = logging.getLogger("tumorseg_dist")
 FILE_FORMAT = logging.Formatter("%(asctime)s  %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
@@ -167,9 +168,7 @@ class RunLog(Console):
                 break
             if r.get("step", 0) <= upto_step:
                 kept.append(line + "\n")
-        tmp = self.steps_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(self.steps_path)
+        outputs.write_text(self.steps_path, "".join(kept), f"the earlier {self.steps_path.name} is unchanged")
 
     def append_step(self, record: dict) -> None:
         """One steps.jsonl line: the values of a log-interval line, unrounded."""
@@ -184,22 +183,12 @@ class RunLog(Console):
                 f.write(json.dumps(_finite(record)) + "\n")
 
     def _write(self, records: list[dict]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(_finite(r)) + "\n" for r in records))
-        tmp.replace(self.metrics_path)
+        outputs.write_text(self.metrics_path, "".join(json.dumps(_finite(r)) + "\n" for r in records),
+                           f"the earlier {self.metrics_path.name} is unchanged")
 
     def write_json(self, name: str, obj: dict) -> None:
         if self.enabled:
-            (self.dir / name).write_text(json.dumps(_finite(obj), indent=2) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary beside it and a rename: a reader (or a killed
-    run) sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+            outputs.write_text(self.dir / name, json.dumps(_finite(obj), indent=2) + "\n")
 
 
 def _finite(d: dict) -> dict:

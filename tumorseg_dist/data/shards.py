@@ -7,7 +7,6 @@ leaves half a dataset, and an existing complete output is never damaged.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -23,6 +22,8 @@ from typing import Iterable
 
 import numpy as np
 from PIL import Image
+
+from ..outputs import FULL_DISK, free_space
 
 SPLITS = ("train", "val", "test")
 CODECS = ("png", "jp2", "raw", "jpeg")
@@ -490,9 +491,9 @@ def publish(stage: Path, out: Path) -> None:
 
 
 def disk_error(e: OSError, where: Path) -> ShardError:
-    if e.errno == errno.ENOSPC:
-        return ShardError(f"disk full while writing {where}: free space or choose another --out "
-                          f"(nothing was left behind)")
+    if e.errno in FULL_DISK:
+        return ShardError(f"{FULL_DISK[e.errno]} while writing {where}{free_space(where)}: free space or "
+                          f"choose another --out (nothing was left behind)")
     return ShardError(f"cannot write {where} ({e.strerror or e}): choose a writable --out "
                       f"(nothing was left behind)")
 

@@ -17,7 +17,8 @@ from ..data.verify import verify_shards
 from ..figures import overlay_image, save_grid, wrap_name
 from ..figures import plot_confusion
 from ..inference import Predictor, load_ensemble, resolve_threshold
-from ..log import Console, fmt, write_text_atomic
+from .. import outputs
+from ..log import Console, fmt
 from ..options import EvaluateArgs
 from ..scoring import EvalSamples, Scores, hd95_unit, samples_of, score_split, split_shards
 
@@ -167,7 +168,7 @@ def write_binary(scores: Scores, what: dict, out: Path) -> None:
     """metrics.json (the scores, then what was evaluated) and per_image.csv of a binary model."""
     write_json_atomic(out / "metrics.json", {k: _finite(v) for k, v in {**scores.metrics, **what}.items()})
     rows = sorted(scores.rows, key=lambda r: r["key"])
-    with open(out / "per_image.csv", "w", newline="") as f:
+    with outputs.atomic(out / "per_image.csv", "metrics.json is complete") as tmp, open(tmp, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         wr.writeheader()
         for r in rows:
@@ -190,13 +191,12 @@ def write_classes(model: Predictor, scores: Scores, what: dict, out: Path) -> No
     plot_confusion(scores.matrix, names, out / "confusion.png", f"{what['split']}: pixels per true class")
     fields = ["key", "source", "group", "dice"] + [f"{m}/{c}" for c in names[1:]
                                                    for m in ("dice", "target_area", "prediction_area", "hd95")]
-    with open(out / "per_image.csv.tmp", "w", newline="") as f:
+    with outputs.atomic(out / "per_image.csv", "metrics.json is complete") as tmp, open(tmp, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         wr.writeheader()
         for r in sorted(scores.rows, key=lambda r: r["key"]):
             wr.writerow({k: ("" if not math.isfinite(v) else f"{v:.6f}") if isinstance(v, float) else v
                          for k, v in r.items()})
-    (out / "per_image.csv.tmp").replace(out / "per_image.csv")
 
 
 def summary_line(model: Predictor, metrics: dict, out: Path) -> str:
@@ -233,5 +233,5 @@ def plot_class_cases(rows: list[dict], samples: EvalSamples, model: Predictor, p
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    outputs.write_text(path, json.dumps(obj, indent=2) + "\n")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ..inference import Predictor, load_model
 from ..log import Console
 from ..onnx_predictor import GRAPH_FORMAT, MIN_OPSET, PIXEL_SCALE, load_onnx
 from ..options import ExportArgs
+from .. import outputs
 
 
 def real_input(model: Predictor, given: Path | None) -> tuple[np.ndarray | None, str]:
@@ -300,15 +300,14 @@ def run(args: ExportArgs) -> int:
     opset = args.opset or (MIN_OPSET if full else 17)
     image, where = real_input(model, args.input)
     if image is None:
-        log.warning(f"export: warning: the training data {model.config.get('data', {}).get('path')} is "
-                    f"not here and no --input was given; checking on a random input instead")
+        data = model.config.get("data", {}).get("path")
+        log.warning(f"export: warning: {f'the training data {data} is not here' if data else 'the checkpoint names no training data'}"
+                    f" and no --input was given; checking on a random input instead")
         g = torch.Generator().manual_seed(0)
         # the full graph takes pixels: a random 8-bit image, not square, larger than a tile
         image = torch.randint(0, 256, (size + 17, size + 9), generator=g).numpy().astype(np.float32) / 255
         where = "random input"
     x = model.preprocess(image, size)[None]
-    args.onnx.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.onnx.with_name(f".{args.onnx.name}.tmp-{os.getpid()}")
     # The check's steps: the export, then onnxruntime against PyTorch, each on a real input.
     if full:
         steps = [("export", None)] + full_checks(image, size)
@@ -316,7 +315,9 @@ def run(args: ExportArgs) -> int:
         steps = [("export", None), ("batch 1", x, "")]  # (and batch 3: a free batch must work)
         if args.dynamic_batch:
             steps.append(("batch 3", torch.cat([x, x.flip(-1), x.flip(-2)]), ""))
-    try:
+    kept = f"the earlier {args.onnx} is unchanged" if args.onnx.is_file() else "nothing was written"
+    with outputs.atomic(args.onnx, kept + ", no temp file was left",
+                        fix="give --onnx a path on another filesystem") as tmp:
         diffs = []
         for step in log.progress(steps, len(steps), "export", unit="step"):
             if step[1] is None and full:
@@ -338,11 +339,8 @@ def run(args: ExportArgs) -> int:
         if not diff <= args.atol:
             log.warning(f"export: error: difference {diff:.3e} is above --atol {args.atol:g}; "
                         f"{args.onnx} was not written")
-            return 1
-        os.replace(tmp, args.onnx)
-    finally:
-        if tmp.exists():
             tmp.unlink()
+            return 1
     mb = args.onnx.stat().st_size / 2 ** 20
     if full:
         k = ort_model.out_channels

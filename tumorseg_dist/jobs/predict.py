@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from .. import threads
+from .. import outputs, threads
 from ..data.shards import IndexedShards, read_sample
 from ..data.shards import MANIFEST, ShardError, read_manifest, shard_paths
 from ..imageio import IMAGE_EXTS, ImageFileError, read_image
@@ -209,23 +209,21 @@ def run(args: PredictArgs) -> int:
                 renamed.append((r["item"].display, name))
             taken.add(name)
             if names:
-                rows.append(write_labels(r, pred, name, args, names))
+                rows.append(write_labels(r, pred, name, args, names, rows))
                 continue
-            out = masks_dir / name
-            out.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((pred * 255).astype(np.uint8), mode="L").save(out)
+            save_png(pred * 255, masks_dir / name, kept(len(rows), masks_dir))
             if args.overlay:
-                o = over_dir / name
-                o.parent.mkdir(parents=True, exist_ok=True)
                 from ..figures import overlay_image  # (figures imports torch: --overlay loads it)
-                Image.fromarray(overlay_image(r["image"], pred, r["gt"])).save(o)
+                save_png(overlay_image(r["image"], pred, r["gt"]), over_dir / name,
+                         kept(len(rows) + 1, masks_dir))
             area = int(pred.sum())
             rows.append({"input": r["item"].display, "mask": str(Path("masks") / name), "height": h,
                          "width": w, "lesion_pixels": area, "lesion_fraction": round(area / (h * w), 6),
                          "gt_pixels": "" if r["gt"] is None else int(r["gt"].sum())})
     if volumes:
-        rows += predict_volumes(volumes, model, threshold, args, log, problems)
-    with open(args.out / "areas.csv", "w", newline="") as f:
+        rows += predict_volumes(volumes, model, threshold, args, log, problems, rows)
+    with outputs.atomic(args.out / "areas.csv", kept(len(rows), masks_dir)) as tmp, \
+            open(tmp, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=label_fields(names) if names else [
             "input", "mask", "height", "width", "lesion_pixels", "lesion_fraction", "gt_pixels"])
         wr.writeheader()
@@ -235,7 +233,8 @@ def run(args: PredictArgs) -> int:
                     f"wrote masks/{name} instead")
     skipped = args.out / "skipped.csv"
     if problems:
-        with open(skipped, "w", newline="") as f:
+        with outputs.atomic(skipped, f"the {len(rows)} mask(s) in {masks_dir} and areas.csv are complete") as tmp, \
+                open(tmp, "w", newline="") as f:
             wr = csv.writer(f)
             wr.writerow(["input", "reason"])
             wr.writerows(problems)
@@ -247,6 +246,21 @@ def run(args: PredictArgs) -> int:
              + (f"; {len(problems)} input(s) skipped, listed in {skipped}" if problems else ""))
     log.close()
     return 1 if problems else 0
+
+
+def save_png(pixels: np.ndarray, path: Path, kept: str) -> None:
+    """An 8-bit grey or RGB PNG, whole or not at all (outputs.atomic: `kept` is what a failed
+    write leaves)."""
+    with outputs.atomic(path, kept) as tmp:
+        Image.fromarray(np.asarray(pixels).astype(np.uint8)).save(tmp, format="PNG")
+
+
+def kept(masks: int, masks_dir: Path) -> str:
+    """What a failed write leaves: the `masks` masks written so far are complete (an overlay
+    is written after its mask); the areas.csv that lists them is written at the end, so a
+    rerun with space writes everything."""
+    done = f"the {masks} mask(s) written so far are complete in {masks_dir}" if masks else "no mask was written"
+    return done + "; areas.csv (written last) was not written"
 
 
 # ---------------------------------------------------------------- K classes
@@ -266,18 +280,16 @@ def label_fields(names: list[str]) -> list[str]:
         + ["gt_pixels"]
 
 
-def write_labels(r: dict, labels: np.ndarray, name: str, args: PredictArgs, names: list[str]) -> dict:
+def write_labels(r: dict, labels: np.ndarray, name: str, args: PredictArgs, names: list[str],
+                 rows: list) -> dict:
     """masks/NAME.png: the class ids as an 8-bit label PNG (0 = background); with --overlay,
     overlays/NAME.png: the classes in colour with a legend. Returns the areas.csv row."""
     labels = np.asarray(labels).astype(np.uint8)
-    out = args.out / "masks" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    Image.fromarray(labels, mode="L").save(tmp)
-    tmp.replace(out)
+    save_png(labels, args.out / "masks" / name, kept(len(rows), args.out / "masks"))
     if args.overlay:
         from ..figures import save_label_overlay
-        save_label_overlay(r["image"], labels, names, args.out / "overlays" / name, r["item"].display)
+        save_label_overlay(r["image"], labels, names, args.out / "overlays" / name, r["item"].display,
+                           kept(len(rows) + 1, args.out / "masks"))
     h, w = labels.shape
     row = {"input": r["item"].display, "mask": str(Path("masks") / name), "height": h, "width": w,
            "gt_pixels": "" if r["gt"] is None else int(r["gt"].sum())}
@@ -319,11 +331,12 @@ def split_volumes(inputs: tuple[Path, ...]) -> tuple[list[Path], tuple[Path, ...
 
 
 def predict_volumes(volumes: list[Path], model, threshold: float, args: PredictArgs, log: Console,
-                    problems: list) -> list[dict]:
+                    problems: list, done: list) -> list[dict]:
     """Each volume sliced as the training data was packed (its manifest's axis and intensity
     rule), every slice predicted (ensemble, TTA and --inference as for images), the 2D masks in
     masks/NAME/ and the mask volume volumes/NAME.nii.gz in the input's geometry. Returns the
-    areas.csv rows (one per slice)."""
+    areas.csv rows (one per slice); `done` holds the rows written before (a failed write says
+    they are complete)."""
     from ..data.formats.common import PackInputError
     from ..data.formats.volumes import (AXIS_LETTER, nifti_stem, prediction_slices, read_for_prediction,
                                         save_mask_volume, unplane)
@@ -348,14 +361,14 @@ def predict_volumes(volumes: list[Path], model, threshold: float, args: PredictA
                                                     args.batch_size) > threshold)
             masks.append(pred)
             rel = Path("masks") / name / f"{name}_{AXIS_LETTER[axis]}{k:0{width}d}.png"
-            (args.out / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((pred * 255).astype(np.uint8), mode="L").save(args.out / rel)
+            save_png(pred * 255, args.out / rel, kept(len(done) + len(rows), args.out / "masks"))
             h, w = pred.shape
             rows.append({"input": f"{path}#{AXIS_LETTER[axis]}{k}", "mask": str(rel), "height": h, "width": w,
                          "lesion_pixels": int(pred.sum()), "lesion_fraction": round(int(pred.sum()) / (h * w), 6),
                          "gt_pixels": ""})
         out = args.out / "volumes" / f"{name}.nii.gz"
-        save_mask_volume(unplane(masks, vol.data.shape[:3], axis), vol, path, out)
+        save_mask_volume(unplane(masks, vol.data.shape[:3], axis), vol, path, out,
+                         kept(len(done) + len(rows), args.out / "masks"))
         log.info(f"predict: {path}: {len(images)} slices along {'xyz'[axis]} -> {out}")
     return rows
 

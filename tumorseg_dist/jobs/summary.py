@@ -14,7 +14,8 @@ import math
 import os
 from pathlib import Path
 
-from ..log import Console, fmt, write_text_atomic
+from .. import outputs
+from ..log import Console, fmt
 from ..options import EvaluateArgs
 
 METRICS = ("dice", "iou", "precision", "recall", "mean_image_dice", "hd95_mean", "hd95_mm_mean", "assd_mm_mean")
@@ -99,8 +100,8 @@ def run(args: EvaluateArgs) -> int:
     out = args.out or Path(os.path.commonpath(runs)) / (
         f"summary-{args.split}{'-sliding' if args.inference == 'sliding' else ''}{'-tta' if args.tta else ''}")
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "summary.json", json.dumps(s, indent=2) + "\n")
-    write_text_atomic(out / "summary.md", markdown(s))
+    outputs.write_text(out / "summary.json", json.dumps(s, indent=2) + "\n")
+    outputs.write_text(out / "summary.md", markdown(s))
     for line in markdown(s).splitlines():
         log.info(line)
     log.info(f"evaluate: summary of {len(files)} folds -> {out / 'summary.md'}, {out / 'summary.json'}")

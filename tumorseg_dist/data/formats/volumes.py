@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from ... import outputs
 from ..shards import Sample, safe_key
 from .common import Item, LayoutError, PackInputError, read_array
 
@@ -727,11 +728,13 @@ def unplane(masks: list[np.ndarray], shape: tuple[int, int, int], axis: int) -> 
     return out
 
 
-def save_mask_volume(mask_ras: np.ndarray, vol: Volume, source: Path, out: Path) -> None:
+def save_mask_volume(mask_ras: np.ndarray, vol: Volume, source: Path, out: Path,
+                     kept: str = "nothing was written") -> None:
     """The mask as NIfTI in the input's geometry: the RAS reorientation undone, so the voxels
     are in the input's own order with its affine (a NIfTI input: its header too; a DICOM
     series: (column, row, slice) with its patient geometry, as dcm2niix writes it).
-    Written to a temporary name and renamed, so a partial file never has the final name."""
+    Written to a temporary name and renamed, so a partial file never has the final name; a
+    failed write is an OutputError naming `out` and `kept` (what is still there)."""
     import nibabel as nib
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
     source = Path(source)
@@ -748,7 +751,5 @@ def save_mask_volume(mask_ras: np.ndarray, vol: Volume, source: Path, out: Path)
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1, 0)
     img.header.set_xyzt_units("mm")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name[:-len('.nii.gz')]}.tmp.nii.gz")
-    nib.save(img, str(tmp))
-    tmp.replace(out)
+    with outputs.atomic(out, kept, suffix=".nii.gz") as tmp:
+        nib.save(img, str(tmp))
