@@ -13,7 +13,7 @@ import pytest
 
 from conftest import PY, TINY, TORCHRUN, run_cli
 from inference_testing import make_checkpoint, tiny_config
-from tumorseg_dist import evaluate
+from tumorseg_dist import evaluate, predict
 from tumorseg_dist.data.shards import ShardError, read_manifest
 from tumorseg_dist.data.verify import cache_path, verify_local
 
@@ -73,6 +73,22 @@ def test_evaluate_refuses_a_flipped_byte_and_off_skips_the_check(tmp_path, shard
     assert "not verified (--verify-shards off)" in capsys.readouterr().out
     assert (tmp_path / "ev" / "metrics.json").is_file()
     assert evaluate.main(args + ["--verify-shards", "full"]) == 2
+
+
+def test_predict_on_shards_refuses_a_flipped_byte_in_a_chosen_split_only(tmp_path, shards, capsys):
+    """predict reads packed splits too: a chosen split's bad shard stops it before any mask is
+    written; a split not asked for is not hashed."""
+    flip_json_byte(shards / "val-000000.tar")
+    ckpt = make_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", tiny_config(size=32, data=shards))
+    base = ["--checkpoint", str(ckpt), str(shards), "--workers", "0"]
+    assert predict.main(base + ["--split", "val", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("predict: error: ") and "val-000000.tar is corrupt: sha256 " in err and "re-pack" in err
+    assert not (tmp_path / "p").exists()
+    assert predict.main(base + ["--split", "test", "--out", str(tmp_path / "t")]) == 0
+    assert "match manifest.json" in capsys.readouterr().out
+    assert predict.main(base + ["--split", "val", "--verify-shards", "off", "--out", str(tmp_path / "o")]) == 0
+    assert "not verified (--verify-shards off)" in capsys.readouterr().out
 
 
 def test_second_start_reads_the_cache_and_a_touch_rehashes_only_that_shard(shards):

@@ -108,6 +108,9 @@ class PredictArgs:
     split: Annotated[tuple[str, ...], tyro.conf.UseAppendAction,
                      tyro.conf.arg(help_behavior_hint="(default: every split)")] = ()
     """Shard inputs: only this split (repeatable: --split val --split test)."""
+    verify_shards: VerifyMode = "quick"
+    """Shard inputs: check the chosen splits' shards against manifest.json first: quick (size +
+    cached sha256), full (rehash) or off."""
     workers: int = 2
     """Image-reading worker processes."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -168,7 +168,8 @@ def write_binary(scores: Scores, what: dict, out: Path) -> None:
     """metrics.json (the scores, then what was evaluated) and per_image.csv of a binary model."""
     write_json_atomic(out / "metrics.json", {k: _finite(v) for k, v in {**scores.metrics, **what}.items()})
     rows = sorted(scores.rows, key=lambda r: r["key"])
-    with outputs.atomic(out / "per_image.csv", "metrics.json is complete") as tmp, open(tmp, "w", newline="") as f:
+    with outputs.atomic(out / "per_image.csv", "metrics.json is complete") as tmp, \
+            open(tmp, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         wr.writeheader()
         for r in rows:
@@ -191,7 +192,8 @@ def write_classes(model: Predictor, scores: Scores, what: dict, out: Path) -> No
     plot_confusion(scores.matrix, names, out / "confusion.png", f"{what['split']}: pixels per true class")
     fields = ["key", "source", "group", "dice"] + [f"{m}/{c}" for c in names[1:]
                                                    for m in ("dice", "target_area", "prediction_area", "hd95")]
-    with outputs.atomic(out / "per_image.csv", "metrics.json is complete") as tmp, open(tmp, "w", newline="") as f:
+    with outputs.atomic(out / "per_image.csv", "metrics.json is complete") as tmp, \
+            open(tmp, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         wr.writeheader()
         for r in sorted(scores.rows, key=lambda r: r["key"]):

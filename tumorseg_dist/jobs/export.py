@@ -301,8 +301,8 @@ def run(args: ExportArgs) -> int:
     image, where = real_input(model, args.input)
     if image is None:
         data = model.config.get("data", {}).get("path")
-        log.warning(f"export: warning: {f'the training data {data} is not here' if data else 'the checkpoint names no training data'}"
-                    f" and no --input was given; checking on a random input instead")
+        missing = f"the training data {data} is not here" if data else "the checkpoint names no training data"
+        log.warning(f"export: warning: {missing} and no --input was given; checking on a random input instead")
         g = torch.Generator().manual_seed(0)
         # the full graph takes pixels: a random 8-bit image, not square, larger than a tile
         image = torch.randint(0, 256, (size + 17, size + 9), generator=g).numpy().astype(np.float32) / 255

@@ -6,6 +6,7 @@ import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -37,8 +38,13 @@ def _mask_png_name(rel: PurePosixPath) -> str:
     return str(rel.with_suffix(".png"))
 
 
-def collect_inputs(inputs: tuple[Path, ...], splits: tuple[str, ...]) -> tuple[list[InputItem], list[IndexedShards], list[tuple[str, str]]]:
-    """Expand files, folders and shard dirs into items; missing inputs go to `problems`."""
+def collect_inputs(inputs: tuple[Path, ...], splits: tuple[str, ...], verify: str = "quick",
+                   log: Callable[[str], None] | None = None) \
+        -> tuple[list[InputItem], list[IndexedShards], list[tuple[str, str]]]:
+    """Expand files, folders and shard dirs into items; missing inputs go to `problems`. A shard
+    dir's chosen splits are checked against its manifest first (`verify`: --verify-shards): a
+    bad shard is a ShardError naming it and the re-pack command, before anything is written."""
+    from ..data.verify import verify_local
     items: list[InputItem] = []
     shard_sets: list[IndexedShards] = []
     problems: list[tuple[str, str]] = []
@@ -46,6 +52,10 @@ def collect_inputs(inputs: tuple[Path, ...], splits: tuple[str, ...]) -> tuple[l
         inp = Path(inp)
         if inp.is_dir() and (inp / MANIFEST).is_file():
             manifest = read_manifest(inp)
+            chosen = [s for s in (splits or list(manifest["splits"])) if s in manifest["splits"]]
+            report = verify_local(inp, chosen, verify, manifest=manifest)
+            if log is not None:
+                log(f"predict: {inp}: {report.line(chosen)}")
             for split in (splits or list(manifest["splits"])):
                 if split not in manifest["splits"]:
                     problems.append((str(inp), f"has no split {split!r} (it has {', '.join(manifest['splits'])})"))
@@ -164,7 +174,8 @@ def run(args: PredictArgs) -> int:
     model = load_predictor(args, budget)
     threshold = resolve_threshold(args.threshold, model)
     volumes, inputs = split_volumes(args.inputs)
-    items, shard_sets, problems = collect_inputs(inputs, args.split) if inputs else ([], [], [])
+    items, shard_sets, problems = (collect_inputs(inputs, args.split, args.verify_shards, log.info)
+                                   if inputs else ([], [], []))
     for src, why in problems:
         log.warning(f"predict: skipped {src}: {why}")
     if not items and not volumes:
