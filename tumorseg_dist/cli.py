@@ -147,9 +147,10 @@ def exit_with(code: int | None) -> NoReturn:
     What a normal exit does that matters still happens here, in CPython's order: threading's
     own exit hooks (which stop executors' worker threads: inductor's compile pool) and the join of
     every non-daemon thread (`threading._shutdown`, what the interpreter calls first), then the
-    atexit handlers (wandb, multiprocessing's children, torch), then the standard streams. Only for `python -m tumorseg_dist.CMD`, whose process this is;
-    `main()` called from Python returns as usual. `exit_status` holds the code while the atexit
-    handlers run (launch/record_exit.py records it from there)."""
+    atexit handlers (wandb, multiprocessing's children, torch), then the standard streams.
+    Only for `python -m tumorseg_dist.CMD`, whose process this is; `main()` called from Python
+    returns as usual. `exit_status` holds the code while the atexit handlers run
+    (launch/record_exit.py records it from there)."""
     import atexit
     import threading
     global exit_status
