@@ -125,3 +125,33 @@ def test_atomic_leaves_the_old_file_and_no_temp_on_a_real_enospc(tmp_path):
                 f.write("x" * 10000)
     assert str(e.value).startswith(f"disk full writing {path}") and "the old areas.csv is unchanged" in str(e.value)
     assert os.listdir(tmp_path) == ["areas.csv"] and path.read_text() == "old"
+
+
+MASK_VOLUME = r"""
+import resource, sys
+import nibabel as nib, numpy as np
+from pathlib import Path
+from tumorseg_dist import outputs
+from tumorseg_dist.data.formats.volumes import read_for_prediction, save_mask_volume
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+nib.save(nib.Nifti1Image(np.zeros((48, 40, 24), np.int16), np.eye(4)), str(src))
+vol = read_for_prediction(src)
+noise = (np.random.default_rng(0).random(vol.data.shape[:3]) > 0.5).astype(np.uint8)  # ~6 KB gzipped
+out.write_bytes(b"an earlier mask volume")
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    save_mask_volume(noise, vol, src, out, "the earlier volume is unchanged")
+except outputs.OutputError as e:
+    print("ERROR:", e)
+"""
+
+
+def test_a_mask_volume_that_does_not_fit_leaves_the_earlier_one(tmp_path):
+    out = tmp_path / "volumes" / "case.nii.gz"
+    out.parent.mkdir()
+    p = subprocess.run([sys.executable, "-c", MASK_VOLUME, str(tmp_path / "case_src.nii.gz"), str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"ERROR: file size limit reached (EFBIG) writing {out}, the limit is 4 KiB: the earlier volume " \
+           f"is unchanged" in p.stdout, p.stdout
+    assert out.read_bytes() == b"an earlier mask volume" and files_under(out.parent) == ["case.nii.gz"]
