@@ -25,10 +25,9 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .outputs import FULL_DISK, free_space, full_disk, temp_name
+from .outputs import FULL_DISK, TEMP_GLOB, free_space, full_disk, temp_name
 
 FORMAT_VERSION = 1
-TEMP_GLOB = ".*.tmp-*"  # atomic_save's temp files (outputs.temp_name): `.last.pt.tmp-<pid>`
 _TORCH_LOAD = torch.load  # the real one, also while refuse_code() has replaced torch.load
 
 

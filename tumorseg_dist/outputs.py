@@ -70,6 +70,9 @@ def _file_limit() -> str:
     return "" if soft == resource.RLIM_INFINITY else f", the limit is {soft // 1024} KiB"
 
 
+TEMP_GLOB = ".*.tmp-*"   # every temp_name: what a killed writer may leave (`.last.pt.tmp-<pid>`)
+
+
 def temp_name(path: Path, suffix: str = "") -> Path:
     """The hidden temp file beside `path` that `atomic` writes first (`.NAME.tmp-PID`, then
     `suffix` for a writer that picks the format by the name: `.nii.gz`)."""

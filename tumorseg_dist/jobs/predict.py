@@ -14,6 +14,7 @@ from PIL import Image
 from .. import outputs, threads
 from ..data.shards import IndexedShards, read_sample
 from ..data.shards import MANIFEST, ShardError, read_manifest, shard_paths
+from ..data.verify import verify_local
 from ..imageio import IMAGE_EXTS, ImageFileError, read_image
 from ..log import Console
 from ..onnx_predictor import resolve_threshold
@@ -44,7 +45,6 @@ def collect_inputs(inputs: tuple[Path, ...], splits: tuple[str, ...], verify: st
     """Expand files, folders and shard dirs into items; missing inputs go to `problems`. A shard
     dir's chosen splits are checked against its manifest first (`verify`: --verify-shards): a
     bad shard is a ShardError naming it and the re-pack command, before anything is written."""
-    from ..data.verify import verify_local
     items: list[InputItem] = []
     shard_sets: list[IndexedShards] = []
     problems: list[tuple[str, str]] = []
@@ -52,11 +52,12 @@ def collect_inputs(inputs: tuple[Path, ...], splits: tuple[str, ...], verify: st
         inp = Path(inp)
         if inp.is_dir() and (inp / MANIFEST).is_file():
             manifest = read_manifest(inp)
-            chosen = [s for s in (splits or list(manifest["splits"])) if s in manifest["splits"]]
+            wanted = list(splits or manifest["splits"])
+            chosen = [s for s in wanted if s in manifest["splits"]]
             report = verify_local(inp, chosen, verify, manifest=manifest)
             if log is not None:
                 log(f"predict: {inp}: {report.line(chosen)}")
-            for split in (splits or list(manifest["splits"])):
+            for split in wanted:
                 if split not in manifest["splits"]:
                     problems.append((str(inp), f"has no split {split!r} (it has {', '.join(manifest['splits'])})"))
                     continue
@@ -220,7 +221,7 @@ def run(args: PredictArgs) -> int:
                 renamed.append((r["item"].display, name))
             taken.add(name)
             if names:
-                rows.append(write_labels(r, pred, name, args, names, rows))
+                rows.append(write_labels(r, pred, name, args, names, len(rows)))
                 continue
             save_png(pred * 255, masks_dir / name, kept(len(rows), masks_dir))
             if args.overlay:
@@ -232,7 +233,7 @@ def run(args: PredictArgs) -> int:
                          "width": w, "lesion_pixels": area, "lesion_fraction": round(area / (h * w), 6),
                          "gt_pixels": "" if r["gt"] is None else int(r["gt"].sum())})
     if volumes:
-        rows += predict_volumes(volumes, model, threshold, args, log, problems, rows)
+        rows += predict_volumes(volumes, model, threshold, args, log, problems, len(rows))
     with outputs.atomic(args.out / "areas.csv", kept(len(rows), masks_dir)) as tmp, \
             open(tmp, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=label_fields(names) if names else [
@@ -292,15 +293,16 @@ def label_fields(names: list[str]) -> list[str]:
 
 
 def write_labels(r: dict, labels: np.ndarray, name: str, args: PredictArgs, names: list[str],
-                 rows: list) -> dict:
+                 written: int) -> dict:
     """masks/NAME.png: the class ids as an 8-bit label PNG (0 = background); with --overlay,
-    overlays/NAME.png: the classes in colour with a legend. Returns the areas.csv row."""
+    overlays/NAME.png: the classes in colour with a legend (`written` masks before them).
+    Returns the areas.csv row."""
     labels = np.asarray(labels).astype(np.uint8)
-    save_png(labels, args.out / "masks" / name, kept(len(rows), args.out / "masks"))
+    save_png(labels, args.out / "masks" / name, kept(written, args.out / "masks"))
     if args.overlay:
         from ..figures import save_label_overlay
         save_label_overlay(r["image"], labels, names, args.out / "overlays" / name, r["item"].display,
-                           kept(len(rows) + 1, args.out / "masks"))
+                           kept(written + 1, args.out / "masks"))
     h, w = labels.shape
     row = {"input": r["item"].display, "mask": str(Path("masks") / name), "height": h, "width": w,
            "gt_pixels": "" if r["gt"] is None else int(r["gt"].sum())}
@@ -342,12 +344,12 @@ def split_volumes(inputs: tuple[Path, ...]) -> tuple[list[Path], tuple[Path, ...
 
 
 def predict_volumes(volumes: list[Path], model, threshold: float, args: PredictArgs, log: Console,
-                    problems: list, done: list) -> list[dict]:
+                    problems: list, done: int) -> list[dict]:
     """Each volume sliced as the training data was packed (its manifest's axis and intensity
     rule), every slice predicted (ensemble, TTA and --inference as for images), the 2D masks in
     masks/NAME/ and the mask volume volumes/NAME.nii.gz in the input's geometry. Returns the
-    areas.csv rows (one per slice); `done` holds the rows written before (a failed write says
-    they are complete)."""
+    areas.csv rows (one per slice); `done` masks were written before (a failed write says they
+    are complete)."""
     from ..data.formats.common import PackInputError
     from ..data.formats.volumes import (AXIS_LETTER, nifti_stem, prediction_slices, read_for_prediction,
                                         save_mask_volume, unplane)
@@ -372,14 +374,14 @@ def predict_volumes(volumes: list[Path], model, threshold: float, args: PredictA
                                                     args.batch_size) > threshold)
             masks.append(pred)
             rel = Path("masks") / name / f"{name}_{AXIS_LETTER[axis]}{k:0{width}d}.png"
-            save_png(pred * 255, args.out / rel, kept(len(done) + len(rows), args.out / "masks"))
+            save_png(pred * 255, args.out / rel, kept(done + len(rows), args.out / "masks"))
             h, w = pred.shape
             rows.append({"input": f"{path}#{AXIS_LETTER[axis]}{k}", "mask": str(rel), "height": h, "width": w,
                          "lesion_pixels": int(pred.sum()), "lesion_fraction": round(int(pred.sum()) / (h * w), 6),
                          "gt_pixels": ""})
         out = args.out / "volumes" / f"{name}.nii.gz"
         save_mask_volume(unplane(masks, vol.data.shape[:3], axis), vol, path, out,
-                         kept(len(done) + len(rows), args.out / "masks"))
+                         kept(done + len(rows), args.out / "masks"))
         log.info(f"predict: {path}: {len(images)} slices along {'xyz'[axis]} -> {out}")
     return rows
 
